@@ -1,0 +1,24 @@
+"""wan-opt's command line: `python run.py prompt="..."` (see README.md)."""
+import logging
+import sys
+
+import hydra
+from omegaconf import DictConfig
+
+import wan_opt.config  # noqa: F401  (registers the schema before Hydra composes)
+from wan_opt.app import run_job, with_detected_hardware
+from wan_opt.errors import WanOptError
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="config")
+def main(cfg: DictConfig) -> None:
+    try:
+        run_job(cfg)
+    except WanOptError as exc:
+        logging.getLogger("wan_opt").error("%s", exc)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    sys.argv = with_detected_hardware(sys.argv)
+    main()

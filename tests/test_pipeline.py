@@ -1,0 +1,115 @@
+"""WanOptPipeline against diffusers' WanPipeline on tiny random models (float32, CPU)."""
+import pytest
+import torch
+from diffusers import WanPipeline
+
+from wan_opt.memory import MemoryPolicy
+from wan_opt.pipeline import WanOptPipeline
+from wan_opt.speed import SpeedPolicy
+from wan_opt.tiny import build_tiny_components
+
+CALL = dict(prompt="a red fox in the snow", negative_prompt="blurry, static", height=64, width=96, num_frames=9,
+            num_inference_steps=6, guidance_scale=4.0, guidance_scale_2=3.0, output_type="np")
+
+
+def rel_l2(a, b) -> float:
+    a, b = torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64)
+    return ((a - b).norm() / b.norm()).item()
+
+
+def diffusers_pipe(family: str) -> WanPipeline:
+    components = build_tiny_components(seed=1, family=family)
+    if family == "ti2v_5b":
+        components.pop("transformer_2")
+        return WanPipeline(**components, expand_timesteps=True)
+    return WanPipeline(**components, boundary_ratio=0.875)
+
+
+def run_both(pipe, wrapped, **overrides):
+    call = {**CALL, **overrides}
+    reference = pipe(**call, generator=torch.Generator().manual_seed(7)).frames
+    ours = wrapped(**call, generator=torch.Generator().manual_seed(7)).frames
+    return reference, ours
+
+
+@pytest.mark.parametrize("family", ["t2v_a14b", "ti2v_5b"])
+def test_matches_diffusers_wan_pipeline(family):
+    pipe = diffusers_pipe(family)
+    overrides = {"guidance_scale_2": None, "height": 64, "width": 64} if family == "ti2v_5b" else {}
+    reference, ours = run_both(pipe, WanOptPipeline.from_diffusers(pipe), **overrides)
+    assert ours.shape == reference.shape
+    assert rel_l2(ours, reference) < 1e-5
+
+
+def test_latents_match_diffusers_without_guidance():
+    pipe = diffusers_pipe("t2v_a14b")
+    reference, ours = run_both(pipe, WanOptPipeline.from_diffusers(pipe), guidance_scale=1.0,
+                               guidance_scale_2=1.0, output_type="latent")
+    assert rel_l2(ours, reference) < 1e-5
+
+
+def test_batched_cfg_equals_sequential():
+    pipe = diffusers_pipe("t2v_a14b")
+    sequential = WanOptPipeline.from_diffusers(pipe)
+    batched = WanOptPipeline.from_diffusers(pipe, speed=SpeedPolicy(cfg="batched"))
+    a = sequential(**CALL, generator=torch.Generator().manual_seed(3), ).frames
+    b = batched(**CALL, generator=torch.Generator().manual_seed(3)).frames
+    assert rel_l2(b, a) < 1e-5
+
+
+def test_same_seed_same_video_and_other_seed_differs():
+    pipe = WanOptPipeline.from_diffusers(diffusers_pipe("t2v_a14b"))
+    a = pipe(**CALL, generator=torch.Generator().manual_seed(5)).frames
+    b = pipe(**CALL, generator=torch.Generator().manual_seed(5)).frames
+    c = pipe(**CALL, generator=torch.Generator().manual_seed(6)).frames
+    assert (a == b).all()
+    assert rel_l2(c, a) > 1e-3
+
+
+def test_experts_switch_at_the_boundary():
+    pipe = WanOptPipeline.from_diffusers(diffusers_pipe("t2v_a14b"))
+    seen = []
+    for name, expert in (("high", pipe.transformer), ("low", pipe.transformer_2)):
+        expert.register_forward_pre_hook(lambda m, args, kwargs, name=name: seen.append(
+            (name, float(kwargs["timestep"].flatten()[0]))), with_kwargs=True)
+    labels = []
+    pipe(**CALL, generator=torch.Generator().manual_seed(0), on_step=lambda i, n, label, s: labels.append(label))
+    boundary = 0.875 * 1000
+    assert all(t >= boundary for name, t in seen if name == "high")
+    assert all(t < boundary for name, t in seen if name == "low")
+    assert {"high", "low"} == {name for name, _ in seen}
+    assert len(seen) == 2 * CALL["num_inference_steps"]  # two forwards (CFG) per step
+    assert labels == sorted(labels)  # all high-noise steps come first
+    assert len(labels) == CALL["num_inference_steps"]
+
+
+def test_guidance_is_per_expert():
+    pipe = WanOptPipeline.from_diffusers(diffusers_pipe("t2v_a14b"))
+    picks = [pipe.expert_for_timestep(torch.tensor(t), 4.0, 3.0) for t in (999.0, 875.0, 874.0, 10.0)]
+    assert [(g, label) for _, g, label in picks] == [(4.0, "high_noise"), (4.0, "high_noise"),
+                                                     (3.0, "low_noise"), (3.0, "low_noise")]
+
+
+def test_stage_timings_are_reported():
+    pipe = WanOptPipeline.from_diffusers(diffusers_pipe("t2v_a14b"))
+    out = pipe(**CALL, generator=torch.Generator().manual_seed(0))
+    assert set(out.stage_seconds) == {"text_encoding", "denoise_high_noise", "denoise_low_noise", "vae_decode"}
+    assert len(out.step_seconds) == CALL["num_inference_steps"]
+    assert all(s > 0 for s in out.stage_seconds.values())
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(num_frames=10), r"4n\+1"), (dict(height=60), "multiples of 16"), (dict(num_inference_steps=0), "at least 1"),
+])
+def test_rejects_what_the_model_cannot_do(bad, message):
+    pipe = WanOptPipeline.from_diffusers(diffusers_pipe("t2v_a14b"))
+    with pytest.raises(ValueError, match=message):
+        pipe(**{**CALL, **bad})
+
+
+def test_cpu_memory_policy_is_a_no_op_on_cpu():
+    components = build_tiny_components(seed=1)
+    policy = MemoryPolicy(experts="swap", text_encoder="gpu_release")
+    assert policy.load_device("transformer_2", torch.device("cpu")).type == "cpu"
+    pipe = WanOptPipeline.from_diffusers(WanPipeline(**components, boundary_ratio=0.875), memory=policy)
+    assert pipe.expert_swapper is None

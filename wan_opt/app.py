@@ -1,0 +1,171 @@
+"""The run, as one plain function: config -> hardware -> load -> pipeline -> video.
+
+run.py only adds the detected profile to the command line and hands Hydra's config to `run_job`.
+"""
+from __future__ import annotations
+
+import logging
+import platform
+import re
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from wan_opt.config import CHOICES, CONF_DIR
+from wan_opt.errors import WanOptError
+from wan_opt.request import GenerationRequest, resolve_request
+
+log = logging.getLogger(__name__)
+
+_HARDWARE_OVERRIDE = re.compile(r"^[+~]{0,2}hardware=")
+# The profile run.py added to the command line, and why; None when the user chose one.
+AUTO_HARDWARE: dict | None = None
+
+
+def with_detected_hardware(argv: Sequence[str]) -> list[str]:
+    """Add `hardware=<detected>` unless the user gave one, so Hydra records the choice like any other."""
+    global AUTO_HARDWARE
+    argv = list(argv)
+    if any(_HARDWARE_OVERRIDE.match(arg) for arg in argv[1:]):
+        return argv
+    from wan_opt.hardware import detect
+
+    choice = detect()
+    AUTO_HARDWARE = {"profile": choice.profile, "reason": choice.reason,
+                     "gpu": asdict(choice.gpu) if choice.gpu else None}
+    return argv + [f"hardware={choice.profile}"]
+
+
+def hardware_reason(cfg: DictConfig) -> str:
+    if AUTO_HARDWARE and AUTO_HARDWARE["profile"] == cfg.hardware.name:
+        return f"auto-detected: {AUTO_HARDWARE['reason']}"
+    return f"chosen with hardware={cfg.hardware.name}"
+
+
+def compose_config(overrides: Sequence[str] = (), hardware: str | None = None) -> DictConfig:
+    """The config the CLI would build for these overrides (for the Python API and tests)."""
+    from hydra import compose, initialize_config_dir
+
+    overrides = list(overrides)
+    if hardware is not None:
+        overrides.append(f"hardware={hardware}")
+    elif not any(_HARDWARE_OVERRIDE.match(o) for o in overrides):
+        from wan_opt.hardware import detect
+
+        overrides.append(f"hardware={detect().profile}")
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose(config_name="config", overrides=overrides)
+
+
+def validate_choices(cfg: DictConfig) -> None:
+    """Knobs that take one of a few words: name the wrong one and the words it accepts."""
+    for key, allowed in CHOICES.items():
+        value = OmegaConf.select(cfg, key)
+        if value not in allowed:
+            raise WanOptError(f"{key}={value} is not one of: {', '.join(allowed)}.")
+
+
+def check_device(cfg: DictConfig) -> None:
+    if cfg.hardware.device == "cuda" and not torch.cuda.is_available():
+        raise WanOptError(f"Profile {cfg.hardware.name} needs a CUDA GPU and none is visible: "
+                          f"pass hardware=cpu, or run on a machine with a GPU.")
+
+
+def pipeline_from_config(cfg: DictConfig):
+    """Instantiate the memory policy, the speed policy and then the pipeline that uses both."""
+    memory = instantiate(cfg.hardware.memory)
+    speed = instantiate(cfg.hardware.speed)
+    return instantiate(cfg.pipeline, model=cfg.model, memory=memory, speed=speed, device=cfg.hardware.device,
+                       _convert_="object")
+
+
+def output_folder(cfg: DictConfig) -> Path:
+    if cfg.output_dir:
+        return Path(cfg.output_dir).expanduser()
+    if HydraConfig.initialized():
+        return Path(HydraConfig.get().runtime.output_dir)
+    return Path("outputs")
+
+
+def library_versions() -> dict[str, str]:
+    import diffusers
+    import hydra
+    import transformers
+
+    import wan_opt
+
+    return {"wan_opt": wan_opt.__version__, "python": platform.python_version(), "torch": torch.__version__,
+            "cuda": str(torch.version.cuda), "diffusers": diffusers.__version__,
+            "transformers": transformers.__version__, "hydra": hydra.__version__}
+
+
+def gpu_record(device: torch.device) -> dict | None:
+    if device.type != "cuda":
+        return None
+    props = torch.cuda.get_device_properties(device)
+    return {"name": props.name, "memory_gib": round(props.total_memory / 2**30, 1),
+            "capability": f"{props.major}.{props.minor}",
+            "peak_allocated_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 2)}
+
+
+def check_request(cfg: DictConfig) -> GenerationRequest:
+    """Every check that needs no weights: run before anything slow starts."""
+    validate_choices(cfg)
+    request = resolve_request(cfg)
+    check_device(cfg)
+    if cfg.model.family != "tiny":
+        from wan_opt.layouts import check_checkpoint
+
+        if not cfg.model.ckpt_dir:
+            raise WanOptError(f"model={cfg.model.name} needs its weights: pass model.ckpt_dir=/path/to/checkpoint.")
+        check_checkpoint(cfg.model.ckpt_dir, cfg.model.family)
+    return request
+
+
+def run_job(cfg: DictConfig) -> Path:
+    """Generate one video for `cfg` and write it with its sidecar; returns the video's path."""
+    from wan_opt import console, video
+
+    # 1. Check the request, the checkpoint and the output folder before loading anything.
+    request = check_request(cfg)
+    folder = output_folder(cfg)
+    video.check_writable(folder)
+    reason = hardware_reason(cfg)
+    console.console.print(console.settings_table(cfg, request, reason))
+
+    # 2. Load the modules as the memory policy says and apply the speed policy.
+    start = time.perf_counter()
+    pipe = pipeline_from_config(cfg)
+    load_seconds = time.perf_counter() - start
+
+    # 3. Generate, with a progress bar over the denoising steps.
+    generator = torch.Generator("cpu").manual_seed(request.seed)
+    with console.denoise_progress(request.steps) as on_step:
+        out = pipe(request.prompt, negative_prompt=request.negative_prompt, height=request.height,
+                   width=request.width, num_frames=request.frames, num_inference_steps=request.steps,
+                   guidance_scale=request.guidance, guidance_scale_2=request.guidance_2, generator=generator,
+                   output_type="np", max_sequence_length=cfg.model.text_len, on_step=on_step)
+
+    # 4. Write the video, then its sidecar, each under its final name only once complete.
+    stem = video.safe_stem(f"{request.seed}-{request.prompt}")
+    path = video.write_video(out.frames[0], video.unique_path(folder, stem, ".mp4"), request.fps)
+    sidecar = {
+        "video": path.name, "prompt": request.prompt, "negative_prompt": request.negative_prompt,
+        "seed": request.seed, "request": asdict(request),
+        "hardware": {"profile": cfg.hardware.name, "why": reason, "gpu": gpu_record(pipe.device),
+                     "detected": AUTO_HARDWARE},
+        "seconds": {"load": round(load_seconds, 3), **{k: round(v, 3) for k, v in out.stage_seconds.items()}},
+        "step_seconds": [round(s, 4) for s in out.step_seconds],
+        "versions": library_versions(), "command": sys.argv,
+        "config": OmegaConf.to_container(cfg, resolve=True),
+    }
+    video.write_json(sidecar, path.with_suffix(".json"))
+    console.console.print(f"[green]Saved[/green] {path}")
+    return path

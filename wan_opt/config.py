@@ -1,0 +1,133 @@
+"""Structured-config schemas of every config group, registered with Hydra's ConfigStore.
+
+The YAML files under conf/ are merged onto these dataclasses, so a misspelt key or a value of the wrong type
+is an error at composition time, not a silent no-op. Choices among fixed words (attention backends, expert
+placement, ...) are checked in `validate_choices`, called before any weights load.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+# The Wan team's default negative prompt (Wan2.2 shared_config.sample_neg_prompt), used when none is given.
+OFFICIAL_NEGATIVE_PROMPT = (
+    "色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，"
+    "JPEG压缩残留，丑陋的，残缺的，多余的手指，画得不好的手部，画得不好的脸部，畸形的，毁容的，形态畸形的肢体，"
+    "手指融合，静止不动的画面，杂乱的背景，三条腿，背景人很多，倒着走"
+)
+
+
+@dataclass
+class GPUMatch:
+    """How auto-detection recognises the card a profile is written for."""
+
+    names: list[str] = field(default_factory=list)  # fragments of the normalized NVML name, e.g. "h100"
+    memory_gb: float = 0.0  # the card's memory as sold (80 for an H100)
+    capability: float = 0.0  # CUDA compute capability, major.minor
+
+
+@dataclass
+class MemoryConfig:
+    """Where the weights live and in what precision: the memory policy of a profile."""
+
+    _target_: str = "wan_opt.memory.MemoryPolicy"
+    vram_budget_gb: float = 0.0
+    experts: str = "resident"  # resident | swap | offload
+    offload_granularity: str = "block"  # block | leaf (used when experts=offload)
+    offload_blocks_per_group: int = 1
+    offload_use_stream: bool = True
+    text_encoder: str = "gpu"  # gpu | gpu_release | cpu
+    weight_dtype: str = "bfloat16"  # storage dtype of the experts: bfloat16 | float32 | float8_e4m3fn
+    compute_dtype: str = "bfloat16"  # bfloat16 | float16 | float32
+    vae_dtype: str = "float32"
+    vae_tiling: bool = False
+
+
+@dataclass
+class SpeedConfig:
+    """Kernel and scheduling choices that change speed, not what is kept in memory."""
+
+    _target_: str = "wan_opt.speed.SpeedPolicy"
+    attention: str = "auto"  # auto | cudnn | flash | efficient | math
+    compile: str = "none"  # none | regional | full
+    compile_mode: Optional[str] = None  # torch.compile mode; null is torch's default
+    tf32: bool = False
+    cfg: str = "sequential"  # sequential | batched
+
+
+@dataclass
+class HardwareConfig:
+    name: str = MISSING
+    description: str = ""
+    device: str = "cuda"  # cuda | cpu
+    gpu: GPUMatch = field(default_factory=GPUMatch)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
+    speed: SpeedConfig = field(default_factory=SpeedConfig)
+
+
+@dataclass
+class ModelConfig:
+    """A model's architecture family, where its weights are, and its official sampling defaults."""
+
+    name: str = MISSING
+    family: str = MISSING  # t2v_a14b | ti2v_5b | tiny
+    ckpt_dir: Optional[str] = None
+    steps: int = MISSING
+    solver: str = "unipc"
+    shift: float = MISSING
+    guidance: float = MISSING
+    guidance_2: Optional[float] = None  # low-noise expert's guidance; null for one-expert models
+    boundary: Optional[float] = None  # fraction of the 1000 training timesteps where the experts switch
+    frames: int = MISSING
+    fps: int = MISSING
+    sizes: list[str] = field(default_factory=list)  # official sizes, "W*H"
+    pixel_grid: int = 16  # VAE spatial stride x patch size: sizes must be multiples of it
+    negative_prompt: str = OFFICIAL_NEGATIVE_PROMPT
+    text_len: int = 512
+
+
+@dataclass
+class RunConfig:
+    hardware: HardwareConfig = MISSING
+    model: ModelConfig = MISSING
+    pipeline: Any = field(default_factory=lambda: {"_target_": "wan_opt.pipeline.WanOptPipeline.from_config"})
+    prompt: str = ""
+    negative_prompt: Optional[str] = None
+    seed: int = 0
+    steps: Optional[int] = None
+    guidance: Optional[float] = None
+    guidance_2: Optional[float] = None
+    size: Optional[str] = None
+    frames: Optional[int] = None
+    fps: Optional[int] = None
+    output_dir: Optional[str] = None
+
+
+CHOICES = {
+    "hardware.device": ("cuda", "cpu"),
+    "hardware.memory.experts": ("resident", "swap", "offload"),
+    "hardware.memory.offload_granularity": ("block", "leaf"),
+    "hardware.memory.text_encoder": ("gpu", "gpu_release", "cpu"),
+    "hardware.memory.weight_dtype": ("bfloat16", "float16", "float32", "float8_e4m3fn"),
+    "hardware.memory.compute_dtype": ("bfloat16", "float16", "float32"),
+    "hardware.memory.vae_dtype": ("bfloat16", "float16", "float32"),
+    "hardware.speed.attention": ("auto", "cudnn", "flash", "efficient", "math"),
+    "hardware.speed.compile": ("none", "regional", "full"),
+    "hardware.speed.cfg": ("sequential", "batched"),
+    "model.family": ("t2v_a14b", "ti2v_5b", "tiny"),
+    "model.solver": ("unipc",),
+}
+
+
+def register_configs() -> None:
+    """Register the schema that conf/config.yaml names first in its defaults list."""
+    ConfigStore.instance().store(name="wan_opt_schema", node=RunConfig)
+
+
+register_configs()

@@ -1,0 +1,50 @@
+"""What the user sees: the settings table at the start and the denoising progress bar."""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator
+
+from omegaconf import DictConfig
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from wan_opt.request import GenerationRequest
+
+console = Console(stderr=True)
+
+
+def settings_table(cfg: DictConfig, request: GenerationRequest, hardware_reason: str) -> Table:
+    hw, mem, speed = cfg.hardware, cfg.hardware.memory, cfg.hardware.speed
+    table = Table(title=f"wan-opt: {cfg.model.name} on profile {hw.name}", show_header=False, title_justify="left")
+    table.add_column(style="bold cyan")
+    table.add_column()
+    rows = [
+        ("profile", f"{hw.name}: {hw.description}"),
+        ("why", hardware_reason),
+        ("request", f"{request.width}*{request.height}, {request.frames} frames at {request.fps} fps, "
+                    f"{request.steps} steps, seed {request.seed}"),
+        ("guidance", f"{request.guidance}" + ("" if request.guidance_2 is None else f" / {request.guidance_2}")),
+        ("experts", f"{mem.experts}, stored as {mem.weight_dtype}, computed in {mem.compute_dtype}"),
+        ("text encoder", mem.text_encoder),
+        ("VAE", f"{mem.vae_dtype}" + (", tiled" if mem.vae_tiling else "")),
+        ("kernels", f"attention {speed.attention}, compile {speed.compile}, TF32 {'on' if speed.tf32 else 'off'}, "
+                    f"CFG {speed.cfg}"),
+    ]
+    for key, value in rows:
+        table.add_row(key, value)
+    return table
+
+
+@contextmanager
+def denoise_progress(total: int) -> Iterator:
+    """A progress bar over the denoising steps; yields the pipeline's `on_step` callback."""
+    columns = (TextColumn("[bold]{task.fields[expert]:<10}"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("{task.fields[rate]}"), TextColumn("ETA"), TimeRemainingColumn())
+    with Progress(*columns, console=console, transient=False) as progress:
+        task = progress.add_task("denoise", total=total, expert="encoding", rate="")
+
+        def on_step(index: int, steps: int, expert: str, seconds: float) -> None:
+            progress.update(task, advance=1, expert=expert.replace("_", "-"), rate=f"{seconds:.2f} s/step")
+
+        yield on_step

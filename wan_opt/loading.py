@@ -1,0 +1,107 @@
+"""Checkpoint -> diffusers/transformers modules, each on the device and in the dtype the memory policy says.
+
+Weights go straight to their target: the libraries' low-memory loading (meta-device init, shard by shard)
+for the Diffusers layout, meta-device modules filled tensor by tensor for the Wan team's original layout.
+"""
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+from omegaconf import DictConfig
+
+from wan_opt.errors import WanOptError
+from wan_opt.layouts import Checkpoint, check_checkpoint
+from wan_opt.memory import EXPERTS, MemoryPolicy, torch_dtype
+
+log = logging.getLogger(__name__)
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """'cuda' means the current CUDA device (cuda:LOCAL_RANK under torchrun); None picks CUDA when present."""
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def cast_module(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """Cast to `dtype`, keeping in float32 the submodules the model class asks to keep there."""
+    torch.nn.Module.to(module, dtype)  # diffusers' own .to() warns about exactly what is handled here
+    keep = getattr(module, "_keep_in_fp32_modules", None) or []
+    if dtype != torch.float32 and keep:
+        for name, sub in module.named_modules():
+            if any(k in name.split(".") for k in keep):
+                sub.to(torch.float32)
+    return module
+
+
+def scheduler_for(model: DictConfig, base=None):
+    """UniPC in flow-matching mode with the model's shift (the Wan team's sampler for every Wan 2.2 model)."""
+    from diffusers import UniPCMultistepScheduler
+
+    if base is not None:
+        return UniPCMultistepScheduler.from_config(base.config, flow_shift=model.shift)
+    return UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
+                                   num_train_timesteps=1000, flow_shift=model.shift)
+
+
+def place(components: dict, memory: MemoryPolicy, device: torch.device) -> dict:
+    """Cast and move built modules as the policy says (for modules built in memory, not read from disk)."""
+    for name in (*EXPERTS, "text_encoder", "vae"):
+        module = components.get(name)
+        if module is None:
+            continue
+        dtype = memory.load_dtype if name in EXPERTS else torch_dtype(
+            memory.vae_dtype if name == "vae" else memory.compute_dtype)
+        cast_module(module, dtype).to(memory.load_device(name, device))
+    return components
+
+
+def load_components(model: DictConfig, memory: MemoryPolicy, device: torch.device) -> dict:
+    """Every module and setting WanOptPipeline needs, for the tiny model or a checkpoint directory."""
+    start = time.perf_counter()
+    if model.family == "tiny":
+        from wan_opt.tiny import build_tiny_components
+
+        components = place(build_tiny_components(seed=0, family="t2v_a14b", shift=model.shift), memory, device)
+    else:
+        if not model.ckpt_dir:
+            raise WanOptError(f"model={model.name} needs its weights: pass model.ckpt_dir=/path/to/checkpoint.")
+        ckpt = check_checkpoint(model.ckpt_dir, model.family)
+        loader = load_diffusers_layout if ckpt.layout == "diffusers" else load_original_layout
+        components = loader(ckpt, model, memory, device)
+    components.setdefault("transformer_2", None)
+    components["boundary_ratio"] = model.boundary
+    components["expand_timesteps"] = model.family == "ti2v_5b"
+    log.info("Loaded %s in %.1f s", model.name, time.perf_counter() - start)
+    return components
+
+
+def load_diffusers_layout(ckpt: Checkpoint, model: DictConfig, memory: MemoryPolicy, device: torch.device) -> dict:
+    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanTransformer3DModel
+    from transformers import AutoTokenizer, UMT5EncoderModel
+
+    root = ckpt.root
+    components = {}
+    for name, folder in zip(EXPERTS, ckpt.dit_dirs()):
+        components[name] = WanTransformer3DModel.from_pretrained(
+            folder, torch_dtype=memory.load_dtype, device_map=str(memory.load_device(name, device)))
+    components["text_encoder"] = UMT5EncoderModel.from_pretrained(
+        root / "text_encoder", dtype=torch_dtype(memory.compute_dtype),
+        device_map=str(memory.load_device("text_encoder", device)))
+    components["vae"] = AutoencoderKLWan.from_pretrained(
+        root / "vae", torch_dtype=torch_dtype(memory.vae_dtype), device_map=str(memory.load_device("vae", device)))
+    components["tokenizer"] = AutoTokenizer.from_pretrained(root / "tokenizer")
+    components["scheduler"] = scheduler_for(model, UniPCMultistepScheduler.from_pretrained(root / "scheduler"))
+    for module in components.values():
+        if isinstance(module, torch.nn.Module):
+            module.eval().requires_grad_(False)
+    return components
+
+
+def load_original_layout(ckpt: Checkpoint, model: DictConfig, memory: MemoryPolicy, device: torch.device) -> dict:
+    raise WanOptError(f"{ckpt.root} is in the Wan team's original layout, which this build cannot read yet.")

@@ -1,0 +1,212 @@
+"""WanOptPipeline: Wan 2.2 text-to-video on diffusers' and transformers' modules, with wan-opt's policies.
+
+With every optimization off it computes what diffusers' `WanPipeline` computes on the same inputs; the
+memory policy decides where modules live at each stage and the speed policy which kernels run.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+from diffusers.pipelines.wan.pipeline_wan import prompt_clean
+from diffusers.utils.torch_utils import randn_tensor
+from diffusers.video_processor import VideoProcessor
+
+from wan_opt.memory import MemoryPolicy
+from wan_opt.speed import SpeedPolicy
+
+# on_step(step_index, total_steps, expert_label, seconds_of_this_step)
+StepCallback = Callable[[int, int, str, float], None]
+
+
+@dataclass
+class WanOptOutput:
+    frames: Any  # np.ndarray (batch, frames, height, width, 3) in [0, 1] for output_type="np"
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+    step_seconds: list[float] = field(default_factory=list)
+
+
+class WanOptPipeline:
+    def __init__(self, *, transformer, text_encoder, tokenizer, vae, scheduler, transformer_2=None,
+                 boundary_ratio: float | None = None, expand_timesteps: bool = False,
+                 memory: MemoryPolicy | None = None, speed: SpeedPolicy | None = None,
+                 device: torch.device | str | None = None):
+        self.transformer, self.transformer_2 = transformer, transformer_2
+        self.text_encoder, self.tokenizer, self.vae, self.scheduler = text_encoder, tokenizer, vae, scheduler
+        self.boundary_ratio, self.expand_timesteps = boundary_ratio, expand_timesteps
+        self.memory = memory or MemoryPolicy(text_encoder="gpu", weight_dtype="float32", compute_dtype="float32")
+        self.speed = speed or SpeedPolicy()
+        self.device = torch.device(device) if device is not None else next(transformer.parameters()).device
+        self.video_processor = VideoProcessor(vae_scale_factor=vae.config.scale_factor_spatial)
+        self.expert_swapper = None  # set by MemoryPolicy.prepare when experts are swapped
+
+    # -- construction -----------------------------------------------------------------------------------
+
+    @classmethod
+    def from_diffusers(cls, pipe, memory: MemoryPolicy | None = None, speed: SpeedPolicy | None = None):
+        """Wrap an existing diffusers `WanPipeline`, reusing its modules (nothing is copied or reloaded)."""
+        device = pipe._execution_device
+        wrapped = cls(transformer=pipe.transformer, transformer_2=pipe.transformer_2, text_encoder=pipe.text_encoder,
+                      tokenizer=pipe.tokenizer, vae=pipe.vae, scheduler=pipe.scheduler,
+                      boundary_ratio=pipe.config.boundary_ratio, expand_timesteps=pipe.config.expand_timesteps,
+                      memory=memory, speed=speed, device=device)
+        wrapped.apply_policies()
+        return wrapped
+
+    @classmethod
+    def from_config(cls, model, memory: MemoryPolicy, speed: SpeedPolicy, device: str | None = None):
+        """Load `model` (a ModelConfig) as `memory` says and apply `speed`; the CLI instantiates this."""
+        from wan_opt.loading import load_components, resolve_device
+
+        device = resolve_device(device)
+        components = load_components(model, memory, device)
+        pipe = cls(**components, memory=memory, speed=speed, device=device)
+        pipe.apply_policies()
+        return pipe
+
+    @classmethod
+    def from_pretrained(cls, ckpt_dir: str | None = None, model: str = "wan22_t2v_a14b",
+                        hardware: str | None = None, overrides: Sequence[str] = ()):
+        """Load a checkpoint under a hardware profile (detected when None), with command-line style overrides."""
+        from wan_opt.app import compose_config, pipeline_from_config
+
+        extra = [f"model.ckpt_dir={ckpt_dir}"] if ckpt_dir else []
+        cfg = compose_config([f"model={model}", *extra, *overrides], hardware=hardware)
+        return pipeline_from_config(cfg)
+
+    def apply_policies(self) -> None:
+        self.memory.prepare(self, self.device)
+        self.speed.apply(self, self.device)
+
+    def experts(self) -> list[torch.nn.Module]:
+        return [m for m in (self.transformer, self.transformer_2) if m is not None]
+
+    # -- the stages -------------------------------------------------------------------------------------
+
+    def expert_for_timestep(self, t: torch.Tensor, guidance: float, guidance_2: float | None):
+        """(expert, guidance, label): the high-noise expert while t >= boundary * 1000, then the low-noise one."""
+        if self.transformer_2 is None or self.boundary_ratio is None:
+            return self.transformer, guidance, "denoise"
+        boundary = self.boundary_ratio * self.scheduler.config.num_train_timesteps
+        if t >= boundary:
+            return self.transformer, guidance, "high_noise"
+        return self.transformer_2, guidance if guidance_2 is None else guidance_2, "low_noise"
+
+    @torch.inference_mode()
+    def encode_prompts(self, prompts: list[str], max_sequence_length: int, dtype: torch.dtype) -> torch.Tensor:
+        """UMT5 embeddings of each prompt, cut to its own length and zero-padded to `max_sequence_length`."""
+        inputs = self.tokenizer([prompt_clean(p) for p in prompts], padding="max_length",
+                                max_length=max_sequence_length, truncation=True, add_special_tokens=True,
+                                return_attention_mask=True, return_tensors="pt")
+        with self.memory.encoding(self.text_encoder, self.device) as encoder_device:
+            hidden = self.text_encoder(inputs.input_ids.to(encoder_device),
+                                       inputs.attention_mask.to(encoder_device)).last_hidden_state
+        hidden = hidden.to(device=self.device, dtype=dtype)
+        keep = inputs.attention_mask.to(self.device).bool().unsqueeze(-1)
+        return torch.where(keep, hidden, torch.zeros_like(hidden))
+
+    def denoise(self, expert, latents, timestep, embeds, guidance: float) -> torch.Tensor:
+        """One step's noise prediction, with classifier-free guidance when guidance > 1."""
+        cond, uncond = embeds[:1], embeds[1:]
+        dtype = expert.dtype
+        if guidance <= 1.0:
+            return expert(hidden_states=latents.to(dtype), timestep=timestep, encoder_hidden_states=cond,
+                          return_dict=False)[0]
+        if self.speed.batched_cfg:
+            both = expert(hidden_states=torch.cat([latents, latents]).to(dtype), timestep=torch.cat([timestep] * 2),
+                          encoder_hidden_states=torch.cat([cond, uncond]), return_dict=False)[0]
+            noise_cond, noise_uncond = both.chunk(2)
+        else:
+            noise_cond = expert(hidden_states=latents.to(dtype), timestep=timestep, encoder_hidden_states=cond,
+                                return_dict=False)[0]
+            noise_uncond = expert(hidden_states=latents.to(dtype), timestep=timestep, encoder_hidden_states=uncond,
+                                  return_dict=False)[0]
+        return noise_uncond + guidance * (noise_cond - noise_uncond)
+
+    @torch.inference_mode()
+    def decode(self, latents: torch.Tensor, output_type: str):
+        """Undo the VAE's latent normalisation, decode, and convert to frames."""
+        vae = self.vae
+        latents = latents.to(next(vae.parameters()).device, vae.dtype)
+        shape = (1, vae.config.z_dim, 1, 1, 1)
+        mean = torch.tensor(vae.config.latents_mean).view(shape).to(latents)
+        std = torch.tensor(vae.config.latents_std).view(shape).to(latents)
+        video = vae.decode(latents * std + mean, return_dict=False)[0]
+        return self.video_processor.postprocess_video(video, output_type=output_type)
+
+    # -- the call ---------------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def __call__(self, prompt: str, negative_prompt: str | None = None, height: int = 480, width: int = 832,
+                 num_frames: int = 81, num_inference_steps: int = 50, guidance_scale: float = 5.0,
+                 guidance_scale_2: float | None = None, generator: torch.Generator | None = None,
+                 output_type: str = "np", max_sequence_length: int = 512,
+                 on_step: StepCallback | None = None) -> WanOptOutput:
+        """Generate one video; argument names and defaults follow diffusers' `WanPipeline.__call__`."""
+        self._check_inputs(height, width, num_frames, num_inference_steps)
+        seconds: dict[str, float] = {}
+        sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
+        dtype = self.transformer.dtype
+
+        # 1. Encode the prompt and the negative prompt (the latter only when some expert uses guidance).
+        start = time.perf_counter()
+        guided = guidance_scale > 1.0 or (guidance_scale_2 or 0.0) > 1.0
+        prompts = [prompt, negative_prompt or ""] if guided else [prompt]
+        embeds = self.encode_prompts(prompts, max_sequence_length, dtype)
+        sync()
+        seconds["text_encoding"] = time.perf_counter() - start
+
+        # 2. Timesteps, with the scheduler's flow shift.
+        self.scheduler.set_timesteps(num_inference_steps, device=self.device)
+        self.scheduler.set_begin_index(0)
+        timesteps = self.scheduler.timesteps
+
+        # 3. Initial noise in float32, drawn from `generator` (a CPU generator gives the same noise everywhere).
+        temporal, spatial = self.vae.config.scale_factor_temporal, self.vae.config.scale_factor_spatial
+        shape = (1, self.transformer.config.in_channels, (num_frames - 1) // temporal + 1,
+                 height // spatial, width // spatial)
+        latents = randn_tensor(shape, generator=generator, device=self.device, dtype=torch.float32)
+
+        # 4. The denoising loop: pick the expert for t, guide, step the solver.
+        step_seconds = []
+        for i, t in enumerate(timesteps):
+            step_start = time.perf_counter()
+            expert, guidance, label = self.expert_for_timestep(t, guidance_scale, guidance_scale_2)
+            self.memory.activate_expert(self, expert)
+            timestep = self._timestep_input(t, latents)
+            noise = self.denoise(expert, latents, timestep, embeds, guidance)
+            latents = self.scheduler.step(noise, t, latents, return_dict=False)[0]
+            sync()
+            step_seconds.append(time.perf_counter() - step_start)
+            seconds[f"denoise_{label}"] = seconds.get(f"denoise_{label}", 0.0) + step_seconds[-1]
+            if on_step is not None:
+                on_step(i, len(timesteps), label, step_seconds[-1])
+
+        if output_type == "latent":
+            return WanOptOutput(latents, seconds, step_seconds)
+
+        # 5. Decode the latents to frames.
+        start = time.perf_counter()
+        frames = self.decode(latents, output_type)
+        sync()
+        seconds["vae_decode"] = time.perf_counter() - start
+        return WanOptOutput(frames, seconds, step_seconds)
+
+    def _timestep_input(self, t: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+        """TI2V-5B takes one timestep per latent token; the A14B experts one per sample."""
+        if not self.expand_timesteps:
+            return t.expand(latents.shape[0])
+        _, p_h, p_w = self.transformer.config.patch_size
+        tokens = latents.shape[2] * (latents.shape[3] // p_h) * (latents.shape[4] // p_w)
+        return t.to(torch.float32).expand(latents.shape[0], tokens)
+
+    def _check_inputs(self, height: int, width: int, num_frames: int, steps: int) -> None:
+        grid = self.vae.config.scale_factor_spatial * self.transformer.config.patch_size[1]
+        if height % grid or width % grid:
+            raise ValueError(f"height and width must be multiples of {grid}; got {height}x{width}.")
+        if (num_frames - 1) % self.vae.config.scale_factor_temporal:
+            raise ValueError(f"num_frames must be 4n+1; got {num_frames}.")
+        if steps < 1:
+            raise ValueError(f"num_inference_steps must be at least 1; got {steps}.")

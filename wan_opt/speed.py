@@ -1,0 +1,45 @@
+"""The speed policy: kernels and compilation applied to loaded modules, from a profile's `speed:` block."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+log = logging.getLogger(__name__)
+
+# Our names for attention kernels -> diffusers' attention-dispatch backends (all inside PyTorch's SDPA).
+ATTENTION_BACKENDS = {
+    "cudnn": "_native_cudnn",
+    "flash": "_native_flash",
+    "efficient": "_native_efficient",
+    "math": "_native_math",
+}
+
+
+@dataclass
+class SpeedPolicy:
+    attention: str = "auto"
+    compile: str = "none"
+    compile_mode: str | None = None
+    tf32: bool = False
+    cfg: str = "sequential"
+
+    @property
+    def batched_cfg(self) -> bool:
+        return self.cfg == "batched"
+
+    def apply(self, pipe, device: torch.device) -> None:
+        """Set the kernels for this run; called once after loading."""
+        if device.type == "cuda":
+            # TF32 only reaches fp32 matmuls and convolutions (VAE, scheduler); bf16 experts are unaffected.
+            torch.backends.cuda.matmul.allow_tf32 = self.tf32
+            torch.backends.cudnn.allow_tf32 = self.tf32
+        for expert in pipe.experts():
+            if self.attention != "auto":
+                expert.set_attention_backend(ATTENTION_BACKENDS[self.attention])
+            if self.compile == "regional":
+                # One compiled graph per block class, reused by all 40 blocks and both experts.
+                expert.compile_repeated_blocks(fullgraph=True, dynamic=False, mode=self.compile_mode)
+            elif self.compile == "full":
+                expert.compile(fullgraph=True, dynamic=False, mode=self.compile_mode)
