@@ -15,6 +15,7 @@ from typing import Sequence
 
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
@@ -82,8 +83,13 @@ def pipeline_from_config(cfg: DictConfig):
     """Instantiate the memory policy, the speed policy and then the pipeline that uses both."""
     memory = instantiate(cfg.hardware.memory)
     speed = instantiate(cfg.hardware.speed)
-    return instantiate(cfg.pipeline, model=cfg.model, memory=memory, speed=speed, device=cfg.hardware.device,
-                       _convert_="object")
+    try:
+        return instantiate(cfg.pipeline, model=cfg.model, memory=memory, speed=speed, device=cfg.hardware.device,
+                           _convert_="object")
+    except InstantiationException as exc:
+        if isinstance(exc.__cause__, WanOptError):  # a user's mistake found while loading: say it plainly
+            raise exc.__cause__ from None
+        raise
 
 
 def output_folder(cfg: DictConfig) -> Path:
@@ -120,7 +126,7 @@ def check_request(cfg: DictConfig) -> GenerationRequest:
     validate_choices(cfg)
     request = resolve_request(cfg)
     check_device(cfg)
-    if cfg.model.family != "tiny":
+    if cfg.model.family != "tiny" and not cfg.model.random_weights:
         from wan_opt.layouts import check_checkpoint
 
         if not cfg.model.ckpt_dir:

@@ -78,6 +78,7 @@ class ModelConfig:
     name: str = MISSING
     family: str = MISSING  # t2v_a14b | ti2v_5b | tiny
     ckpt_dir: Optional[str] = None
+    random_weights: bool = False  # full-size architecture with random weights (benchmarks; output is noise)
     steps: int = MISSING
     solver: str = "unipc"
     shift: float = MISSING

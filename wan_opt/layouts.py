@@ -63,6 +63,19 @@ def detect_layout(root: str | Path, family: str) -> Checkpoint:
     )
 
 
+def original_family(root: str | Path) -> str:
+    """Which model an original-layout folder holds: the A14B has expert folders, TI2V-5B top-level shards."""
+    root = Path(root).expanduser()
+    if (root / "high_noise_model").is_dir():
+        return "t2v_a14b"
+    if any(root.glob("diffusion_pytorch_model*.safetensors")):
+        return "ti2v_5b"
+    raise WanOptError(
+        f"{root} is not a Wan 2.2 checkpoint in the Wan team's layout: it has neither high_noise_model/ "
+        f"(T2V-A14B) nor top-level diffusion_pytorch_model shards (TI2V-5B)."
+    )
+
+
 def required_files(ckpt: Checkpoint) -> list[Path]:
     """Every file the checkpoint must provide for its family and layout."""
     root = ckpt.root

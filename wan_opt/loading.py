@@ -39,25 +39,28 @@ def cast_module(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
     return module
 
 
-def scheduler_for(model: DictConfig, base=None):
+def scheduler_for(shift: float, base=None):
     """UniPC in flow-matching mode with the model's shift (the Wan team's sampler for every Wan 2.2 model)."""
     from diffusers import UniPCMultistepScheduler
 
     if base is not None:
-        return UniPCMultistepScheduler.from_config(base.config, flow_shift=model.shift)
+        return UniPCMultistepScheduler.from_config(base.config, flow_shift=shift)
     return UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
-                                   num_train_timesteps=1000, flow_shift=model.shift)
+                                   num_train_timesteps=1000, flow_shift=shift)
+
+
+def component_dtype(role: str, memory: MemoryPolicy) -> torch.dtype:
+    """The dtype each component is loaded in under `memory`."""
+    if role in EXPERTS:
+        return memory.load_dtype
+    return torch_dtype(memory.vae_dtype if role == "vae" else memory.compute_dtype)
 
 
 def place(components: dict, memory: MemoryPolicy, device: torch.device) -> dict:
     """Cast and move built modules as the policy says (for modules built in memory, not read from disk)."""
-    for name in (*EXPERTS, "text_encoder", "vae"):
-        module = components.get(name)
-        if module is None:
-            continue
-        dtype = memory.load_dtype if name in EXPERTS else torch_dtype(
-            memory.vae_dtype if name == "vae" else memory.compute_dtype)
-        cast_module(module, dtype).to(memory.load_device(name, device))
+    for role in (*EXPERTS, "text_encoder", "vae"):
+        if components.get(role) is not None:
+            cast_module(components[role], component_dtype(role, memory)).to(memory.load_device(role, device))
     return components
 
 
@@ -68,6 +71,10 @@ def load_components(model: DictConfig, memory: MemoryPolicy, device: torch.devic
         from wan_opt.tiny import build_tiny_components
 
         components = place(build_tiny_components(seed=0, family="t2v_a14b", shift=model.shift), memory, device)
+    elif model.random_weights:
+        from wan_opt.arch import build_random_components
+
+        components = build_random_components(model.family, memory, device, model.shift)
     else:
         if not model.ckpt_dir:
             raise WanOptError(f"model={model.name} needs its weights: pass model.ckpt_dir=/path/to/checkpoint.")
@@ -91,12 +98,12 @@ def load_diffusers_layout(ckpt: Checkpoint, model: DictConfig, memory: MemoryPol
         components[name] = WanTransformer3DModel.from_pretrained(
             folder, torch_dtype=memory.load_dtype, device_map=str(memory.load_device(name, device)))
     components["text_encoder"] = UMT5EncoderModel.from_pretrained(
-        root / "text_encoder", dtype=torch_dtype(memory.compute_dtype),
+        root / "text_encoder", dtype=component_dtype("text_encoder", memory),
         device_map=str(memory.load_device("text_encoder", device)))
     components["vae"] = AutoencoderKLWan.from_pretrained(
-        root / "vae", torch_dtype=torch_dtype(memory.vae_dtype), device_map=str(memory.load_device("vae", device)))
+        root / "vae", torch_dtype=component_dtype("vae", memory), device_map=str(memory.load_device("vae", device)))
     components["tokenizer"] = AutoTokenizer.from_pretrained(root / "tokenizer")
-    components["scheduler"] = scheduler_for(model, UniPCMultistepScheduler.from_pretrained(root / "scheduler"))
+    components["scheduler"] = scheduler_for(model.shift, UniPCMultistepScheduler.from_pretrained(root / "scheduler"))
     for module in components.values():
         if isinstance(module, torch.nn.Module):
             module.eval().requires_grad_(False)
@@ -104,4 +111,15 @@ def load_diffusers_layout(ckpt: Checkpoint, model: DictConfig, memory: MemoryPol
 
 
 def load_original_layout(ckpt: Checkpoint, model: DictConfig, memory: MemoryPolicy, device: torch.device) -> dict:
-    raise WanOptError(f"{ckpt.root} is in the Wan team's original layout, which this build cannot read yet.")
+    from transformers import AutoTokenizer
+
+    from wan_opt.layouts import TOKENIZER_DIR
+    from wan_opt.load_original import load_original_modules
+
+    roles = (*EXPERTS, "text_encoder", "vae")
+    components = load_original_modules(
+        ckpt, dtypes={role: component_dtype(role, memory) for role in roles},
+        devices={role: memory.load_device(role, device) for role in roles})
+    components["tokenizer"] = AutoTokenizer.from_pretrained(ckpt.root / TOKENIZER_DIR)
+    components["scheduler"] = scheduler_for(model.shift)
+    return components

@@ -50,86 +50,90 @@ class MemoryPolicy:
         if device.type == "cpu":
             return cpu
         if component in EXPERTS:
-            if self.experts == "offload" or (self.experts == "swap" and component == "transformer_2"):
-                return cpu
-            return device
+            # Swapped experts wait in host memory: the text encoder needs the GPU first.
+            return device if self.experts == "resident" else cpu
         if component == "text_encoder":
             return device if self.text_encoder == "gpu" else cpu
         return device
 
     def prepare(self, pipe, device: torch.device) -> None:
         """Apply the storage and offloading mechanisms to freshly loaded modules."""
-        for name in EXPERTS:
-            expert = getattr(pipe, name, None)
-            if expert is None:
-                continue
+        for expert in pipe.experts():
             if self.stores_fp8:
                 # Weights stored in fp8 are upcast per layer for a bf16 matmul: half the bytes, same kernels.
                 expert.enable_layerwise_casting(storage_dtype=torch_dtype(self.weight_dtype),
                                                 compute_dtype=torch_dtype(self.compute_dtype))
             if device.type == "cuda" and self.experts == "offload":
                 expert.enable_group_offload(
-                    onload_device=device, offload_device=torch.device("cpu"), offload_type=f"{self.offload_granularity}_level",
+                    onload_device=device, offload_device=torch.device("cpu"),
+                    offload_type=f"{self.offload_granularity}_level",
                     num_blocks_per_group=self.offload_blocks_per_group if self.offload_granularity == "block" else None,
                     use_stream=self.offload_use_stream,
                 )
-        if device.type == "cuda" and self.experts == "swap":
-            pipe.expert_swapper = ExpertSwapper([getattr(pipe, n) for n in EXPERTS if getattr(pipe, n) is not None],
-                                                device)
+        if device.type == "cuda":
+            pipe.expert_swapper = PinnedSwapper(pipe.experts(), device) if self.experts == "swap" else None
+            pipe.text_encoder_swapper = (PinnedSwapper([pipe.text_encoder], device)
+                                         if self.text_encoder == "gpu_release" else None)
         if self.vae_tiling:
             pipe.vae.enable_tiling()
 
     @contextlib.contextmanager
-    def encoding(self, text_encoder: torch.nn.Module, device: torch.device) -> Iterator[torch.device]:
+    def encoding(self, pipe) -> Iterator[torch.device]:
         """Run the text encoder where the policy says; `gpu_release` brings it in for the call only."""
-        if device.type != "cuda" or self.text_encoder != "gpu_release":
-            yield next(text_encoder.parameters()).device
+        swapper = getattr(pipe, "text_encoder_swapper", None)
+        if swapper is None:
+            yield next(pipe.text_encoder.parameters()).device
             return
-        text_encoder.to(device)
+        if pipe.expert_swapper is not None:
+            pipe.expert_swapper.release()  # the encoder and an expert need not share the GPU
+        swapper.activate(pipe.text_encoder)
         try:
-            yield device
+            yield swapper.device
         finally:
-            text_encoder.to("cpu")
-            torch.cuda.empty_cache()
+            swapper.release()
 
     def activate_expert(self, pipe, expert: torch.nn.Module) -> None:
         """Make `expert` ready to run; with swapping, the other one goes back to pinned host memory."""
-        swapper = getattr(pipe, "expert_swapper", None)
-        if swapper is not None:
-            swapper.activate(expert)
+        if pipe.expert_swapper is not None:
+            pipe.expert_swapper.activate(expert)
 
 
-class ExpertSwapper:
-    """Keeps each expert's weights in pinned host memory and at most one expert on the GPU.
+class PinnedSwapper:
+    """Keeps each module's weights in pinned host memory and at most one of the modules on the GPU.
 
-    Offloading is free (the GPU copy is dropped and the parameters point back at the pinned copy, since
-    inference never changes them); onloading is one asynchronous host-to-device copy per tensor.
+    Releasing is free (the GPU copy is dropped and the parameters point back at the pinned copy, since
+    inference never changes them); activating is one asynchronous host-to-device copy per tensor, at
+    pinned-memory speed rather than the far slower pageable copy of `module.to("cuda")`.
     """
 
-    def __init__(self, experts: list[torch.nn.Module], device: torch.device):
+    def __init__(self, modules: list[torch.nn.Module], device: torch.device):
         self.device = device
         self.host = {}
-        for expert in experts:
+        for expert in modules:
             tensors = dict(expert.named_parameters())
             tensors.update(dict(expert.named_buffers()))
             self.host[id(expert)] = {
                 name: t.data.to("cpu").pin_memory() if not t.is_pinned() else t.data for name, t in tensors.items()
             }
         self.active: torch.nn.Module | None = None
-        for expert in experts:
-            if next(expert.parameters()).device.type == "cuda":
-                self.active = expert
+        for module in modules:
+            if next(module.parameters()).device.type == "cuda":
+                self._point(module, torch.device("cpu"))
 
     def _point(self, expert: torch.nn.Module, device: torch.device) -> None:
         host = self.host[id(expert)]
         for name, tensor in list(expert.named_parameters()) + list(expert.named_buffers()):
             tensor.data = host[name] if device.type == "cpu" else host[name].to(device, non_blocking=True)
 
-    def activate(self, expert: torch.nn.Module) -> None:
-        if self.active is expert:
+    def activate(self, module: torch.nn.Module) -> None:
+        if self.active is module:
             return
+        self.release()
+        self._point(module, self.device)
+        self.active = module
+
+    def release(self) -> None:
         if self.active is not None:
             self._point(self.active, torch.device("cpu"))
+            self.active = None
             torch.cuda.empty_cache()
-        self._point(expert, self.device)
-        self.active = expert

@@ -40,7 +40,7 @@ class WanOptPipeline:
         self.speed = speed or SpeedPolicy()
         self.device = torch.device(device) if device is not None else next(transformer.parameters()).device
         self.video_processor = VideoProcessor(vae_scale_factor=vae.config.scale_factor_spatial)
-        self.expert_swapper = None  # set by MemoryPolicy.prepare when experts are swapped
+        self.expert_swapper = self.text_encoder_swapper = None  # set by MemoryPolicy.prepare on a GPU
 
     # -- construction -----------------------------------------------------------------------------------
 
@@ -100,7 +100,7 @@ class WanOptPipeline:
         inputs = self.tokenizer([prompt_clean(p) for p in prompts], padding="max_length",
                                 max_length=max_sequence_length, truncation=True, add_special_tokens=True,
                                 return_attention_mask=True, return_tensors="pt")
-        with self.memory.encoding(self.text_encoder, self.device) as encoder_device:
+        with self.memory.encoding(self) as encoder_device:
             hidden = self.text_encoder(inputs.input_ids.to(encoder_device),
                                        inputs.attention_mask.to(encoder_device)).last_hidden_state
         hidden = hidden.to(device=self.device, dtype=dtype)

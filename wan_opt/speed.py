@@ -36,6 +36,8 @@ class SpeedPolicy:
             torch.backends.cuda.matmul.allow_tf32 = self.tf32
             torch.backends.cudnn.allow_tf32 = self.tf32
         for expert in pipe.experts():
+            if device.type != "cuda":
+                continue  # the kernel choices below are CUDA's; on a CPU PyTorch's defaults stand
             if self.attention != "auto":
                 expert.set_attention_backend(ATTENTION_BACKENDS[self.attention])
             if self.compile == "regional":

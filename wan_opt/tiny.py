@@ -13,6 +13,8 @@ from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanTransformer3
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast, UMT5Config, UMT5EncoderModel
 
+from wan_opt.original import WAN22_LATENTS_MEAN, WAN22_LATENTS_STD
+
 TEXT_DIM = 32
 SPECIAL_TOKENS = ["<pad>", "</s>", "<unk>"]  # ids 0, 1, 2 as in UMT5
 
@@ -32,7 +34,7 @@ TINY_TI2V_TRANSFORMER = {**TINY_TRANSFORMER, "in_channels": 48, "out_channels": 
 TINY_TI2V_VAE = dict(
     base_dim=8, decoder_base_dim=12, z_dim=48, dim_mult=[1, 2, 2, 2], num_res_blocks=1,
     temperal_downsample=[False, True, True], is_residual=True, in_channels=12, out_channels=12, patch_size=2,
-    scale_factor_spatial=16, scale_factor_temporal=4, latents_mean=[0.0] * 48, latents_std=[1.0] * 48,
+    scale_factor_spatial=16, scale_factor_temporal=4, latents_mean=WAN22_LATENTS_MEAN, latents_std=WAN22_LATENTS_STD,
 )
 
 
