@@ -1,5 +1,4 @@
 """wan-opt's command line: `python run.py prompt="..."` (see README.md)."""
-import logging
 import sys
 
 import hydra
@@ -15,7 +14,7 @@ def main(cfg: DictConfig) -> None:
     try:
         run_job(cfg)
     except WanOptError as exc:
-        logging.getLogger("wan_opt").error("%s", exc)
+        print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
 
 

@@ -2,79 +2,20 @@
 import subprocess
 import sys
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 
+from tests.fakes import MIB, FakeCard, FakeNVML
 from wan_opt import hardware
 from wan_opt.errors import WanOptError
 from wan_opt.hardware import ProfileSpec, detect, infer_profile, load_profiles, normalize_gpu_name, visible_gpus
 
-MIB = 2**20
 REPO = Path(__file__).resolve().parent.parent
 H100_UUID = "GPU-8932f937-d72c-4106-c12f-20bd9faed9f6"
 A100_UUID = "GPU-5a1d0c2e-77b3-4e0f-9b1a-3c4d5e6f7a8b"
-
-
-@dataclass
-class FakeCard:
-    name: str | bytes
-    mib: int
-    capability: tuple[int, int]
-    uuid: str
-    migs: list[tuple[str, int] | None] | None = None  # None: not MIG-capable; a None slot is empty
-
-
-class FakeNVML:
-    """The part of pynvml that wan_opt.hardware calls; handles are ("gpu", i) or ("mig", i, slot)."""
-
-    class NVMLError(Exception):
-        pass
-
-    def __init__(self, cards, init_error=False):
-        self.cards, self.init_error, self.open = cards, init_error, False
-
-    def nvmlInit(self):
-        if self.init_error:
-            raise self.NVMLError("Driver Not Loaded")
-        self.open = True
-
-    def nvmlShutdown(self):
-        self.open = False
-
-    def nvmlDeviceGetCount(self):
-        return len(self.cards)
-
-    def nvmlDeviceGetHandleByIndex(self, index):
-        return ("gpu", index)
-
-    def nvmlDeviceGetName(self, handle):
-        return self.cards[handle[1]].name
-
-    def nvmlDeviceGetMemoryInfo(self, handle):
-        card = self.cards[handle[1]]
-        mib = card.mib if handle[0] == "gpu" else card.migs[handle[2]][1]
-        return SimpleNamespace(total=mib * MIB, free=mib * MIB, used=0)
-
-    def nvmlDeviceGetCudaComputeCapability(self, handle):
-        return self.cards[handle[1]].capability
-
-    def nvmlDeviceGetUUID(self, handle):
-        card = self.cards[handle[1]]
-        return card.uuid if handle[0] == "gpu" else card.migs[handle[2]][0]
-
-    def nvmlDeviceGetMaxMigDeviceCount(self, handle):
-        if self.cards[handle[1]].migs is None:
-            raise self.NVMLError("Not Supported")
-        return len(self.cards[handle[1]].migs)
-
-    def nvmlDeviceGetMigDeviceHandleByIndex(self, handle, slot):
-        if self.cards[handle[1]].migs[slot] is None:
-            raise self.NVMLError("Not Found")
-        return ("mig", handle[1], slot)
 
 
 @pytest.fixture(autouse=True)

@@ -106,3 +106,12 @@ def test_diffusers_index_lists_shards_that_must_exist(tmp_path):
     index.write_text(json.dumps({"weight_map": {"a": "diffusion_pytorch_model-00001-of-00002.safetensors"}}))
     with pytest.raises(WanOptError, match="00001-of-00002"):
         check_checkpoint(root, "t2v_a14b")
+
+
+def test_python_api_loads_a_checkpoint_under_a_profile(tmp_path):
+    root = write(tmp_path, "diffusers")
+    pipe = WanOptPipeline.from_pretrained(str(root), model="wan22_t2v_a14b", hardware="cpu",
+                                          overrides=["hardware.speed.cfg=batched"])
+    assert pipe.speed.batched_cfg and pipe.device.type == "cpu" and pipe.boundary_ratio == 0.875
+    frames = generate(pipe, "96*64", 3.0)
+    assert frames.shape == (1, 5, 64, 96, 3)

@@ -41,7 +41,9 @@ def with_detected_hardware(argv: Sequence[str]) -> list[str]:
     choice = detect()
     AUTO_HARDWARE = {"profile": choice.profile, "reason": choice.reason,
                      "gpu": asdict(choice.gpu) if choice.gpu else None}
-    return argv + [f"hardware={choice.profile}"]
+    # argparse takes the overrides as one run of positionals: join the user's run, or lead if there is none.
+    at = next((i for i, arg in enumerate(argv[1:], 1) if "=" in arg and not arg.startswith("-")), 1)
+    return argv[:at] + [f"hardware={choice.profile}"] + argv[at:]
 
 
 def hardware_reason(cfg: DictConfig) -> str:

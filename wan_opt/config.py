@@ -72,6 +72,17 @@ class HardwareConfig:
 
 
 @dataclass
+class LoraConfig:
+    """A LoRA file and strength per expert, fused into the weights at load time (no per-step cost)."""
+
+    high_noise: Optional[str] = None  # LoRA of the high-noise expert (diffusers' `transformer`)
+    high_noise_strength: float = 1.0
+    low_noise: Optional[str] = None  # LoRA of the low-noise expert (`transformer_2`)
+    low_noise_strength: float = 1.0
+    required: bool = False  # presets built around a LoRA (step-distilled ones) need both files
+
+
+@dataclass
 class ModelConfig:
     """A model's architecture family, where its weights are, and its official sampling defaults."""
 
@@ -91,6 +102,7 @@ class ModelConfig:
     pixel_grid: int = 16  # VAE spatial stride x patch size: sizes must be multiples of it
     negative_prompt: str = OFFICIAL_NEGATIVE_PROMPT
     text_len: int = 512
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
 
 @dataclass

@@ -1,0 +1,117 @@
+"""Every profile x model composes against the schema; misspelt keys and impossible knobs are errors."""
+import shutil
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException
+from omegaconf.errors import ConfigKeyError
+
+from wan_opt.app import compose_config, validate_choices
+from wan_opt.config import CONF_DIR, OFFICIAL_NEGATIVE_PROMPT
+from wan_opt.errors import WanOptError
+
+PROFILES = sorted(p.stem for p in (CONF_DIR / "hardware").glob("*.yaml"))
+MODELS = sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml"))
+# BASELINE.md: one A14B expert is 27.4 GB in bf16 (13.6 in fp8); 720p activations ~7 GB at batch 1.
+EXPERT_GB = {"bfloat16": 27.4, "float8_e4m3fn": 13.6}
+ACTIVATIONS_720P_GB = 7.0
+
+
+def test_the_required_profiles_and_models_exist():
+    assert {"h100", "h200", "a100_80gb", "a100_40gb", "l40s", "rtx4090", "rtx_a6000", "cpu"} <= set(PROFILES)
+    assert {"wan22_t2v_a14b", "wan22_ti2v_5b", "tiny"} <= set(MODELS)
+
+
+@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("profile", PROFILES)
+def test_every_profile_and_model_compose_and_validate(profile, model):
+    cfg = compose_config([f"model={model}"], hardware=profile)
+    validate_choices(cfg)
+    assert cfg.hardware.name == profile and cfg.model.name == model
+
+
+@pytest.mark.parametrize("profile", [p for p in PROFILES if p != "cpu"])
+def test_gpu_profiles_fit_a14b_on_their_card(profile):
+    """The resident part of the A14B denoiser plus 720p activations stays inside the profile's budget."""
+    cfg = compose_config([], hardware=profile)
+    mem = cfg.hardware.memory
+    assert mem.vram_budget_gb < cfg.hardware.gpu.memory_gb
+    experts_on_gpu = {"resident": 2, "swap": 1, "offload": 0}[mem.experts]
+    need = experts_on_gpu * EXPERT_GB[mem.weight_dtype] + ACTIVATIONS_720P_GB
+    assert need <= mem.vram_budget_gb, f"{profile}: {need:.1f} GB > {mem.vram_budget_gb} GB"
+
+
+def test_no_fp8_profile_on_a_card_without_fp8_tensor_cores():
+    for profile in PROFILES:
+        hw = compose_config([], hardware=profile).hardware
+        if hw.memory.weight_dtype.startswith("float8"):
+            assert hw.gpu.capability >= 8.9, profile
+
+
+def test_a14b_defaults_are_the_official_ones():
+    model = compose_config(["model=wan22_t2v_a14b"], hardware="cpu").model
+    assert (model.steps, model.solver, model.shift, model.guidance, model.guidance_2, model.boundary) == (
+        40, "unipc", 12.0, 4.0, 3.0, 0.875)
+    assert (model.frames, model.fps, list(model.sizes)) == (81, 16, ["1280*720", "720*1280", "832*480", "480*832"])
+    assert model.negative_prompt == OFFICIAL_NEGATIVE_PROMPT
+
+
+def test_ti2v_defaults_are_the_official_ones():
+    model = compose_config(["model=wan22_ti2v_5b"], hardware="cpu").model
+    assert (model.steps, model.shift, model.guidance, model.frames, model.fps) == (50, 5.0, 5.0, 121, 24)
+    assert list(model.sizes) == ["1280*704", "704*1280"] and model.pixel_grid == 32 and model.boundary is None
+
+
+def test_a_misspelt_key_on_the_command_line_is_an_error():
+    with pytest.raises(ConfigCompositionException, match="memroy"):
+        compose_config(["hardware.memroy.experts=swap"], hardware="cpu")
+
+
+def test_a_misspelt_key_in_a_profile_file_is_an_error(tmp_path):
+    conf = tmp_path / "conf"
+    shutil.copytree(CONF_DIR, conf)
+    text = (conf / "hardware" / "h100.yaml").read_text().replace("vae_tiling:", "vae_tilling:")
+    (conf / "hardware" / "typo.yaml").write_text(text.replace("name: h100", "name: typo"))
+    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+        with pytest.raises((ConfigCompositionException, ConfigKeyError), match="vae_tilling"):
+            compose(config_name="config", overrides=["hardware=typo"])
+
+
+def test_a_value_of_the_wrong_type_is_an_error():
+    with pytest.raises(ConfigCompositionException):
+        compose_config(["hardware.memory.vae_tiling=sometimes"], hardware="cpu")
+
+
+@pytest.mark.parametrize("override, key", [
+    ("hardware.memory.experts=everywhere", "hardware.memory.experts"),
+    ("hardware.speed.attention=magic", "hardware.speed.attention"),
+    ("hardware.speed.cfg=parallel", "hardware.speed.cfg"),
+    ("hardware.memory.weight_dtype=int3", "hardware.memory.weight_dtype"),
+])
+def test_an_unknown_choice_is_named_with_the_accepted_words(override, key):
+    cfg = compose_config([override], hardware="cpu")
+    with pytest.raises(WanOptError, match=key):
+        validate_choices(cfg)
+
+
+def test_an_unknown_profile_or_model_is_an_error():
+    with pytest.raises(ConfigCompositionException, match="h1000"):
+        compose_config([], hardware="h1000")
+    with pytest.raises(ConfigCompositionException, match="wan99"):
+        compose_config(["model=wan99"], hardware="cpu")
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["run.py", "prompt=x"], ["run.py", "hardware=cpu", "prompt=x"]),
+    (["run.py", "--cfg", "job", "prompt=x"], ["run.py", "--cfg", "job", "hardware=cpu", "prompt=x"]),
+    (["run.py", "-m", "seed=1,2"], ["run.py", "-m", "hardware=cpu", "seed=1,2"]),
+    (["run.py", "--info"], ["run.py", "hardware=cpu", "--info"]),
+    (["run.py", "hardware=h100", "prompt=x"], ["run.py", "hardware=h100", "prompt=x"]),
+    (["run.py", "hardware.memory.experts=swap"], ["run.py", "hardware=cpu", "hardware.memory.experts=swap"]),
+])
+def test_the_detected_profile_joins_the_overrides_unless_one_was_given(monkeypatch, argv, expected):
+    from wan_opt import app, hardware
+
+    monkeypatch.setattr(hardware, "detect", lambda: hardware.HardwareChoice("cpu", "no CUDA GPU visible", None))
+    monkeypatch.setattr(app, "AUTO_HARDWARE", None)  # restored after the test
+    assert app.with_detected_hardware(argv) == expected
