@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from wan_opt.config import CHOICES, CONF_DIR
 from wan_opt.errors import WanOptError
+from wan_opt.lora import check_lora_config
 from wan_opt.request import GenerationRequest, resolve_request
 
 log = logging.getLogger(__name__)
@@ -128,6 +129,7 @@ def check_request(cfg: DictConfig) -> GenerationRequest:
     validate_choices(cfg)
     request = resolve_request(cfg)
     check_device(cfg)
+    check_lora_config(cfg.model)
     if cfg.model.family != "tiny" and not cfg.model.random_weights:
         from wan_opt.layouts import check_checkpoint
 

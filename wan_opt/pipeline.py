@@ -60,9 +60,14 @@ class WanOptPipeline:
         """Load `model` (a ModelConfig) as `memory` says and apply `speed`; the CLI instantiates this."""
         from wan_opt.loading import load_components, resolve_device
 
+        from wan_opt.lora import lora_specs, apply_expert_loras
+
         device = resolve_device(device)
         components = load_components(model, memory, device)
         pipe = cls(**components, memory=memory, speed=speed, device=device)
+        high, low = lora_specs(model.lora)
+        if high or low:
+            apply_expert_loras(pipe, high, low)  # fused into the weights before fp8 storage and offloading
         pipe.apply_policies()
         return pipe
 
