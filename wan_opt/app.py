@@ -13,7 +13,6 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Sequence
 
-import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
@@ -21,8 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from wan_opt.config import CHOICES, CONF_DIR
 from wan_opt.errors import WanOptError
-from wan_opt.lora import check_lora_config
-from wan_opt.request import GenerationRequest, resolve_request
+from wan_opt.request import GenerationRequest, check_lora_config, resolve_request
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +75,8 @@ def validate_choices(cfg: DictConfig) -> None:
 
 
 def check_device(cfg: DictConfig) -> None:
+    import torch  # here, not at the top: input errors are reported without paying for the import
+
     if cfg.hardware.device == "cuda" and not torch.cuda.is_available():
         raise WanOptError(f"Profile {cfg.hardware.name} needs a CUDA GPU and none is visible: "
                           f"pass hardware=cpu, or run on a machine with a GPU.")
@@ -106,6 +106,7 @@ def output_folder(cfg: DictConfig) -> Path:
 def library_versions() -> dict[str, str]:
     import diffusers
     import hydra
+    import torch
     import transformers
 
     import wan_opt
@@ -115,7 +116,9 @@ def library_versions() -> dict[str, str]:
             "transformers": transformers.__version__, "hydra": hydra.__version__}
 
 
-def gpu_record(device: torch.device) -> dict | None:
+def gpu_record(device) -> dict | None:
+    import torch
+
     if device.type != "cuda":
         return None
     props = torch.cuda.get_device_properties(device)
@@ -124,10 +127,26 @@ def gpu_record(device: torch.device) -> dict | None:
             "peak_allocated_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 2)}
 
 
+def task_overrides() -> list[str]:
+    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+
+
+def apply_plan(cfg: DictConfig):
+    """Plan the memory for this request and write the plan's knobs into cfg.hardware.memory."""
+    from wan_opt.plan import plan_for_config
+
+    plan, decided = plan_for_config(cfg, task_overrides())
+    for knob, value in plan.mechanisms.items():
+        cfg.hardware.memory[knob] = value
+    return plan, decided
+
+
 def check_request(cfg: DictConfig) -> GenerationRequest:
     """Every check that needs no weights: run before anything slow starts."""
     validate_choices(cfg)
     request = resolve_request(cfg)
+    if cfg.plan:
+        return request  # a plan needs neither a GPU nor a checkpoint
     check_device(cfg)
     check_lora_config(cfg.model)
     if cfg.model.family != "tiny" and not cfg.model.random_weights:
@@ -141,14 +160,23 @@ def check_request(cfg: DictConfig) -> GenerationRequest:
 
 def run_job(cfg: DictConfig) -> Path:
     """Generate one video for `cfg` and write it with its sidecar; returns the video's path."""
+    import torch
+
     from wan_opt import console, video
 
-    # 1. Check the request, the checkpoint and the output folder before loading anything.
+    # 1. Check the request, the checkpoint and the output folder, and plan the memory, before loading anything.
     request = check_request(cfg)
     folder = output_folder(cfg)
     video.check_writable(folder)
     reason = hardware_reason(cfg)
+    plan, decided = apply_plan(cfg)
     console.console.print(console.settings_table(cfg, request, reason))
+    console.console.print(console.plan_table(plan, decided))
+    if cfg.plan:
+        video.write_json({**plan.to_dict(), "decided_by": decided, "profile": cfg.hardware.name,
+                          "model": cfg.model.name, "request": asdict(request)}, folder / "plan.json")
+        console.console.print(f"[green]Saved[/green] {folder / 'plan.json'}")
+        return folder / "plan.json"
 
     # 2. Load the modules as the memory policy says and apply the speed policy.
     start = time.perf_counter()
@@ -171,6 +199,7 @@ def run_job(cfg: DictConfig) -> Path:
         "seed": request.seed, "request": asdict(request),
         "hardware": {"profile": cfg.hardware.name, "why": reason, "gpu": gpu_record(pipe.device),
                      "detected": AUTO_HARDWARE},
+        "memory_plan": {**plan.to_dict(), "decided_by": decided},
         "seconds": {"load": round(load_seconds, 3), **{k: round(v, 3) for k, v in out.stage_seconds.items()}},
         "step_seconds": [round(s, 4) for s in out.step_seconds],
         "versions": library_versions(), "command": sys.argv,

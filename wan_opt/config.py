@@ -38,6 +38,7 @@ class MemoryConfig:
 
     _target_: str = "wan_opt.memory.MemoryPolicy"
     vram_budget_gb: float = 0.0
+    host_ram_gb: Optional[float] = None  # host memory the plan may use; null: this machine's total
     experts: str = "resident"  # resident | swap | offload
     offload_granularity: str = "block"  # block | leaf (used when experts=offload)
     offload_blocks_per_group: int = 1
@@ -120,6 +121,7 @@ class RunConfig:
     frames: Optional[int] = None
     fps: Optional[int] = None
     output_dir: Optional[str] = None
+    plan: bool = False  # print and save the memory plan (plan.json), load nothing
 
 
 CHOICES = {

@@ -36,6 +36,22 @@ def settings_table(cfg: DictConfig, request: GenerationRequest, hardware_reason:
     return table
 
 
+def plan_table(plan, decided: dict[str, str]) -> Table:
+    """The memory plan: each stage's predicted GPU peak against the budget, and who set each knob."""
+    verdict = "[green]fits[/green]" if plan.fits else "[red]does not fit[/red]"
+    table = Table(title=f"memory plan: {verdict}, predicted peak {plan.predicted_peak_gpu_gb:.1f} GB of "
+                        f"{plan.vram_budget_gb:g} GB VRAM; host {plan.predicted_host_gb:.1f} of "
+                        f"{plan.host_ram_gb:.0f} GB", title_justify="left")
+    table.add_column("stage / knob", style="bold cyan")
+    table.add_column("predicted GPU GB / value", justify="right")
+    table.add_column("set by")
+    for stage, gb in plan.stages.items():
+        table.add_row(stage, f"{gb:.1f}", "")
+    for knob, value in plan.mechanisms.items():
+        table.add_row(knob, str(value), decided.get(knob, ""))
+    return table
+
+
 @contextmanager
 def denoise_progress(total: int) -> Iterator:
     """A progress bar over the denoising steps; yields the pipeline's `on_step` callback."""

@@ -355,14 +355,3 @@ def lora_specs(cfg) -> tuple[LoraSpec | None, LoraSpec | None]:
     low = LoraSpec(cfg.low_noise, cfg.low_noise_strength) if cfg.low_noise else None
     return high, low
 
-
-def check_lora_config(model) -> None:
-    """Before anything loads: a preset built around LoRAs has both files, and every named file exists."""
-    cfg = model.lora
-    if cfg.required and not (cfg.high_noise and cfg.low_noise):
-        raise WanOptError(f"model={model.name} runs with a step-distilled LoRA per expert: pass "
-                          f"model.lora.high_noise=PATH and model.lora.low_noise=PATH.")
-    for key in ("high_noise", "low_noise"):
-        path = cfg[key]
-        if path and not Path(path).expanduser().is_file():
-            raise WanOptError(f"model.lora.{key}={path} is not a file: point it at the LoRA's .safetensors.")

@@ -25,6 +25,7 @@ def torch_dtype(name: str) -> torch.dtype:
 @dataclass
 class MemoryPolicy:
     vram_budget_gb: float = 0.0
+    host_ram_gb: float | None = None
     experts: str = "resident"
     offload_granularity: str = "block"
     offload_blocks_per_group: int = 1
@@ -109,16 +110,12 @@ class PinnedSwapper:
     def __init__(self, modules: list[torch.nn.Module], device: torch.device):
         self.device = device
         self.host = {}
-        for expert in modules:
-            tensors = dict(expert.named_parameters())
-            tensors.update(dict(expert.named_buffers()))
-            self.host[id(expert)] = {
-                name: t.data.to("cpu").pin_memory() if not t.is_pinned() else t.data for name, t in tensors.items()
-            }
-        self.active: torch.nn.Module | None = None
         for module in modules:
-            if next(module.parameters()).device.type == "cuda":
-                self._point(module, torch.device("cpu"))
+            host = self.host[id(module)] = {}
+            for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
+                host[name] = tensor.data if tensor.data.is_pinned() else tensor.data.to("cpu").pin_memory()
+                tensor.data = host[name]  # the unpinned (or GPU) copy goes tensor by tensor: no 2x peak
+        self.active: torch.nn.Module | None = None
 
     def _point(self, expert: torch.nn.Module, device: torch.device) -> None:
         host = self.host[id(expert)]

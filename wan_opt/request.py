@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 from omegaconf import DictConfig
 
@@ -43,7 +44,7 @@ def resolve_request(cfg: DictConfig) -> GenerationRequest:
     """Merge the run's knobs over the model's defaults and reject what the model cannot do."""
     model = cfg.model
     prompt = (cfg.prompt or "").strip()
-    if not prompt:
+    if not prompt and not cfg.plan:  # a memory plan does not depend on the prompt
         raise WanOptError('The prompt is empty: pass one, e.g. prompt="a red fox running through snow".')
     steps = model.steps if cfg.steps is None else cfg.steps
     if steps < 1:
@@ -75,3 +76,15 @@ def resolve_request(cfg: DictConfig) -> GenerationRequest:
     negative = model.negative_prompt if cfg.negative_prompt is None else cfg.negative_prompt
     return GenerationRequest(prompt, negative, int(cfg.seed), int(steps), float(guidance),
                              None if guidance_2 is None else float(guidance_2), width, height, int(frames), int(fps))
+
+
+def check_lora_config(model) -> None:
+    """Before anything loads: a preset built around LoRAs has both files, and every named file exists."""
+    cfg = model.lora
+    if cfg.required and not (cfg.high_noise and cfg.low_noise):
+        raise WanOptError(f"model={model.name} runs with a step-distilled LoRA per expert: pass "
+                          f"model.lora.high_noise=PATH and model.lora.low_noise=PATH.")
+    for key in ("high_noise", "low_noise"):
+        path = cfg[key]
+        if path and not Path(path).expanduser().is_file():
+            raise WanOptError(f"model.lora.{key}={path} is not a file: point it at the LoRA's .safetensors.")

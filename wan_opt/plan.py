@@ -1,0 +1,233 @@
+"""The memory planner: a request and a budget in, the fastest set of mechanisms that fits out.
+
+Pure arithmetic over the architecture's sizes and the activation and decode costs measured on an H100
+(BASELINE: a 720p x 81 forward needs ~7.3 GiB beyond the weights at batch 1, a 480p one ~3.5 GiB; the 720p
+decode +20.2 GiB in fp32, +10.1 in bf16, +3.9 / +2.0 tiled). No GPU, no weights, no checkpoint needed.
+"""
+from __future__ import annotations
+
+import functools
+import itertools
+import logging
+import os
+from dataclasses import asdict, dataclass, field, replace
+
+from wan_opt.errors import WanOptError
+
+log = logging.getLogger(__name__)
+
+GIB = 2**30
+SAFETY = 0.92  # plan to 92% of the budget: allocator fragmentation and the CUDA context live in the rest
+ACT_GIB_PER_TOKEN = 1.0e-4  # per latent token and batch element (7.6 GiB at 75,600 tokens)
+ACT_FIXED_GIB = 0.5
+DECODE_720P_GIB = {"float32": 20.2, "bfloat16": 10.1, "float16": 10.1}  # untiled, 1280*720*81
+DECODE_TILED_GIB = {"float32": 3.9, "bfloat16": 2.0, "float16": 2.0}
+PIXELS_720P_81 = 1280 * 720 * 81
+BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "float8_e4m3fn": 1}
+# Seconds a mechanism adds, from the H100 measurements; used only to rank plans, never reported as a result.
+COST = {"offload_per_step_fraction": 0.08, "swap_seconds": 2.0, "te_release_seconds": 0.5,
+        "te_cpu_seconds": 4.6, "tiling_seconds": 6.0}
+
+
+@dataclass(frozen=True)
+class ModelSizes:
+    """Parameter counts (billions) of the modules a family is made of."""
+
+    expert_params_b: float
+    experts: int
+    text_encoder_params_b: float
+    vae_params_b: float
+    latent_channels: int
+    spatial_compression: int  # pixels per latent token side (VAE stride x DiT patch)
+    temporal_compression: int = 4
+
+
+@functools.cache
+def model_sizes(family: str) -> ModelSizes:
+    """Counted from the real classes built on the meta device (no memory, no weights)."""
+    import torch
+    from diffusers import AutoencoderKLWan, WanTransformer3DModel
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    from wan_opt import arch, tiny
+
+    dit, vae, te = {
+        "t2v_a14b": (arch.A14B_EXPERT, arch.WAN21_VAE, arch.UMT5_XXL),
+        "ti2v_5b": (arch.TI2V_5B_DIT, arch.WAN22_VAE, arch.UMT5_XXL),
+        "tiny": (tiny.TINY_TRANSFORMER, tiny.TINY_VAE, tiny.TINY_TEXT_ENCODER),
+    }[family]
+    with torch.device("meta"):
+        count = lambda m: sum(p.numel() for p in m.parameters()) / 1e9  # noqa: E731
+        dit_b = count(WanTransformer3DModel(**dit))
+        vae_module = AutoencoderKLWan(**vae)
+        te_b = count(UMT5EncoderModel(UMT5Config(**te)))
+    spatial = vae_module.config.scale_factor_spatial * dit["patch_size"][1]
+    return ModelSizes(dit_b, 1 if family == "ti2v_5b" else 2, te_b, count(vae_module), dit["in_channels"], spatial)
+
+
+@dataclass(frozen=True)
+class Request:
+    width: int
+    height: int
+    frames: int
+    batched_cfg: bool = False
+    guided: bool = True
+
+
+@dataclass(frozen=True)
+class Mechanisms:
+    """The memory knobs a plan sets (the fields of a profile's `memory:` block that the planner owns)."""
+
+    experts: str = "resident"  # resident | swap | offload
+    weight_dtype: str = "bfloat16"
+    text_encoder: str = "gpu"  # gpu | gpu_release | cpu
+    vae_tiling: bool = False
+
+
+@dataclass
+class Plan:
+    fits: bool
+    predicted_peak_gpu_gb: float
+    vram_budget_gb: float
+    host_ram_gb: float
+    predicted_host_gb: float
+    mechanisms: dict
+    stages: dict[str, float] = field(default_factory=dict)  # predicted GPU peak of each stage, GiB
+    est_extra_seconds: float = 0.0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def tokens(sizes: ModelSizes, req: Request) -> int:
+    frames = (req.frames - 1) // sizes.temporal_compression + 1
+    return frames * (req.height // sizes.spatial_compression) * (req.width // sizes.spatial_compression)
+
+
+def predict(sizes: ModelSizes, req: Request, mech: Mechanisms, compute_dtype: str, vae_dtype: str,
+            vram_budget_gb: float, host_ram_gb: float, steps: int = 40) -> Plan:
+    """Predicted peak GPU memory of each stage (GiB) and host memory, for one set of mechanisms."""
+    expert = sizes.expert_params_b * 1e9 * BYTES[mech.weight_dtype] / GIB
+    te = sizes.text_encoder_params_b * 1e9 * BYTES[compute_dtype] / GIB
+    vae = sizes.vae_params_b * 1e9 * BYTES[vae_dtype] / GIB
+    batch = 2 if (req.batched_cfg and req.guided) else 1
+    act = ACT_FIXED_GIB + ACT_GIB_PER_TOKEN * tokens(sizes, req) * batch
+    # Offloaded experts stream block by block: a few blocks in flight plus the non-block weights.
+    expert_on_gpu = {"resident": expert, "swap": expert, "offload": expert * 0.06}[mech.experts]
+    resident_experts = expert * sizes.experts if mech.experts == "resident" else 0.0
+    te_gpu = te if mech.text_encoder == "gpu" else 0.0
+    pixels = req.width * req.height * req.frames / PIXELS_720P_81
+    decode = DECODE_TILED_GIB[vae_dtype] if mech.vae_tiling else DECODE_720P_GIB[vae_dtype] * pixels
+    stages = {
+        "encode": resident_experts + te + vae + 0.3 if mech.text_encoder != "cpu" else resident_experts + vae,
+        "denoise_high_noise": max(resident_experts, expert_on_gpu) + te_gpu + vae + act,
+        "decode": resident_experts + te_gpu + vae + decode,
+    }
+    if sizes.experts == 2:
+        stages["denoise_low_noise"] = stages["denoise_high_noise"]
+        stages["switch"] = resident_experts + te_gpu + vae + (expert if mech.experts == "swap" else 0.0)
+    host = sizes.experts * expert * (mech.experts != "resident") + te * (mech.text_encoder != "gpu")
+    peak = max(stages.values())
+    extra = (COST["offload_per_step_fraction"] * steps * 10.0 * (mech.experts == "offload")
+             + COST["swap_seconds"] * (mech.experts == "swap")
+             + COST["te_release_seconds"] * (mech.text_encoder == "gpu_release")
+             + COST["te_cpu_seconds"] * (mech.text_encoder == "cpu")
+             + COST["tiling_seconds"] * mech.vae_tiling)
+    fits = peak <= vram_budget_gb * SAFETY and host <= host_ram_gb * SAFETY
+    return Plan(fits, round(peak, 2), vram_budget_gb, host_ram_gb, round(host, 2), asdict(mech),
+                {k: round(v, 2) for k, v in stages.items()}, round(extra, 1))
+
+
+def candidates(allow_fp8: bool) -> list[Mechanisms]:
+    """Every combination, lossless (bf16 storage) before fp8 storage."""
+    dtypes = ["bfloat16", "float8_e4m3fn"] if allow_fp8 else ["bfloat16"]
+    return [Mechanisms(e, d, t, v) for d, e, t, v in itertools.product(
+        dtypes, ("resident", "swap", "offload"), ("gpu", "gpu_release", "cpu"), (False, True))]
+
+
+def plan_memory(family: str, req: Request, vram_budget_gb: float, host_ram_gb: float, compute_dtype: str = "bfloat16",
+                vae_dtype: str = "float32", allow_fp8: bool = True, fixed: dict | None = None) -> Plan:
+    """The fastest plan that fits; knobs in `fixed` (set by hand) are kept as given, fitting or not."""
+    sizes = model_sizes(family)
+    fixed = fixed or {}
+    plans = []
+    for mech in candidates(allow_fp8):
+        mech = replace(mech, **{k: v for k, v in fixed.items() if k in Mechanisms.__dataclass_fields__})
+        plans.append(predict(sizes, req, mech, compute_dtype, vae_dtype, vram_budget_gb, host_ram_gb))
+    fitting = [p for p in plans if p.fits]
+    if fitting:
+        lossless = [p for p in fitting if p.mechanisms["weight_dtype"] != "float8_e4m3fn"]
+        return min(lossless or fitting, key=lambda p: p.est_extra_seconds)
+    return min(plans, key=lambda p: p.predicted_peak_gpu_gb)
+
+
+def no_plan_fits(family: str, req: Request, plan: Plan, compute_dtype: str, vae_dtype: str,
+                 allow_fp8: bool) -> WanOptError:
+    """One sentence: the smallest VRAM (and its host RAM) that would run this, and the nearest request that fits."""
+    sizes = model_sizes(family)
+    smallest = min((predict(sizes, req, m, compute_dtype, vae_dtype, 1e9, 1e9) for m in candidates(allow_fp8)),
+                   key=lambda p: (p.predicted_peak_gpu_gb, p.predicted_host_gb))
+    nearest = "none at this size"
+    smaller = [replace(req, frames=f) for f in range(req.frames - 4, 0, -4)]
+    smaller += [replace(req, width=w, height=h) for w, h in ((832, 480), (480, 832)) if w * h < req.width * req.height]
+    for candidate in smaller:
+        if plan_memory(family, candidate, plan.vram_budget_gb, plan.host_ram_gb, compute_dtype, vae_dtype,
+                       allow_fp8).fits:
+            nearest = f"size={candidate.width}*{candidate.height} frames={candidate.frames}"
+            break
+    return WanOptError(
+        f"No memory plan fits {req.width}*{req.height} x {req.frames} frames in {plan.vram_budget_gb:g} GB of VRAM "
+        f"and {plan.host_ram_gb:.0f} GB of host RAM: the leanest plan needs {smallest.predicted_peak_gpu_gb / SAFETY:.1f} "
+        f"GB of VRAM with {smallest.predicted_host_gb / SAFETY:.1f} GB of host RAM; the nearest request that fits "
+        f"here: {nearest}."
+    )
+
+
+def host_ram_gb() -> float:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GIB
+
+
+def user_memory_knobs(task_overrides: list[str]) -> dict:
+    """The memory knobs the user set on the command line: those win over the planner."""
+    knobs = {}
+    for override in task_overrides:
+        key, _, value = override.lstrip("+~").partition("=")
+        name = key.removeprefix("hardware.memory.")
+        if key.startswith("hardware.memory.") and name in Mechanisms.__dataclass_fields__:
+            knobs[name] = value.lower() == "true" if name == "vae_tiling" else value
+    return knobs
+
+
+def plan_for_config(cfg, task_overrides: list[str]) -> tuple[Plan, dict[str, str]]:
+    """The plan for a composed run config, and which of profile / planner / user decided each knob.
+
+    The profile's own mechanisms stand when they fit; otherwise the planner picks the fastest plan that fits,
+    keeping every knob the user set by hand (and warning if those then do not fit).
+    """
+    from wan_opt.request import parse_size
+
+    mem, model = cfg.hardware.memory, cfg.model
+    width, height = parse_size(cfg.size or model.sizes[0])
+    guided = (cfg.guidance if cfg.guidance is not None else model.guidance) > 1.0
+    req = Request(width, height, cfg.frames or model.frames, cfg.hardware.speed.cfg == "batched", guided)
+    profile = Mechanisms(mem.experts, mem.weight_dtype, mem.text_encoder, mem.vae_tiling)
+    budget, host = mem.vram_budget_gb, mem.host_ram_gb or host_ram_gb()
+    fixed = user_memory_knobs(task_overrides)
+    if cfg.hardware.device == "cpu":
+        plan = predict(model_sizes(model.family), req, profile, mem.compute_dtype, mem.vae_dtype, float("inf"), host)
+        plan.vram_budget_gb = 0.0
+        return plan, {k: "profile" for k in asdict(profile)}
+    own = predict(model_sizes(model.family), req, replace(profile, **fixed), mem.compute_dtype, mem.vae_dtype,
+                  budget, host)
+    if own.fits:
+        return own, {k: "user" if k in fixed else "profile" for k in asdict(profile)}
+    allow_fp8 = cfg.hardware.gpu.capability >= 8.9 or mem.weight_dtype.startswith("float8")
+    plan = plan_memory(model.family, req, budget, host, mem.compute_dtype, mem.vae_dtype, allow_fp8, fixed)
+    if not plan.fits and fixed:
+        log.warning("The memory knobs set by hand (%s) do not fit %s GB; running them anyway.",
+                    ", ".join(f"{k}={v}" for k, v in fixed.items()), budget)
+    elif not plan.fits:
+        raise no_plan_fits(model.family, req, plan, mem.compute_dtype, mem.vae_dtype, allow_fp8)
+    decided = {k: "user" if k in fixed else ("planner" if plan.mechanisms[k] != v else "profile")
+               for k, v in asdict(profile).items()}
+    return plan, decided
