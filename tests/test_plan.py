@@ -99,3 +99,31 @@ def test_plan_true_writes_plan_json_without_loading_anything(tmp_path):
     assert plan["fits"] and plan["vram_budget_gb"] == 22
     assert {"encode", "denoise_high_noise", "denoise_low_noise", "switch", "decode"} == set(plan["stages"])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["plan.json"]
+
+
+def test_out_of_memory_falls_back_to_a_leaner_plan_and_says_so(tmp_path, monkeypatch):
+    import torch
+
+    from wan_opt.pipeline import WanOptPipeline
+
+    real_call, calls = WanOptPipeline.__call__, []
+
+    def first_call_runs_out(self, *args, **kwargs):
+        calls.append(dict(self.memory.__dict__))
+        if len(calls) == 1:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real_call(self, *args, **kwargs)
+
+    monkeypatch.setattr(WanOptPipeline, "__call__", first_call_runs_out)
+    # The h100 profile's knobs on the CPU: planned as on the card, run on the tiny model.
+    cfg = compose_config(["prompt=a fox", "steps=2", f"output_dir={tmp_path}", "hardware.memory.host_ram_gb=128",
+                          "hardware.speed.compile=none"], hardware="h100")
+    cfg.hardware.device = "cpu"
+    cfg.model.family = "tiny"
+    monkeypatch.setattr("wan_opt.app.check_device", lambda cfg: None)
+    path = run_job(cfg)
+    sidecar = json.loads(path.with_suffix(".json").read_text())
+    [fallback] = sidecar["memory_plan"]["fallbacks"]
+    assert fallback["from"]["experts"] == "resident" and "out of memory" in fallback["error"]
+    assert calls[1]["experts"] != "resident" or calls[1]["text_encoder"] != calls[0]["text_encoder"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([path.name, path.with_suffix(".json").name])

@@ -158,10 +158,49 @@ def check_request(cfg: DictConfig) -> GenerationRequest:
     return request
 
 
-def run_job(cfg: DictConfig) -> Path:
-    """Generate one video for `cfg` and write it with its sidecar; returns the video's path."""
+def generate(cfg: DictConfig, request: GenerationRequest, plan):
+    """Load and generate; on running out of GPU memory, drop to the next plan down and try again, loudly.
+
+    Returns (pipeline, output, load seconds, the plan that ran, the fallbacks taken).
+    """
+    import gc
+
     import torch
 
+    from wan_opt import console
+    from wan_opt.plan import next_plan_down
+
+    fallbacks = []
+    while True:
+        pipe = None
+        try:
+            start = time.perf_counter()
+            pipe = pipeline_from_config(cfg)
+            load_seconds = time.perf_counter() - start
+            generator = torch.Generator("cpu").manual_seed(request.seed)
+            with console.denoise_progress(request.steps) as on_step:
+                out = pipe(request.prompt, negative_prompt=request.negative_prompt, height=request.height,
+                           width=request.width, num_frames=request.frames, num_inference_steps=request.steps,
+                           guidance_scale=request.guidance, guidance_scale_2=request.guidance_2,
+                           generator=generator, output_type="np", max_sequence_length=cfg.model.text_len,
+                           on_step=on_step)
+            return pipe, out, load_seconds, plan, fallbacks
+        except torch.OutOfMemoryError as exc:
+            del pipe
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            failed, plan = plan, next_plan_down(cfg, plan, task_overrides())
+            for knob, value in plan.mechanisms.items():
+                cfg.hardware.memory[knob] = value
+            fallbacks.append({"from": failed.mechanisms, "to": plan.mechanisms, "error": str(exc).split("\n")[0]})
+            console.console.print(f"[bold red]Out of GPU memory[/bold red] under {failed.mechanisms} (predicted "
+                                  f"{failed.predicted_peak_gpu_gb} GB); retrying under {plan.mechanisms} "
+                                  f"(predicted {plan.predicted_peak_gpu_gb} GB).")
+
+
+def run_job(cfg: DictConfig) -> Path:
+    """Generate one video for `cfg` and write it with its sidecar; returns the video's path."""
     from wan_opt import console, video
 
     # 1. Check the request, the checkpoint and the output folder, and plan the memory, before loading anything.
@@ -178,20 +217,10 @@ def run_job(cfg: DictConfig) -> Path:
         console.console.print(f"[green]Saved[/green] {folder / 'plan.json'}")
         return folder / "plan.json"
 
-    # 2. Load the modules as the memory policy says and apply the speed policy.
-    start = time.perf_counter()
-    pipe = pipeline_from_config(cfg)
-    load_seconds = time.perf_counter() - start
+    # 2. Load as the memory plan says, apply the speed policy, and generate (falling back on OOM).
+    pipe, out, load_seconds, plan, fallbacks = generate(cfg, request, plan)
 
-    # 3. Generate, with a progress bar over the denoising steps.
-    generator = torch.Generator("cpu").manual_seed(request.seed)
-    with console.denoise_progress(request.steps) as on_step:
-        out = pipe(request.prompt, negative_prompt=request.negative_prompt, height=request.height,
-                   width=request.width, num_frames=request.frames, num_inference_steps=request.steps,
-                   guidance_scale=request.guidance, guidance_scale_2=request.guidance_2, generator=generator,
-                   output_type="np", max_sequence_length=cfg.model.text_len, on_step=on_step)
-
-    # 4. Write the video, then its sidecar, each under its final name only once complete.
+    # 3. Write the video, then its sidecar, each under its final name only once complete.
     stem = video.safe_stem(f"{request.seed}-{request.prompt}")
     path = video.write_video(out.frames[0], video.unique_path(folder, stem, ".mp4"), request.fps)
     sidecar = {
@@ -199,7 +228,7 @@ def run_job(cfg: DictConfig) -> Path:
         "seed": request.seed, "request": asdict(request),
         "hardware": {"profile": cfg.hardware.name, "why": reason, "gpu": gpu_record(pipe.device),
                      "detected": AUTO_HARDWARE},
-        "memory_plan": {**plan.to_dict(), "decided_by": decided},
+        "memory_plan": {**plan.to_dict(), "decided_by": decided, "fallbacks": fallbacks},
         "seconds": {"load": round(load_seconds, 3), **{k: round(v, 3) for k, v in out.stage_seconds.items()}},
         "step_seconds": [round(s, 4) for s in out.step_seconds],
         "versions": library_versions(), "command": sys.argv,

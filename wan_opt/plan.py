@@ -198,12 +198,8 @@ def user_memory_knobs(task_overrides: list[str]) -> dict:
     return knobs
 
 
-def plan_for_config(cfg, task_overrides: list[str]) -> tuple[Plan, dict[str, str]]:
-    """The plan for a composed run config, and which of profile / planner / user decided each knob.
-
-    The profile's own mechanisms stand when they fit; otherwise the planner picks the fastest plan that fits,
-    keeping every knob the user set by hand (and warning if those then do not fit).
-    """
+def _inputs(cfg) -> tuple[ModelSizes, Request, Mechanisms, float, float]:
+    """The planner's view of a composed run config: sizes, request, the profile's mechanisms, budgets."""
     from wan_opt.request import parse_size
 
     mem, model = cfg.hardware.memory, cfg.model
@@ -211,23 +207,52 @@ def plan_for_config(cfg, task_overrides: list[str]) -> tuple[Plan, dict[str, str
     guided = (cfg.guidance if cfg.guidance is not None else model.guidance) > 1.0
     req = Request(width, height, cfg.frames or model.frames, cfg.hardware.speed.cfg == "batched", guided)
     profile = Mechanisms(mem.experts, mem.weight_dtype, mem.text_encoder, mem.vae_tiling)
-    budget, host = mem.vram_budget_gb, mem.host_ram_gb or host_ram_gb()
+    return model_sizes(model.family), req, profile, mem.vram_budget_gb, mem.host_ram_gb or host_ram_gb()
+
+
+def _allow_fp8(cfg) -> bool:
+    return cfg.hardware.gpu.capability >= 8.9 or cfg.hardware.memory.weight_dtype.startswith("float8")
+
+
+def plan_for_config(cfg, task_overrides: list[str]) -> tuple[Plan, dict[str, str]]:
+    """The plan for a composed run config, and which of profile / planner / user decided each knob.
+
+    The profile's own mechanisms stand when they fit; otherwise the planner picks the fastest plan that fits,
+    keeping every knob the user set by hand (and warning if those then do not fit).
+    """
+    mem, model = cfg.hardware.memory, cfg.model
+    sizes, req, profile, budget, host = _inputs(cfg)
     fixed = user_memory_knobs(task_overrides)
     if cfg.hardware.device == "cpu":
-        plan = predict(model_sizes(model.family), req, profile, mem.compute_dtype, mem.vae_dtype, float("inf"), host)
+        plan = predict(sizes, req, profile, mem.compute_dtype, mem.vae_dtype, float("inf"), host)
         plan.vram_budget_gb = 0.0
         return plan, {k: "profile" for k in asdict(profile)}
-    own = predict(model_sizes(model.family), req, replace(profile, **fixed), mem.compute_dtype, mem.vae_dtype,
-                  budget, host)
+    own = predict(sizes, req, replace(profile, **fixed), mem.compute_dtype, mem.vae_dtype, budget, host)
     if own.fits:
         return own, {k: "user" if k in fixed else "profile" for k in asdict(profile)}
-    allow_fp8 = cfg.hardware.gpu.capability >= 8.9 or mem.weight_dtype.startswith("float8")
-    plan = plan_memory(model.family, req, budget, host, mem.compute_dtype, mem.vae_dtype, allow_fp8, fixed)
+    plan = plan_memory(model.family, req, budget, host, mem.compute_dtype, mem.vae_dtype, _allow_fp8(cfg), fixed)
     if not plan.fits and fixed:
         log.warning("The memory knobs set by hand (%s) do not fit %s GB; running them anyway.",
                     ", ".join(f"{k}={v}" for k, v in fixed.items()), budget)
     elif not plan.fits:
-        raise no_plan_fits(model.family, req, plan, mem.compute_dtype, mem.vae_dtype, allow_fp8)
+        raise no_plan_fits(model.family, req, plan, mem.compute_dtype, mem.vae_dtype, _allow_fp8(cfg))
     decided = {k: "user" if k in fixed else ("planner" if plan.mechanisms[k] != v else "profile")
                for k, v in asdict(profile).items()}
     return plan, decided
+
+
+def next_plan_down(cfg, failed: Plan, task_overrides: list[str]) -> Plan:
+    """After an out-of-memory error: the fastest plan predicted to need clearly less GPU memory than `failed`."""
+    mem = cfg.hardware.memory
+    sizes, req, _, budget, host = _inputs(cfg)
+    fixed = user_memory_knobs(task_overrides)
+    leaner = []
+    for mech in candidates(_allow_fp8(cfg)):
+        plan = predict(sizes, req, replace(mech, **fixed), mem.compute_dtype, mem.vae_dtype, budget, host)
+        if plan.predicted_peak_gpu_gb <= 0.85 * failed.predicted_peak_gpu_gb and plan.predicted_host_gb <= host:
+            leaner.append(plan)
+    if not leaner:
+        raise WanOptError(f"Out of GPU memory even with the leanest plan ({failed.mechanisms}): "
+                          f"free the GPU of other processes, or ask for fewer frames or a smaller size.")
+    lossless = [p for p in leaner if p.mechanisms["weight_dtype"] != "float8_e4m3fn"]
+    return min(lossless or leaner, key=lambda p: p.est_extra_seconds)
