@@ -5,17 +5,14 @@ import hydra
 from omegaconf import DictConfig
 
 import wan_opt.config  # noqa: F401  (registers the schema before Hydra composes)
-from wan_opt.app import run_job, with_detected_hardware
-from wan_opt.errors import WanOptError
+from wan_opt.app import run, with_detected_hardware
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> None:
-    try:
-        run_job(cfg)
-    except WanOptError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+    status = run(cfg)
+    if status:
+        sys.exit(status)
 
 
 if __name__ == "__main__":

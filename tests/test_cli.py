@@ -80,7 +80,8 @@ def test_multirun_records_the_detected_profile_in_every_job(tmp_path):
         assert "hardware=a100_40gb" in yaml.safe_load(path.read_text())
         hydra_cfg = yaml.safe_load((path.parent / "hydra.yaml").read_text())["hydra"]
         assert hydra_cfg["runtime"]["choices"]["hardware"] == "a100_40gb"
-    assert len(videos(tmp_path)) == 2
+    reused = [json.loads(p.with_suffix(".json").read_text())["model_reused"] for p in videos(tmp_path)]
+    assert reused == [False, True]  # the second job changed only the seed
 
 
 @pytest.mark.parametrize("args, message", [
@@ -112,3 +113,24 @@ def test_an_unwritable_output_directory_is_rejected(tmp_path):
 def test_unknown_names_are_hydra_errors_without_a_traceback(args, message):
     result = run("prompt=a fox", *args)
     assert result.returncode != 0 and message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_prompt_file_is_one_batch_with_one_loaded_model(tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "a red fox", "seed": 1}\n{"prompt": "a cat", "frames": 10}\n'
+                       '{"prompt": "a dog", "seed": 2, "size": "160*96"}\n')
+    result = run("model=tiny", "hardware=cpu", f"prompts={prompts}", "steps=1", f"hydra.run.dir={tmp_path / 'run'}")
+    assert result.returncode == 1  # one line failed; the others ran
+    sidecars = [json.loads(p.with_suffix(".json").read_text()) for p in videos(tmp_path / "run")]
+    assert [(s["prompt"], s["seed"], s["model_reused"]) for s in sidecars] == [
+        ("a red fox", 1, False), ("a dog", 2, True)]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert (summary["total"], summary["failed"]) == (3, 1) and "4n+1" in summary["results"][1]["error"]
+
+
+def test_a_failed_job_does_not_stop_the_sweep(tmp_path):
+    result = run("-m", "model=tiny", "hardware=cpu", "prompt=a fox", "steps=1", "frames=10,9",
+                 f"hydra.sweep.dir={tmp_path}", timeout=400)
+    assert result.returncode == 1
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert [r["status"] for r in summary["results"]] == ["failed", "ok"] and len(videos(tmp_path)) == 1

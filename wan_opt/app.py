@@ -161,13 +161,11 @@ def check_request(cfg: DictConfig) -> GenerationRequest:
 def generate(cfg: DictConfig, request: GenerationRequest, plan):
     """Load and generate; on running out of GPU memory, drop to the next plan down and try again, loudly.
 
-    Returns (pipeline, output, load seconds, the plan that ran, the fallbacks taken).
+    Returns (pipeline, output, {load seconds, whether the model was reused}, the plan that ran, the fallbacks).
     """
-    import gc
-
     import torch
 
-    from wan_opt import console
+    from wan_opt import console, reuse
     from wan_opt.plan import next_plan_down
 
     fallbacks = []
@@ -175,7 +173,7 @@ def generate(cfg: DictConfig, request: GenerationRequest, plan):
         pipe = None
         try:
             start = time.perf_counter()
-            pipe = pipeline_from_config(cfg)
+            pipe, reused = reuse.cached_pipeline(cfg, pipeline_from_config)
             load_seconds = time.perf_counter() - start
             generator = torch.Generator("cpu").manual_seed(request.seed)
             with console.denoise_progress(request.steps) as on_step:
@@ -184,12 +182,10 @@ def generate(cfg: DictConfig, request: GenerationRequest, plan):
                            guidance_scale=request.guidance, guidance_scale_2=request.guidance_2,
                            generator=generator, output_type="np", max_sequence_length=cfg.model.text_len,
                            on_step=on_step)
-            return pipe, out, load_seconds, plan, fallbacks
+            return pipe, out, {"load": load_seconds, "reused": reused}, plan, fallbacks
         except torch.OutOfMemoryError as exc:
             del pipe
-            gc.collect()
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
+            reuse.release()
             failed, plan = plan, next_plan_down(cfg, plan, task_overrides())
             for knob, value in plan.mechanisms.items():
                 cfg.hardware.memory[knob] = value
@@ -218,7 +214,7 @@ def run_job(cfg: DictConfig) -> Path:
         return folder / "plan.json"
 
     # 2. Load as the memory plan says, apply the speed policy, and generate (falling back on OOM).
-    pipe, out, load_seconds, plan, fallbacks = generate(cfg, request, plan)
+    pipe, out, loading, plan, fallbacks = generate(cfg, request, plan)
 
     # 3. Write the video, then its sidecar, each under its final name only once complete.
     stem = video.safe_stem(f"{request.seed}-{request.prompt}")
@@ -229,7 +225,8 @@ def run_job(cfg: DictConfig) -> Path:
         "hardware": {"profile": cfg.hardware.name, "why": reason, "gpu": gpu_record(pipe.device),
                      "detected": AUTO_HARDWARE},
         "memory_plan": {**plan.to_dict(), "decided_by": decided, "fallbacks": fallbacks},
-        "seconds": {"load": round(load_seconds, 3), **{k: round(v, 3) for k, v in out.stage_seconds.items()}},
+        "model_reused": loading["reused"],
+        "seconds": {"load": round(loading["load"], 3), **{k: round(v, 3) for k, v in out.stage_seconds.items()}},
         "step_seconds": [round(s, 4) for s in out.step_seconds],
         "versions": library_versions(), "command": sys.argv,
         "config": OmegaConf.to_container(cfg, resolve=True),
@@ -237,3 +234,36 @@ def run_job(cfg: DictConfig) -> Path:
     video.write_json(sidecar, path.with_suffix(".json"))
     console.console.print(f"[green]Saved[/green] {path}")
     return path
+
+
+def is_multirun() -> bool:
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def run(cfg: DictConfig) -> int:
+    """The command line's job: one video, or one per line of a prompt file; returns the exit status.
+
+    In a multirun a failure is recorded and the sweep goes on; the sweep's summary decides the exit status.
+    """
+    from wan_opt import batch
+
+    if not cfg.prompts and not is_multirun():
+        try:
+            run_job(cfg)
+        except WanOptError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        return 0
+    job = str(HydraConfig.get().job.num) if is_multirun() else ""
+    try:
+        results = batch.run_items(cfg, run_job, job=job)
+    except WanOptError as exc:  # the prompt file itself is unusable
+        results = [batch.ItemResult(str(cfg.prompts), "", "failed", 0.0, error=str(exc), job=job)]
+        print(f"error: {exc}", file=sys.stderr)
+    folder = output_folder(cfg)
+    batch.write_results(folder, results)
+    if is_multirun():
+        return 0
+    return 0 if batch.summarize(results, folder / "summary.json", f"prompts {cfg.prompts}") else 1

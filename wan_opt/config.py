@@ -6,12 +6,13 @@ placement, ...) are checked in `validate_choices`, called before any weights loa
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from omegaconf import MISSING, OmegaConf
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
@@ -122,6 +123,7 @@ class RunConfig:
     fps: Optional[int] = None
     output_dir: Optional[str] = None
     plan: bool = False  # print and save the memory plan (plan.json), load nothing
+    prompts: Optional[str] = None  # a .txt (one prompt per line) or .jsonl file: one video per line
 
 
 CHOICES = {
@@ -141,8 +143,11 @@ CHOICES = {
 
 
 def register_configs() -> None:
-    """Register the schema that conf/config.yaml names first in its defaults list."""
+    """Register the schema that conf/config.yaml names first in its defaults list, and the `pid` resolver."""
     ConfigStore.instance().store(name="wan_opt_schema", node=RunConfig)
+    if not OmegaConf.has_resolver("pid"):
+        # Run folders carry the process id: two runs started in the same second never share a folder.
+        OmegaConf.register_new_resolver("pid", os.getpid)
 
 
 register_configs()
