@@ -30,7 +30,7 @@ def test_every_profile_and_model_compose_and_validate(profile, model):
     assert cfg.hardware.name == profile and cfg.model.name == model
 
 
-@pytest.mark.parametrize("profile", [p for p in PROFILES if p != "cpu"])
+@pytest.mark.parametrize("profile", [p for p in PROFILES if p not in ("cpu", "auto")])
 def test_gpu_profiles_fit_a14b_on_their_card(profile):
     """The resident part of the A14B denoiser plus 720p activations stays inside the profile's budget."""
     cfg = compose_config([], hardware=profile)
@@ -108,6 +108,8 @@ def test_an_unknown_profile_or_model_is_an_error():
     (["run.py", "--info"], ["run.py", "hardware=cpu", "--info"]),
     (["run.py", "hardware=h100", "prompt=x"], ["run.py", "hardware=h100", "prompt=x"]),
     (["run.py", "hardware.memory.experts=swap"], ["run.py", "hardware=cpu", "hardware.memory.experts=swap"]),
+    (["run.py", "-m", "hydra/launcher=slurm", "seed=1,2"], ["run.py", "-m", "hardware=auto", "hydra/launcher=slurm",
+                                                             "seed=1,2"]),
 ])
 def test_the_detected_profile_joins_the_overrides_unless_one_was_given(monkeypatch, argv, expected):
     from wan_opt import app, hardware
@@ -115,3 +117,27 @@ def test_the_detected_profile_joins_the_overrides_unless_one_was_given(monkeypat
     monkeypatch.setattr(hardware, "detect", lambda: hardware.HardwareChoice("cpu", "no CUDA GPU visible", None))
     monkeypatch.setattr(app, "AUTO_HARDWARE", None)  # restored after the test
     assert app.with_detected_hardware(argv) == expected
+
+
+def test_the_slurm_launcher_composes_with_one_gpu_per_job():
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=["hydra/launcher=slurm", "hardware=auto"],
+                      return_hydra_config=True)
+    launcher = cfg.hydra.launcher
+    assert launcher._target_.endswith("SlurmLauncher") and launcher.gpus_per_node == 1 and launcher.tasks_per_node == 1
+    assert cfg.hardware.name == "auto"
+
+
+def test_auto_becomes_the_profile_detected_where_the_job_runs(monkeypatch):
+    from wan_opt import app, hardware
+
+    monkeypatch.setattr(hardware, "detect", lambda: hardware.HardwareChoice("a100_40gb", "A100 40GB matches", None))
+    monkeypatch.setattr(app, "AUTO_HARDWARE", None)
+    monkeypatch.setattr(app, "task_overrides", lambda: ["hardware.memory.vae_tiling=false"])
+    cfg = compose_config(["hardware.memory.vae_tiling=false"], hardware="auto")
+    app.resolve_auto_hardware(cfg)
+    assert cfg.hardware.name == "a100_40gb" and cfg.hardware.memory.experts == "swap"
+    assert cfg.hardware.memory.vae_tiling is False  # set by hand: kept over the profile's true
+    assert "auto-detected" in app.hardware_reason(cfg)

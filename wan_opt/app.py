@@ -29,20 +29,41 @@ _HARDWARE_OVERRIDE = re.compile(r"^[+~]{0,2}hardware=")
 AUTO_HARDWARE: dict | None = None
 
 
-def with_detected_hardware(argv: Sequence[str]) -> list[str]:
-    """Add `hardware=<detected>` unless the user gave one, so Hydra records the choice like any other."""
+_REMOTE_LAUNCHER = re.compile(r"^hydra/launcher=(?!basic$)")
+
+
+def _record_detection() -> str:
     global AUTO_HARDWARE
-    argv = list(argv)
-    if any(_HARDWARE_OVERRIDE.match(arg) for arg in argv[1:]):
-        return argv
     from wan_opt.hardware import detect
 
     choice = detect()
     AUTO_HARDWARE = {"profile": choice.profile, "reason": choice.reason,
                      "gpu": asdict(choice.gpu) if choice.gpu else None}
+    return choice.profile
+
+
+def with_detected_hardware(argv: Sequence[str]) -> list[str]:
+    """Add `hardware=<detected>` unless the user gave one, so Hydra records the choice like any other.
+
+    Jobs that a launcher runs on other machines get `hardware=auto`, resolved on the machine that runs them.
+    """
+    argv = list(argv)
+    if any(_HARDWARE_OVERRIDE.match(arg) for arg in argv[1:]):
+        return argv
+    remote = any(_REMOTE_LAUNCHER.match(arg) for arg in argv[1:])
+    profile = "auto" if remote else _record_detection()
     # argparse takes the overrides as one run of positionals: join the user's run, or lead if there is none.
     at = next((i for i, arg in enumerate(argv[1:], 1) if "=" in arg and not arg.startswith("-")), 1)
-    return argv[:at] + [f"hardware={choice.profile}"] + argv[at:]
+    return argv[:at] + [f"hardware={profile}"] + argv[at:]
+
+
+def resolve_auto_hardware(cfg: DictConfig) -> None:
+    """Replace the `auto` placeholder with the profile detected here, keeping `hardware.*` set by hand."""
+    if cfg.hardware.name != "auto":
+        return
+    profile = OmegaConf.load(CONF_DIR / "hardware" / f"{_record_detection()}.yaml")
+    hand_set = [o for o in task_overrides() if o.lstrip("+~").startswith("hardware.")]
+    cfg.hardware = OmegaConf.merge(cfg.hardware, profile, OmegaConf.from_dotlist(hand_set).get("hardware", {}))
 
 
 def hardware_reason(cfg: DictConfig) -> str:
@@ -249,6 +270,7 @@ def run(cfg: DictConfig) -> int:
     """
     from wan_opt import batch
 
+    resolve_auto_hardware(cfg)
     if not cfg.prompts and not is_multirun():
         try:
             run_job(cfg)

@@ -59,6 +59,7 @@ class SpeedConfig:
     attention: str = "auto"  # auto | cudnn | flash | efficient | math
     compile: str = "none"  # none | regional | full
     compile_mode: Optional[str] = None  # torch.compile mode; null is torch's default
+    compile_cache_dir: str = "~/.cache/wan-opt/inductor"  # kept across processes: later runs skip most compiling
     tf32: bool = False
     cfg: str = "sequential"  # sequential | batched
 

@@ -5,6 +5,7 @@ import logging
 from dataclasses import dataclass
 
 import torch
+import torch._inductor.config
 
 log = logging.getLogger(__name__)
 
@@ -22,6 +23,7 @@ class SpeedPolicy:
     attention: str = "auto"
     compile: str = "none"
     compile_mode: str | None = None
+    compile_cache_dir: str = "~/.cache/wan-opt/inductor"
     tf32: bool = False
     cfg: str = "sequential"
 
@@ -35,6 +37,8 @@ class SpeedPolicy:
             # TF32 only reaches fp32 matmuls and convolutions (VAE, scheduler); bf16 experts are unaffected.
             torch.backends.cuda.matmul.allow_tf32 = self.tf32
             torch.backends.cudnn.allow_tf32 = self.tf32
+        if device.type == "cuda" and self.compile != "none":
+            self._use_compile_cache()
         for expert in pipe.experts():
             if device.type != "cuda":
                 continue  # the kernel choices below are CUDA's; on a CPU PyTorch's defaults stand
@@ -45,3 +49,14 @@ class SpeedPolicy:
                 expert.compile_repeated_blocks(fullgraph=True, dynamic=False, mode=self.compile_mode)
             elif self.compile == "full":
                 expert.compile(fullgraph=True, dynamic=False, mode=self.compile_mode)
+
+    def _use_compile_cache(self) -> None:
+        """Inductor's compiled graphs and kernels go to one stable folder, shared by every later process."""
+        import os
+        from pathlib import Path
+
+        folder = Path(self.compile_cache_dir).expanduser()
+        folder.mkdir(parents=True, exist_ok=True)
+        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(folder))  # a user's own setting wins
+        os.environ.setdefault("TRITON_CACHE_DIR", str(folder / "triton"))
+        torch._inductor.config.fx_graph_cache = True
