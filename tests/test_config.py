@@ -141,3 +141,17 @@ def test_auto_becomes_the_profile_detected_where_the_job_runs(monkeypatch):
     assert cfg.hardware.name == "a100_40gb" and cfg.hardware.memory.experts == "swap"
     assert cfg.hardware.memory.vae_tiling is False  # set by hand: kept over the profile's true
     assert "auto-detected" in app.hardware_reason(cfg)
+
+
+def test_compile_caches_go_to_the_configured_folder(tmp_path, monkeypatch):
+    import os
+
+    from wan_opt.speed import SpeedPolicy
+
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    monkeypatch.delenv("TRITON_CACHE_DIR", raising=False)
+    SpeedPolicy(compile="regional", compile_cache_dir=str(tmp_path / "cache"))._use_compile_cache()
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "cache")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
+    SpeedPolicy(compile="regional", compile_cache_dir=str(tmp_path / "cache"))._use_compile_cache()
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "mine")  # the user's own folder wins

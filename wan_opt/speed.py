@@ -55,8 +55,13 @@ class SpeedPolicy:
         import os
         from pathlib import Path
 
+        from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
         folder = Path(self.compile_cache_dir).expanduser()
         folder.mkdir(parents=True, exist_ok=True)
-        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(folder))  # a user's own setting wins
-        os.environ.setdefault("TRITON_CACHE_DIR", str(folder / "triton"))
+        # Importing inductor fills in its /tmp default; a folder the user set themselves is kept.
+        current = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+        if current is None or os.path.abspath(current) == os.path.abspath(default_cache_dir()):
+            os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(folder)
+            os.environ.setdefault("TRITON_CACHE_DIR", str(folder / "triton"))
         torch._inductor.config.fx_graph_cache = True
