@@ -14,7 +14,9 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+# An installed package carries the tree as wan_opt/conf; a checkout keeps it at the top, as conf/.
+_PACKAGED_CONF = Path(__file__).resolve().parent / "conf"
+CONF_DIR = _PACKAGED_CONF if _PACKAGED_CONF.is_dir() else Path(__file__).resolve().parent.parent / "conf"
 
 # The Wan team's default negative prompt (Wan2.2 shared_config.sample_neg_prompt), used when none is given.
 OFFICIAL_NEGATIVE_PROMPT = (
