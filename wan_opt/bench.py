@@ -1,0 +1,207 @@
+"""The GPU benchmark: diffusers' WanPipeline as people run it today against wan-opt profiles, in one process.
+
+Builds the full-size architectures with random weights on the GPU (no checkpoint), runs the same request
+(a few steps) under (a) diffusers' defaults and (b) each profile, and writes a JSON with seconds per CFG step
+and per stage, achieved TFLOP/s, peak memory, the speedup over (a), and each profile's deviation from (a) on
+the same inputs (one denoiser forward, and the decoded frames). Random weights say nothing of visual quality.
+
+    python -m wan_opt.bench --profiles h100 --size 1280*720 --frames 81 --steps 3
+    python -m wan_opt.bench --tiny          # a CPU smoke of the same code path, seconds
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from wan_opt.request import parse_size
+
+PROMPT, NEGATIVE = "a red fox running through fresh snow", "blurry, static"
+
+
+def forward_flops(dit: dict, tokens: int, text_tokens: int = 512) -> float:
+    """Matmul FLOPs of one DiT forward: projections, FFN, self-attention and cross-attention."""
+    d, layers, ffn = dit["num_attention_heads"] * dit["attention_head_dim"], dit["num_layers"], dit["ffn_dim"]
+    linear = 2 * tokens * layers * (4 * d * d + 2 * d * d + 2 * d * ffn)
+    attention = layers * (4 * tokens * tokens * d + 4 * tokens * text_tokens * d)
+    return float(linear + attention)
+
+
+def timed(fn, device: torch.device):
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
+    start = time.perf_counter()
+    out = fn()
+    sync()
+    return out, time.perf_counter() - start
+
+
+def rel_l2(a, b) -> float:
+    a, b = torch.as_tensor(np.asarray(a), dtype=torch.float64), torch.as_tensor(np.asarray(b), dtype=torch.float64)
+    return float((a - b).norm() / b.norm())
+
+
+def build(args, device: torch.device):
+    """diffusers' WanPipeline as people load it: DiT and encoder in bf16 (fp32 on a CPU), VAE in fp32."""
+    from diffusers import WanPipeline
+
+    from wan_opt.arch import DIT_CONFIGS, build_random_components
+    from wan_opt.memory import MemoryPolicy
+    from wan_opt.tiny import TINY_TRANSFORMER, build_tiny_components
+
+    if args.tiny:
+        components, dit = build_tiny_components(seed=0), TINY_TRANSFORMER
+    else:
+        memory = MemoryPolicy(experts="resident", text_encoder="gpu", vae_dtype="float32")
+        components, dit = build_random_components("t2v_a14b", memory, device, shift=12.0), DIT_CONFIGS["t2v_a14b"]
+    return WanPipeline(**components, boundary_ratio=0.875).to(device), dit
+
+
+def run_request(call, args, device: torch.device) -> dict:
+    """Run one request, timing the whole call."""
+    width, height = parse_size(args.size)
+    torch.cuda.reset_peak_memory_stats() if device.type == "cuda" else None
+    out, seconds = timed(lambda: call(PROMPT, negative_prompt=NEGATIVE, height=height, width=width,
+                                      num_frames=args.frames, num_inference_steps=args.steps, guidance_scale=4.0,
+                                      guidance_scale_2=3.0, generator=torch.Generator().manual_seed(0)), device)
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
+    return {"out": out, "seconds": seconds, "peak_gib": peak}
+
+
+def baseline(pipe, args, device: torch.device) -> dict:
+    """(a): diffusers' own __call__, steps timed through its step-end callback, stages around them."""
+    marks: list[float] = []
+
+    def on_step_end(_pipe, i, t, kwargs):
+        torch.cuda.synchronize() if device.type == "cuda" else None
+        marks.append(time.perf_counter())
+        return kwargs
+
+    with torch.inference_mode():  # the encode on its own, to take it out of the first step's time
+        _, encode = timed(lambda: pipe.encode_prompt(PROMPT, NEGATIVE, device=device), device)
+    start = [0.0]
+
+    def call(*a, **kw):
+        start[0] = time.perf_counter()
+        return pipe(*a, output_type="np", callback_on_step_end=on_step_end, **kw).frames
+
+    result = run_request(call, args, device)
+    steps = np.diff([start[0], *marks]).tolist()
+    steps[0] = max(steps[0] - encode, 0.0)
+    decode = start[0] + result["seconds"] - marks[-1]
+    result.update(frames=result.pop("out"), step_seconds=steps,
+                  stage_seconds={"text_encoding": encode, "denoise": float(sum(steps)), "vae_decode": decode})
+    return result
+
+
+def profile_run(pipe, profile: str, args, device: torch.device) -> dict:
+    """(b): WanOptPipeline on the same modules under a profile's speed and memory knobs."""
+    from hydra.utils import instantiate
+
+    from wan_opt.app import compose_config
+    from wan_opt.pipeline import WanOptPipeline
+
+    cfg = compose_config(list(args.override), hardware=profile)
+    memory, speed = instantiate(cfg.hardware.memory), instantiate(cfg.hardware.speed)
+    memory.experts, memory.text_encoder = "resident", "gpu"  # same placement as (a): kernels are what differ
+    ours = WanOptPipeline.from_diffusers(pipe, memory=memory, speed=speed)
+    for _ in range(args.warmup):  # compile and autotune outside the timed call
+        run_request(ours, argparse.Namespace(**{**vars(args), "steps": 2}), device)
+    result = run_request(ours, args, device)
+    out = result.pop("out")
+    result.update(frames=out.frames, step_seconds=out.step_seconds, stage_seconds=out.stage_seconds)
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m wan_opt.bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--profiles", nargs="+", default=["h100"])
+    parser.add_argument("--size", default="1280*720")
+    parser.add_argument("--frames", type=int, default=81)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=1, help="untimed 2-step runs per profile (compile)")
+    parser.add_argument("--override", nargs="*", default=[], help="config overrides for every profile")
+    parser.add_argument("--tiny", action="store_true", help="the tiny model on the CPU: a smoke test of this code")
+    parser.add_argument("--out", default="benchmarks/results")
+    args = parser.parse_args(argv)
+    if args.tiny:
+        args.size, args.frames, args.warmup = "96*64", 9, 0
+    device = torch.device("cpu" if args.tiny else "cuda")
+    torch.manual_seed(0)
+    pipe, dit = build(args, device)
+    width, height = parse_size(args.size)
+    tokens = ((args.frames - 1) // 4 + 1) * (height // 16) * (width // 16)
+    step_flops = 2 * forward_flops(dit, tokens)
+
+    # The reference forward: the high-noise expert on fixed inputs, before any profile changes its kernels.
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(1, 16, (args.frames - 1) // 4 + 1, height // 8, width // 8, generator=gen).to(device, pipe.transformer.dtype)
+    ctx = torch.randn(1, 512, dit["text_dim"], generator=gen).to(device, pipe.transformer.dtype)
+    t = torch.full((1,), 900.0, device=device)
+    one_forward = lambda: pipe.transformer(x, t, ctx, return_dict=False)[0].float().cpu()  # noqa: E731
+    with torch.inference_mode():
+        reference_forward = one_forward()
+
+    rows = {"diffusers": baseline(pipe, args, device)}
+    for profile in args.profiles:
+        result = profile_run(pipe, profile, args, device)
+        with torch.inference_mode():
+            result["forward_rel_l2"] = rel_l2(one_forward(), reference_forward)
+        rows[profile] = result
+    report = summarize(rows, args, step_flops, device)
+    write(report, args)
+    return 0
+
+
+def summarize(rows: dict, args, step_flops: float, device: torch.device) -> dict:
+    from wan_opt.app import library_versions
+    base = rows["diffusers"]
+    base_step = float(np.median(base["step_seconds"]))
+    report = {"command": " ".join(["python -m wan_opt.bench", *sys.argv[1:]]), "size": args.size,
+              "frames": args.frames, "steps": args.steps, "device": torch.cuda.get_device_name(0)
+              if device.type == "cuda" else "cpu", "versions": library_versions(),
+              "cfg_step_tflop": step_flops / 1e12, "runs": {}}
+    for name, row in rows.items():
+        step = float(np.median(row["step_seconds"]))
+        report["runs"][name] = {
+            "seconds_per_cfg_step": round(step, 4), "step_seconds": [round(s, 4) for s in row["step_seconds"]],
+            "stage_seconds": {k: round(v, 3) for k, v in row.get("stage_seconds", {}).items()},
+            "total_seconds": round(row["seconds"], 3), "tflops": round(step_flops / step / 1e12, 1),
+            "peak_gpu_gib": None if row["peak_gib"] is None else round(row["peak_gib"], 2),
+            "speedup": round(base_step / step, 3),
+            "forward_rel_l2": row.get("forward_rel_l2", 0.0),
+            "frames_rel_l2": rel_l2(row["frames"], base["frames"]) if name != "diffusers" else 0.0,
+        }
+    return report
+
+
+def write(report: dict, args) -> Path:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{report['device']}: {args.size} x {args.frames} frames, {args.steps} steps")
+    for column in ("run", "s / CFG step", "TFLOP/s", "peak GiB", "speedup", "forward rel L2", "frames rel L2"):
+        table.add_column(column)
+    for name, r in report["runs"].items():
+        table.add_row(name, f"{r['seconds_per_cfg_step']:.3f}", f"{r['tflops']}", str(r["peak_gpu_gib"]),
+                      f"{r['speedup']:.2f}x", f"{r['forward_rel_l2']:.2e}", f"{r['frames_rel_l2']:.2e}")
+    Console().print(table)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    tag = "tiny-cpu" if args.tiny else report["device"].replace(" ", "-")
+    path = out / f"bench_{tag}_{args.size.replace('*', 'x')}x{args.frames}.json"
+    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
+    tmp.write_text(json.dumps(report, indent=2) + "\n")
+    os.replace(tmp, path)
+    print(f"wrote {path}")
+    return path
+
+
+if __name__ == "__main__":
+    sys.exit(main())
