@@ -22,3 +22,5 @@ def test_tiny_smoke_writes_a_report(tmp_path):
         assert {"text_encoding", "vae_decode"} <= set(run["stage_seconds"])
         # Same modules, same inputs: every profile's frames equal diffusers' on the CPU (no kernels change there).
         assert run["frames_rel_l2"] < 1e-5 and run["forward_rel_l2"] < 1e-6
+    chart = path.with_suffix(".png")
+    assert chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -2,7 +2,6 @@
 import numpy as np
 import pytest
 import torch
-from diffusers import WanPipeline
 
 from wan_opt.memory import MemoryPolicy
 from wan_opt.pipeline import WanOptPipeline

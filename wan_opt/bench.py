@@ -11,8 +11,6 @@ the same inputs (one denoiser forward, and the decoded frames). Random weights s
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -21,6 +19,7 @@ import numpy as np
 import torch
 
 from wan_opt.request import parse_size
+from wan_opt.video import new_figure, write_figure, write_json
 
 PROMPT, NEGATIVE = "a red fox running through fresh snow", "blurry, static"
 
@@ -196,11 +195,36 @@ def write(report: dict, args) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     tag = "tiny-cpu" if args.tiny else report["device"].replace(" ", "-")
     path = out / f"bench_{tag}_{args.size.replace('*', 'x')}x{args.frames}.json"
-    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
-    tmp.write_text(json.dumps(report, indent=2) + "\n")
-    os.replace(tmp, path)
-    print(f"wrote {path}")
+    write_json(report, path)
+    chart(report, path.with_suffix(".png"))
+    print(f"wrote {path} and {path.with_suffix('.png').name}")
     return path
+
+
+STAGES = (("text_encoding", "text encoding"), ("denoise", "denoising"), ("denoise_high_noise", "high-noise expert"),
+          ("denoise_low_noise", "low-noise expert"), ("vae_decode", "VAE decode"))
+
+
+def chart(report: dict, path: Path) -> Path:
+    """Seconds of the benchmarked request per run, stacked by stage, with the speedup per CFG step on each bar."""
+    fig = new_figure(9, 1.2 + 0.7 * len(report["runs"]))
+    ax = fig.subplots()
+    names = list(report["runs"])
+    for i, name in enumerate(names):
+        left, stages = 0.0, report["runs"][name]["stage_seconds"]
+        for key, label in STAGES:
+            if stages.get(key):
+                ax.barh(i, stages[key], left=left, color=f"C{[k for k, _ in STAGES].index(key)}",
+                        label=label if label not in ax.get_legend_handles_labels()[1] else None)
+                left += stages[key]
+        ax.text(left, i, f"  {report['runs'][name]['speedup']:.2f}x per CFG step", va="center")
+    ax.set_yticks(range(len(names)), names)
+    ax.invert_yaxis()
+    ax.set_xlabel(f"seconds for {report['steps']} steps at {report['size']} x {report['frames']} frames")
+    ax.set_title(f"{report['device']}: wan-opt profiles against diffusers' WanPipeline")
+    ax.legend(loc="lower right", fontsize="small")
+    ax.margins(x=0.25)
+    return write_figure(fig, path)
 
 
 if __name__ == "__main__":

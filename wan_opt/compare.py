@@ -11,7 +11,6 @@ mean over frames.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from wan_opt.errors import WanOptError
-from wan_opt.video import write_json, write_video
+from wan_opt.video import new_figure, write_figure, write_json, write_video
 
 CHUNK = 8               # frames per torchmetrics call: a few hundred MB of SSIM temporaries at 832x480, not GBs
 DIFF_GAIN = 4           # small differences are invisible unamplified
@@ -91,12 +90,7 @@ def _metrics_and_panels(fa: np.ndarray, fb: np.ndarray) -> tuple[list[float], li
 
 
 def _write_plot(psnr: list[float], ssim: list[float], a: Path, b: Path, path: Path) -> Path:
-    # Figure + Agg canvas directly: no pyplot global state, no display needed, callers' backend untouched.
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(10, 6), layout="constrained")
-    FigureCanvasAgg(fig)
+    fig = new_figure(10, 6)
     top, bottom = fig.subplots(2, 1, sharex=True)
     clipped = np.minimum(np.asarray(psnr), PSNR_CEILING_DB)
     top.plot(clipped, marker=".")
@@ -109,14 +103,7 @@ def _write_plot(psnr: list[float], ssim: list[float], a: Path, b: Path, path: Pa
     bottom.set_ylabel("SSIM")
     bottom.set_xlabel("frame")
     fig.suptitle(f"{a.name} vs {b.name}")
-    tmp = path.with_name(f".{path.stem}.partial-{os.getpid()}{path.suffix}")  # same pattern as wan_opt.video
-    try:
-        fig.savefig(tmp, format="png", dpi=100)
-        os.replace(tmp, path)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise WanOptError(f"Writing {path} failed ({exc.strerror}).") from exc
-    return path
+    return write_figure(fig, path)
 
 
 def _finite_or_none(x: float) -> float | None:

@@ -77,3 +77,24 @@ def write_json(data: dict[str, Any], path: Path) -> Path:
         tmp.unlink(missing_ok=True)
         raise WanOptError(f"Writing {path} failed ({exc.strerror}).") from exc
     return path
+
+
+def new_figure(width: float, height: float):
+    """A matplotlib figure on the Agg canvas: no pyplot state, no display, the caller's backend untouched."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def write_figure(fig, path: Path) -> Path:
+    tmp = _partial(path)
+    try:
+        fig.savefig(tmp, format="png", dpi=100)
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise WanOptError(f"Writing {path} failed ({exc.strerror}).") from exc
+    return path
