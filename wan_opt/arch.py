@@ -46,13 +46,23 @@ def _building(device: torch.device, dtype: torch.dtype):
         torch.set_default_dtype(previous)
 
 
+def build_random_expert(family: str, dtype: torch.dtype, device: torch.device):
+    """One full-size denoiser of `family` with random weights, initialised on `device` in `dtype`."""
+    from diffusers import WanTransformer3DModel
+
+    from wan_opt.loading import cast_module
+
+    with _building(device, dtype):
+        return cast_module(WanTransformer3DModel(**DIT_CONFIGS[family]), dtype).eval().requires_grad_(False)
+
+
 def build_random_components(family: str, memory: MemoryPolicy, device: torch.device, shift: float) -> dict:
     """Full-size modules of `family` with random weights, placed as `memory` says.
 
     Every module is initialised on `device` (a 14 B expert in under a second on a GPU; CPU initialisation of
     the same takes minutes) and then moved where the policy keeps it, one module at a time.
     """
-    from diffusers import AutoencoderKLWan, WanTransformer3DModel
+    from diffusers import AutoencoderKLWan
     from transformers import UMT5Config, UMT5EncoderModel
 
     from wan_opt.loading import cast_module, scheduler_for
@@ -62,9 +72,7 @@ def build_random_components(family: str, memory: MemoryPolicy, device: torch.dev
     components: dict = {"transformer_2": None}
     names = EXPERTS if family == "t2v_a14b" else EXPERTS[:1]
     for name in names:
-        with _building(device, memory.load_dtype):
-            expert = cast_module(WanTransformer3DModel(**DIT_CONFIGS[family]), memory.load_dtype)
-        components[name] = expert.to(memory.load_device(name, device))
+        components[name] = build_random_expert(family, memory.load_dtype, device).to(memory.load_device(name, device))
     with _building(device, torch_dtype(memory.compute_dtype)):
         encoder = UMT5EncoderModel(UMT5Config(**UMT5_XXL))
     components["text_encoder"] = encoder.to(memory.load_device("text_encoder", device))

@@ -83,7 +83,7 @@ class WanOptPipeline:
 
     def apply_policies(self) -> None:
         self.memory.prepare(self, self.device)
-        self.speed.apply(self, self.device)
+        self.speed.apply(self.experts(), self.device)
 
     def experts(self) -> list[torch.nn.Module]:
         return [m for m in (self.transformer, self.transformer_2) if m is not None]

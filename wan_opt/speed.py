@@ -31,15 +31,15 @@ class SpeedPolicy:
     def batched_cfg(self) -> bool:
         return self.cfg == "batched"
 
-    def apply(self, pipe, device: torch.device) -> None:
-        """Set the kernels for this run; called once after loading."""
+    def apply(self, experts, device: torch.device) -> None:
+        """Set the kernels of these denoisers for this run; called once after loading."""
         if device.type == "cuda":
             # TF32 only reaches fp32 matmuls and convolutions (VAE, scheduler); bf16 experts are unaffected.
             torch.backends.cuda.matmul.allow_tf32 = self.tf32
             torch.backends.cudnn.allow_tf32 = self.tf32
         if device.type == "cuda" and self.compile != "none":
             self._use_compile_cache()
-        for expert in pipe.experts():
+        for expert in experts:
             if device.type != "cuda":
                 continue  # the kernel choices below are CUDA's; on a CPU PyTorch's defaults stand
             if self.attention != "auto":
