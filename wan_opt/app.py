@@ -18,7 +18,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from wan_opt.config import CHOICES, CONF_DIR
+from wan_opt.config import AUTO_PROFILE, CHOICES, CONF_DIR
 from wan_opt.errors import WanOptError
 from wan_opt.request import GenerationRequest, check_lora_config, resolve_request
 
@@ -51,7 +51,7 @@ def with_detected_hardware(argv: Sequence[str]) -> list[str]:
     if any(_HARDWARE_OVERRIDE.match(arg) for arg in argv[1:]):
         return argv
     remote = any(_REMOTE_LAUNCHER.match(arg) for arg in argv[1:])
-    profile = "auto" if remote else _record_detection()
+    profile = AUTO_PROFILE if remote else _record_detection()
     # argparse takes the overrides as one run of positionals: join the user's run, or lead if there is none.
     at = next((i for i, arg in enumerate(argv[1:], 1) if "=" in arg and not arg.startswith("-")), 1)
     return argv[:at] + [f"hardware={profile}"] + argv[at:]
@@ -59,7 +59,7 @@ def with_detected_hardware(argv: Sequence[str]) -> list[str]:
 
 def resolve_auto_hardware(cfg: DictConfig) -> None:
     """Replace the `auto` placeholder with the profile detected here, keeping `hardware.*` set by hand."""
-    if cfg.hardware.name != "auto":
+    if cfg.hardware.name != AUTO_PROFILE:
         return
     profile = OmegaConf.load(CONF_DIR / "hardware" / f"{_record_detection()}.yaml")
     hand_set = [o for o in task_overrides() if o.lstrip("+~").startswith("hardware.")]

@@ -17,6 +17,7 @@ from omegaconf import MISSING, OmegaConf
 # An installed package carries the tree as wan_opt/conf; a checkout keeps it at the top, as conf/.
 _PACKAGED_CONF = Path(__file__).resolve().parent / "conf"
 CONF_DIR = _PACKAGED_CONF if _PACKAGED_CONF.is_dir() else Path(__file__).resolve().parent.parent / "conf"
+AUTO_PROFILE = "auto"  # hardware/auto.yaml: a placeholder resolved on the machine that runs the job, not a card
 
 # The Wan team's default negative prompt (Wan2.2 shared_config.sample_neg_prompt), used when none is given.
 OFFICIAL_NEGATIVE_PROMPT = (

@@ -23,7 +23,7 @@ from typing import Iterable, Sequence
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from wan_opt.config import CONF_DIR, GPUMatch
+from wan_opt.config import AUTO_PROFILE, CONF_DIR, GPUMatch
 from wan_opt.errors import WanOptError
 
 GIB = 2**30
@@ -74,7 +74,8 @@ def load_profiles(conf_dirs: Iterable[str | Path] | None = None) -> list[Profile
     found: dict[str, ProfileSpec] = {}
     for conf_dir in [CONF_DIR, *(conf_dirs or ())]:
         for path in sorted(Path(conf_dir).glob("hardware/*.yaml")):
-            found.setdefault(path.stem, _read_profile(path))
+            if path.stem != AUTO_PROFILE:
+                found.setdefault(path.stem, _read_profile(path))
     return list(found.values())
 
 
