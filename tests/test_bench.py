@@ -13,14 +13,18 @@ def test_a14b_flops_match_the_baseline_arithmetic():
 
 
 def test_tiny_smoke_writes_a_report(tmp_path):
-    assert main(["--tiny", "--profiles", "cpu", "h100", "--steps", "3", "--out", str(tmp_path)]) == 0
+    truncated = "cpu,hardware.speed.cfg_truncation=0.5"
+    assert main(["--tiny", "--profiles", "cpu", "h100", truncated, "--steps", "3", "--out", str(tmp_path)]) == 0
     [path] = tmp_path.glob("bench_tiny-cpu_*.json")
     report = json.loads(path.read_text())
-    assert set(report["runs"]) == {"diffusers", "cpu", "h100"}
-    for name, run in report["runs"].items():
+    assert set(report["runs"]) == {"diffusers", "cpu", "h100", truncated}
+    lossless = {k: v for k, v in report["runs"].items() if k != truncated}
+    for name, run in lossless.items():
         assert len(run["step_seconds"]) == 3 and run["seconds_per_cfg_step"] > 0 and run["speedup"] > 0
         assert {"text_encoding", "vae_decode"} <= set(run["stage_seconds"])
         # Same modules, same inputs: every profile's frames equal diffusers' on the CPU (no kernels change there).
         assert run["frames_rel_l2"] < 1e-5 and run["forward_rel_l2"] < 1e-6
+    # A knob that drops forwards is reported with its deviation, which is no longer zero.
+    assert report["runs"][truncated]["frames_rel_l2"] > 1e-4
     chart = path.with_suffix(".png")
     assert chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

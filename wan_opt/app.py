@@ -93,6 +93,12 @@ def validate_choices(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key)
         if value not in allowed:
             raise WanOptError(f"{key}={value} is not one of: {', '.join(allowed)}.")
+    speed = cfg.hardware.speed
+    if not 0.0 <= speed.cfg_truncation < 1.0:
+        raise WanOptError(f"hardware.speed.cfg_truncation={speed.cfg_truncation} is not a fraction of the steps: "
+                          f"pass a value from 0 (off) up to, not including, 1.")
+    if speed.step_cache_threshold <= 0 or speed.step_cache_interval < 1:
+        raise WanOptError("hardware.speed.step_cache_threshold must be above 0 and step_cache_interval at least 1.")
 
 
 def check_device(cfg: DictConfig) -> None:

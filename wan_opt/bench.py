@@ -6,6 +6,7 @@ and per stage, achieved TFLOP/s, peak memory, the speedup over (a), and each pro
 the same inputs (one denoiser forward, and the decoded frames). Random weights say nothing of visual quality.
 
     python -m wan_opt.bench --profiles h100 --size 1280*720 --frames 81 --steps 3
+    python -m wan_opt.bench --profiles h100 h100,hardware.speed.cfg_truncation=0.25 --size 832*480
     python -m wan_opt.bench --tiny          # a CPU smoke of the same code path, seconds
 """
 from __future__ import annotations
@@ -99,20 +100,29 @@ def baseline(pipe, args, device: torch.device) -> dict:
     return result
 
 
-def profile_run(pipe, profile: str, args, device: torch.device) -> dict:
-    """(b): WanOptPipeline on the same modules under a profile's speed and memory knobs."""
+def profile_run(pipe, spec: str, args, device: torch.device) -> dict:
+    """(b): WanOptPipeline on the same modules under a profile's speed and memory knobs.
+
+    `spec` is a profile name, optionally followed by overrides for this run alone:
+    `h100,hardware.speed.cfg_truncation=0.25`.
+    """
     from hydra.utils import instantiate
 
-    from wan_opt.app import compose_config
+    from wan_opt.app import compose_config, validate_choices
     from wan_opt.pipeline import WanOptPipeline
 
-    cfg = compose_config(list(args.override), hardware=profile)
+    profile, *own = spec.split(",")
+    cfg = compose_config([*args.override, *own], hardware=profile)
+    validate_choices(cfg)
     memory, speed = instantiate(cfg.hardware.memory), instantiate(cfg.hardware.speed)
     memory.experts, memory.text_encoder = "resident", "gpu"  # same placement as (a): kernels are what differ
     ours = WanOptPipeline.from_diffusers(pipe, memory=memory, speed=speed)
     for _ in range(args.warmup):  # compile and autotune outside the timed call
         run_request(ours, argparse.Namespace(**{**vars(args), "steps": 2}), device)
     result = run_request(ours, args, device)
+    for expert in ours.experts():  # later runs share these modules: take this run's cache hooks off
+        if expert.is_cache_enabled:
+            expert.disable_cache()
     out = result.pop("out")
     result.update(frames=out.frames, step_seconds=out.step_seconds, stage_seconds=out.stage_seconds)
     return result
@@ -120,7 +130,8 @@ def profile_run(pipe, profile: str, args, device: torch.device) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m wan_opt.bench", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--profiles", nargs="+", default=["h100"])
+    parser.add_argument("--profiles", nargs="+", default=["h100"],
+                        help="profiles to run, each optionally with its own overrides: h100,hardware.speed.step_cache=first_block")
     parser.add_argument("--size", default="1280*720")
     parser.add_argument("--frames", type=int, default=81)
     parser.add_argument("--steps", type=int, default=3)

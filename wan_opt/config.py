@@ -65,6 +65,11 @@ class SpeedConfig:
     compile_cache_dir: str = "~/.cache/wan-opt/inductor"  # kept across processes: later runs skip most compiling
     tf32: bool = False
     cfg: str = "sequential"  # sequential | batched
+    # Fewer forwards (each changes the result a little; the benchmark reports by how much):
+    cfg_truncation: float = 0.0  # fraction of the last steps that skip the unconditional pass (low-noise expert only)
+    step_cache: str = "none"  # none | first_block | taylorseer: diffusers' cache hooks reuse work across steps
+    step_cache_threshold: float = 0.05  # first_block: recompute when the first block's residual changes more
+    step_cache_interval: int = 4  # taylorseer: full forwards every this many steps, extrapolated in between
 
 
 @dataclass
@@ -141,6 +146,7 @@ CHOICES = {
     "hardware.speed.attention": ("auto", "cudnn", "flash", "efficient", "math"),
     "hardware.speed.compile": ("none", "regional", "full"),
     "hardware.speed.cfg": ("sequential", "batched"),
+    "hardware.speed.step_cache": ("none", "first_block", "taylorseer"),
     "model.family": ("t2v_a14b", "ti2v_5b", "tiny"),
     "model.solver": ("unipc",),
 }

@@ -5,6 +5,7 @@ memory policy decides where modules live at each stage and the speed policy whic
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
@@ -112,22 +113,28 @@ class WanOptPipeline:
         keep = inputs.attention_mask.to(self.device).bool().unsqueeze(-1)
         return torch.where(keep, hidden, torch.zeros_like(hidden))
 
-    def denoise(self, expert, latents, timestep, embeds, guidance: float) -> torch.Tensor:
-        """One step's noise prediction, with classifier-free guidance when guidance > 1."""
+    def denoise(self, expert, latents, timestep, embeds, guidance: float, step: dict | None = None) -> torch.Tensor:
+        """One step's noise prediction, with classifier-free guidance when guidance > 1.
+
+        `step` (step_index, sigma, num_inference_steps) is what diffusers' cache hooks need to know where the
+        loop is; each branch runs in its own cache context, as in diffusers' WanPipeline.
+        """
         cond, uncond = embeds[:1], embeds[1:]
-        dtype = expert.dtype
+
+        def forward(name: str, hidden, t, context):
+            with expert.cache_context(name, **(step or {})) if expert.is_cache_enabled else contextlib.nullcontext():
+                return expert(hidden_states=hidden.to(expert.dtype), timestep=t, encoder_hidden_states=context,
+                              return_dict=False)[0]
+
         if guidance <= 1.0:
-            return expert(hidden_states=latents.to(dtype), timestep=timestep, encoder_hidden_states=cond,
-                          return_dict=False)[0]
+            return forward("cond", latents, timestep, cond)
         if self.speed.batched_cfg:
-            both = expert(hidden_states=torch.cat([latents, latents]).to(dtype), timestep=torch.cat([timestep] * 2),
-                          encoder_hidden_states=torch.cat([cond, uncond]), return_dict=False)[0]
+            both = forward("cond_uncond", torch.cat([latents, latents]), torch.cat([timestep] * 2),
+                           torch.cat([cond, uncond]))
             noise_cond, noise_uncond = both.chunk(2)
         else:
-            noise_cond = expert(hidden_states=latents.to(dtype), timestep=timestep, encoder_hidden_states=cond,
-                                return_dict=False)[0]
-            noise_uncond = expert(hidden_states=latents.to(dtype), timestep=timestep, encoder_hidden_states=uncond,
-                                  return_dict=False)[0]
+            noise_cond = forward("cond", latents, timestep, cond)
+            noise_uncond = forward("uncond", latents, timestep, uncond)
         return noise_uncond + guidance * (noise_cond - noise_uncond)
 
     @torch.inference_mode()
@@ -176,12 +183,17 @@ class WanOptPipeline:
 
         # 4. The denoising loop: pick the expert for t, guide, step the solver.
         step_seconds = []
+        for expert in self.experts():
+            if expert.is_cache_enabled:
+                expert._reset_stateful_cache()  # nothing cached by an earlier call leaks into this one
         for i, t in enumerate(timesteps):
             step_start = time.perf_counter()
             expert, guidance, label = self.expert_for_timestep(t, guidance_scale, guidance_scale_2)
+            guidance = self.speed.guidance_at(i, len(timesteps), guidance, label)
             self.memory.activate_expert(self, expert)
             timestep = self._timestep_input(t, latents)
-            noise = self.denoise(expert, latents, timestep, embeds, guidance)
+            where = {"step_index": i, "sigma": float(self.scheduler.sigmas[i]), "num_inference_steps": len(timesteps)}
+            noise = self.denoise(expert, latents, timestep, embeds, guidance, where)
             latents = self.scheduler.step(noise, t, latents, return_dict=False)[0]
             sync()
             step_seconds.append(time.perf_counter() - step_start)

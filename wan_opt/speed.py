@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 
 import torch
@@ -26,10 +27,36 @@ class SpeedPolicy:
     compile_cache_dir: str = "~/.cache/wan-opt/inductor"
     tf32: bool = False
     cfg: str = "sequential"
+    cfg_truncation: float = 0.0
+    step_cache: str = "none"
+    step_cache_threshold: float = 0.05
+    step_cache_interval: int = 4
 
     @property
     def batched_cfg(self) -> bool:
         return self.cfg == "batched"
+
+    def guidance_at(self, step: int, steps: int, guidance: float, label: str) -> float:
+        """The guidance scale of `step`: 1 (no unconditional pass) in the truncated tail of the low-noise steps.
+
+        Late steps refine detail that the prompt no longer steers much, so the unconditional branch's
+        contribution there is small; the high-noise expert, which lays out the scene, always keeps it.
+        """
+        if label == "high_noise" or self.cfg_truncation <= 0.0:
+            return guidance
+        return 1.0 if step >= math.ceil((1.0 - self.cfg_truncation) * steps) else guidance
+
+    def cache_config(self):
+        """diffusers' cache-hook config for `step_cache`, one per expert (each keeps its own state)."""
+        from diffusers.hooks import FirstBlockCacheConfig, TaylorSeerCacheConfig
+
+        if self.step_cache == "first_block":
+            return FirstBlockCacheConfig(threshold=self.step_cache_threshold)
+        if self.step_cache == "taylorseer":
+            # diffusers' default module names miss Wan's (attn1, attn2): name the costly parts of each block.
+            return TaylorSeerCacheConfig(cache_interval=self.step_cache_interval,
+                                         cache_identifiers=[r"blocks\.\d+\.(attn1|attn2|ffn)"])
+        return None
 
     def apply(self, experts, device: torch.device) -> None:
         """Set the kernels of these denoisers for this run; called once after loading."""
@@ -40,15 +67,20 @@ class SpeedPolicy:
         if device.type == "cuda" and self.compile != "none":
             self._use_compile_cache()
         for expert in experts:
+            if self.step_cache != "none" and not expert.is_cache_enabled:
+                # Hooks go on before compiling, so that the compiled blocks are the hooked ones.
+                expert.enable_cache(self.cache_config())
             if device.type != "cuda":
                 continue  # the kernel choices below are CUDA's; on a CPU PyTorch's defaults stand
             if self.attention != "auto":
                 expert.set_attention_backend(ATTENTION_BACKENDS[self.attention])
+            # The cache hooks decide in Python whether to run a block, which breaks the graph there.
+            fullgraph = self.step_cache == "none"
             if self.compile == "regional":
                 # One compiled graph per block class, reused by all 40 blocks and both experts.
-                expert.compile_repeated_blocks(fullgraph=True, dynamic=False, mode=self.compile_mode)
+                expert.compile_repeated_blocks(fullgraph=fullgraph, dynamic=False, mode=self.compile_mode)
             elif self.compile == "full":
-                expert.compile(fullgraph=True, dynamic=False, mode=self.compile_mode)
+                expert.compile(fullgraph=fullgraph, dynamic=False, mode=self.compile_mode)
 
     def _use_compile_cache(self) -> None:
         """Inductor's compiled graphs and kernels go to one stable folder, shared by every later process."""

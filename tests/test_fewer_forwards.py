@@ -1,0 +1,85 @@
+"""CFG truncation and step caching: fewer denoiser forwards, the same hooks diffusers uses (tiny models, CPU)."""
+import pytest
+import torch
+from diffusers import FirstBlockCacheConfig, WanPipeline
+
+from wan_opt.app import compose_config, validate_choices
+from wan_opt.errors import WanOptError
+from wan_opt.pipeline import WanOptPipeline
+from wan_opt.speed import SpeedPolicy
+from wan_opt.tiny import build_tiny_components
+
+CALL = dict(prompt="a red fox in the snow", negative_prompt="blurry, static", height=64, width=96, num_frames=9,
+            num_inference_steps=8, guidance_scale=4.0, guidance_scale_2=3.0, output_type="np")
+
+
+def rel_l2(a, b) -> float:
+    a, b = torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64)
+    return ((a - b).norm() / b.norm()).item()
+
+
+def generate(speed: SpeedPolicy, **overrides):
+    pipe = WanPipeline(**build_tiny_components(seed=1), boundary_ratio=0.875)
+    ours = WanOptPipeline.from_diffusers(pipe, speed=speed)
+    calls = []
+    for expert in ours.experts():
+        expert.register_forward_pre_hook(lambda module, args, kwargs: calls.append(kwargs["encoder_hidden_states"]),
+                                         with_kwargs=True)
+    frames = ours(**{**CALL, **overrides}, generator=torch.Generator().manual_seed(5)).frames
+    return frames, calls
+
+
+def test_cfg_truncation_drops_the_unconditional_pass_of_the_last_low_noise_steps():
+    full, full_calls = generate(SpeedPolicy())
+    truncated, calls = generate(SpeedPolicy(cfg_truncation=0.25))
+    assert len(full_calls) == 2 * CALL["num_inference_steps"]
+    assert len(calls) == len(full_calls) - 2  # the last 2 of 8 steps run the conditional branch only
+    assert 0 < rel_l2(truncated, full) < 0.2
+
+
+def test_cfg_truncation_leaves_the_high_noise_expert_guided():
+    speed = SpeedPolicy(cfg_truncation=0.9)
+    assert speed.guidance_at(7, 8, 4.0, "high_noise") == 4.0
+    assert speed.guidance_at(7, 8, 3.0, "low_noise") == 1.0
+    assert speed.guidance_at(0, 8, 3.0, "low_noise") == 3.0
+    assert SpeedPolicy().guidance_at(7, 8, 3.0, "low_noise") == 3.0
+
+
+def test_first_block_cache_matches_diffusers_with_the_same_hooks():
+    """Our loop sets the cache contexts as diffusers' WanPipeline does, so the cached results agree."""
+    components = build_tiny_components(seed=1)
+    reference_pipe = WanPipeline(**components, boundary_ratio=0.875)
+    ours = WanOptPipeline.from_diffusers(reference_pipe, speed=SpeedPolicy(step_cache="first_block",
+                                                                           step_cache_threshold=0.5))
+    assert all(expert.is_cache_enabled for expert in ours.experts())
+    cached = ours(**CALL, generator=torch.Generator().manual_seed(5)).frames
+    again = ours(**CALL, generator=torch.Generator().manual_seed(5)).frames  # state is reset per call
+    for expert in ours.experts():
+        expert.disable_cache()
+        expert.enable_cache(FirstBlockCacheConfig(threshold=0.5))
+    reference = reference_pipe(**CALL, generator=torch.Generator().manual_seed(5)).frames
+    assert rel_l2(cached, reference) < 1e-5
+    assert rel_l2(again, cached) < 1e-6
+
+
+@pytest.mark.parametrize("step_cache", ["first_block", "taylorseer"])
+def test_step_cache_changes_the_result_a_bounded_amount(step_cache):
+    full, _ = generate(SpeedPolicy())
+    cached, _ = generate(SpeedPolicy(step_cache=step_cache, step_cache_threshold=0.5, step_cache_interval=2))
+    assert 0 < rel_l2(cached, full) < 0.5
+
+
+def test_a_tiny_threshold_reuses_nothing():
+    full, _ = generate(SpeedPolicy())
+    cached, _ = generate(SpeedPolicy(step_cache="first_block", step_cache_threshold=1e-9))
+    assert rel_l2(cached, full) < 1e-6
+
+
+@pytest.mark.parametrize("override, message", [
+    ("hardware.speed.cfg_truncation=1.0", "cfg_truncation"),
+    ("hardware.speed.step_cache=teacache", "step_cache"),
+    ("hardware.speed.step_cache_threshold=0", "step_cache_threshold"),
+])
+def test_bad_values_are_named(override, message):
+    with pytest.raises(WanOptError, match=message):
+        validate_choices(compose_config([override], hardware="cpu"))
