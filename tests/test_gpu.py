@@ -59,3 +59,16 @@ def test_swap_keeps_one_expert_on_the_gpu():
     swapper.activate(pipe.transformer_2)
     assert all(p.device.type == "cuda" for p in pipe.transformer_2.parameters())
     assert all(p.device.type == "cpu" for p in pipe.transformer.parameters())
+
+
+def test_fp8_matmul_on_tensor_cores_stays_close_to_bf16():
+    from wan_opt.fp8 import Fp8Linear, has_fp8_matmul
+
+    if not has_fp8_matmul(torch.cuda.get_device_capability()):
+        pytest.skip("needs fp8 tensor cores (Ada or Hopper)")
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(512, 1024, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(4, 300, 512, device="cuda", dtype=torch.bfloat16)
+    layer = Fp8Linear(linear, fp8_matmul=True)
+    out, reference = layer(x).float(), linear(x).float()
+    assert ((out - reference).norm() / reference.norm()).item() < 0.08

@@ -440,7 +440,7 @@ def test_a_bad_low_noise_file_leaves_both_experts_untouched(components, tmp_path
 
 def test_refuses_weights_already_cast_to_fp8(expert, tmp_path):
     expert.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.float32)
-    with pytest.raises(WanOptError, match="before fp8 layerwise casting and offloading"):
+    with pytest.raises(WanOptError, match="before fp8 storage and offloading"):
         apply_lora(expert, LoraSpec(original(expert).save(tmp_path)))
 
 

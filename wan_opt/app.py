@@ -97,6 +97,9 @@ def validate_choices(cfg: DictConfig) -> None:
     if not 0.0 <= speed.cfg_truncation < 1.0:
         raise WanOptError(f"hardware.speed.cfg_truncation={speed.cfg_truncation} is not a fraction of the steps: "
                           f"pass a value from 0 (off) up to, not including, 1.")
+    if speed.fp8_matmul and not cfg.hardware.memory.weight_dtype.startswith("float8"):
+        raise WanOptError("hardware.speed.fp8_matmul multiplies fp8-stored weights: "
+                          "set hardware.memory.weight_dtype=float8_e4m3fn too.")
     if speed.step_cache_threshold <= 0 or speed.step_cache_interval < 1:
         raise WanOptError("hardware.speed.step_cache_threshold must be above 0 and step_cache_interval at least 1.")
 
@@ -107,6 +110,13 @@ def check_device(cfg: DictConfig) -> None:
     if cfg.hardware.device == "cuda" and not torch.cuda.is_available():
         raise WanOptError(f"Profile {cfg.hardware.name} needs a CUDA GPU and none is visible: "
                           f"pass hardware=cpu, or run on a machine with a GPU.")
+    if cfg.hardware.device == "cuda" and cfg.hardware.speed.fp8_matmul:
+        from wan_opt.fp8 import has_fp8_matmul
+
+        capability = torch.cuda.get_device_capability()
+        if not has_fp8_matmul(capability):
+            raise WanOptError(f"hardware.speed.fp8_matmul needs fp8 tensor cores (Ada or Hopper, compute capability "
+                              f"8.9+) and this GPU is {capability[0]}.{capability[1]}: set hardware.speed.fp8_matmul=false.")
 
 
 def pipeline_from_config(cfg: DictConfig):

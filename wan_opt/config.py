@@ -65,6 +65,7 @@ class SpeedConfig:
     compile_cache_dir: str = "~/.cache/wan-opt/inductor"  # kept across processes: later runs skip most compiling
     tf32: bool = False
     cfg: str = "sequential"  # sequential | batched
+    fp8_matmul: bool = False  # fp8 tensor-core GEMMs on fp8-stored weights (Ada, Hopper); changes the result a little
     # Fewer forwards (each changes the result a little; the benchmark reports by how much):
     cfg_truncation: float = 0.0  # fraction of the last steps that skip the unconditional pass (low-noise expert only)
     step_cache: str = "none"  # none | first_block | taylorseer: diffusers' cache hooks reuse work across steps

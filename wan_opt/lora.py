@@ -285,7 +285,7 @@ def _check_shape(delta: LoraDelta, target: str, shape: torch.Size, source: str) 
 def apply_lora(model: torch.nn.Module, spec: LoraSpec) -> int:
     """Fuse `spec` into `model` in place; returns the number of parameters changed (0 at strength 0).
 
-    Must run before fp8 layerwise casting, offloading hooks or expert swapping take the weights over (i.e.
+    Must run before fp8 storage, offloading hooks or expert swapping take the weights over (i.e.
     before `WanOptPipeline.apply_policies()`): the delta is added to the weights as they are then. Fusing
     twice adds twice. Each delta is computed in float32 on its weight's device, one tensor at a time, and
     the sum is rounded once into the weight's own dtype.
@@ -324,7 +324,7 @@ def _check_fusable(model: torch.nn.Module, source: str) -> None:
                  for m in model.modules() for name in _HOOKS_THAT_OWN_WEIGHTS)
     param = next((p for p in model.parameters() if p.dtype in _FP8 or p.is_meta), None)
     if hooked or param is not None:
-        raise WanOptError(f"{source}: LoRAs must be fused before fp8 layerwise casting and offloading are "
+        raise WanOptError(f"{source}: LoRAs must be fused before fp8 storage and offloading are "
                           f"applied to the transformer (call it before apply_policies()).")
 
 

@@ -2,7 +2,7 @@
 
 A profile's `memory:` block is instantiated into a `MemoryPolicy`. Loading asks it where each component
 should land (`load_device`), the pipeline calls it around each stage (`encoding`, `activate_expert`), and
-it applies the libraries' mechanisms (layerwise fp8 casting, group offloading, VAE tiling).
+it applies the mechanisms (fp8 weight storage, group offloading, expert swapping, VAE tiling).
 """
 from __future__ import annotations
 
@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from typing import Iterator
 
 import torch
+
+from wan_opt.fp8 import quantize_linears
 
 log = logging.getLogger(__name__)
 
@@ -61,9 +63,10 @@ class MemoryPolicy:
         """Apply the storage and offloading mechanisms to freshly loaded modules."""
         for expert in pipe.experts():
             if self.stores_fp8:
-                # Weights stored in fp8 are upcast per layer for a bf16 matmul: half the bytes, same kernels.
-                expert.enable_layerwise_casting(storage_dtype=torch_dtype(self.weight_dtype),
-                                                compute_dtype=torch_dtype(self.compute_dtype))
+                # The blocks' linear layers (98% of the weights) in e4m3 with a scale per output channel; the
+                # embeddings and norms stay in the compute dtype. Quantized on the GPU when there is one.
+                for block in expert.blocks:
+                    quantize_linears(block, work_device=device)
             if device.type == "cuda" and self.experts == "offload":
                 expert.enable_group_offload(
                     onload_device=device, offload_device=torch.device("cpu"),

@@ -40,6 +40,7 @@ class ModelSizes:
     latent_channels: int
     spatial_compression: int  # pixels per latent token side (VAE stride x DiT patch)
     temporal_compression: int = 4
+    expert_block_linear_params_b: float = 0.0  # the part fp8 storage quantizes; the rest stays in compute dtype
 
 
 @functools.cache
@@ -58,11 +59,14 @@ def model_sizes(family: str) -> ModelSizes:
     }[family]
     with torch.device("meta"):
         count = lambda m: sum(p.numel() for p in m.parameters()) / 1e9  # noqa: E731
-        dit_b = count(WanTransformer3DModel(**dit))
+        dit_module = WanTransformer3DModel(**dit)
+        dit_b = count(dit_module)
+        block_linear_b = sum(count(m) for m in dit_module.blocks.modules() if type(m) is torch.nn.Linear)
         vae_module = AutoencoderKLWan(**vae)
         te_b = count(UMT5EncoderModel(UMT5Config(**te)))
     spatial = vae_module.config.scale_factor_spatial * dit["patch_size"][1]
-    return ModelSizes(dit_b, 1 if family == "ti2v_5b" else 2, te_b, count(vae_module), dit["in_channels"], spatial)
+    return ModelSizes(dit_b, 1 if family == "ti2v_5b" else 2, te_b, count(vae_module), dit["in_channels"], spatial,
+                      expert_block_linear_params_b=block_linear_b)
 
 
 @dataclass(frozen=True)
@@ -107,7 +111,8 @@ def tokens(sizes: ModelSizes, req: Request) -> int:
 def predict(sizes: ModelSizes, req: Request, mech: Mechanisms, compute_dtype: str, vae_dtype: str,
             vram_budget_gb: float, host_ram_gb: float, steps: int = 40) -> Plan:
     """Predicted peak GPU memory of each stage (GiB) and host memory, for one set of mechanisms."""
-    expert = sizes.expert_params_b * 1e9 * BYTES[mech.weight_dtype] / GIB
+    quantized = sizes.expert_block_linear_params_b
+    expert = (quantized * BYTES[mech.weight_dtype] + (sizes.expert_params_b - quantized) * BYTES[compute_dtype]) * 1e9 / GIB
     te = sizes.text_encoder_params_b * 1e9 * BYTES[compute_dtype] / GIB
     vae = sizes.vae_params_b * 1e9 * BYTES[vae_dtype] / GIB
     batch = 2 if (req.batched_cfg and req.guided) else 1

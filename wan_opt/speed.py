@@ -8,6 +8,8 @@ from dataclasses import dataclass
 import torch
 import torch._inductor.config
 
+from wan_opt.fp8 import use_fp8_matmul
+
 log = logging.getLogger(__name__)
 
 # Our names for attention kernels -> diffusers' attention-dispatch backends (all inside PyTorch's SDPA).
@@ -27,6 +29,7 @@ class SpeedPolicy:
     compile_cache_dir: str = "~/.cache/wan-opt/inductor"
     tf32: bool = False
     cfg: str = "sequential"
+    fp8_matmul: bool = False
     cfg_truncation: float = 0.0
     step_cache: str = "none"
     step_cache_threshold: float = 0.05
@@ -67,6 +70,8 @@ class SpeedPolicy:
         if device.type == "cuda" and self.compile != "none":
             self._use_compile_cache()
         for expert in experts:
+            if self.fp8_matmul:
+                use_fp8_matmul(expert)  # the fp8-stored layers multiply in fp8 instead of dequantising first
             if self.step_cache != "none" and not expert.is_cache_enabled:
                 # Hooks go on before compiling, so that the compiled blocks are the hooked ones.
                 expert.enable_cache(self.cache_config())

@@ -1,0 +1,119 @@
+"""fp8 weights with per-channel scales: storage (bf16 matmul) and fp8 matmuls, on the CPU."""
+import pytest
+import torch
+from diffusers import WanPipeline
+
+from wan_opt.app import compose_config, validate_choices
+from wan_opt.errors import WanOptError
+from wan_opt.fp8 import FP8, Fp8Linear, has_fp8_matmul, quantize_linears, quantize_rows, use_fp8_matmul
+from wan_opt.lora import LoraSpec, apply_lora
+from wan_opt.memory import MemoryPolicy
+from wan_opt.pipeline import WanOptPipeline
+from wan_opt.plan import BYTES, GIB, Mechanisms, Request, model_sizes, predict
+from wan_opt.speed import SpeedPolicy
+from wan_opt.tiny import build_tiny_components
+
+CALL = dict(prompt="a red fox in the snow", negative_prompt="blurry, static", height=64, width=96, num_frames=9,
+            num_inference_steps=4, guidance_scale=4.0, guidance_scale_2=3.0, output_type="np")
+
+
+def rel_l2(a, b) -> float:
+    a, b = torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64)
+    return ((a - b).norm() / b.norm()).item()
+
+
+def test_per_channel_scales_keep_the_small_weights_a_plain_cast_loses():
+    torch.manual_seed(0)
+    # A DiT's weights sit mostly below e4m3's smallest normal (2^-6), some channels far below.
+    weight = torch.randn(64, 256) * torch.logspace(-4, -1, 64).unsqueeze(1)
+    q, scale = quantize_rows(weight)
+    assert q.dtype == FP8 and scale.shape == (64, 1)
+    def worst_channel(approx):  # relative error of the worst output channel
+        return ((approx - weight).norm(dim=1) / weight.norm(dim=1)).max().item()
+
+    assert worst_channel(q.float() * scale) < 0.05
+    assert worst_channel(weight.to(FP8).float()) > 0.5
+
+
+def test_an_all_zero_channel_stays_zero():
+    q, scale = quantize_rows(torch.zeros(2, 32))
+    assert torch.equal(q.float() * scale, torch.zeros(2, 32))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fp8_linear_stays_close_to_the_linear_in_both_modes(dtype):
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(64, 48).to(dtype)
+    x = torch.randn(2, 40, 64, dtype=dtype)
+    reference = linear(x)
+    layer = Fp8Linear(linear)
+    stored = layer(x)
+    layer.fp8_matmul = True
+    fp8 = layer(x)
+    assert stored.dtype == fp8.dtype == dtype and fp8.shape == reference.shape
+    assert rel_l2(stored.float(), reference.float()) < 0.05
+    assert 0 < rel_l2(fp8.float(), reference.float()) < 0.08  # activations are quantised too
+
+
+def test_few_rows_take_the_dequantised_path():
+    layer = Fp8Linear(torch.nn.Linear(32, 32), fp8_matmul=True)
+    x = torch.randn(1, 32)
+    assert torch.allclose(layer(x), torch.nn.functional.linear(x, layer.dequantized_weight(x.dtype), layer.bias))
+
+
+def test_fp8_storage_quantizes_the_blocks_and_keeps_the_compute_dtype():
+    pipe = WanPipeline(**build_tiny_components(seed=1), boundary_ratio=0.875)
+    reference = WanOptPipeline.from_diffusers(pipe)(**CALL, generator=torch.Generator().manual_seed(2)).frames
+    linears = sum(type(m) is torch.nn.Linear for m in pipe.transformer.blocks.modules())
+    memory = MemoryPolicy(weight_dtype="float8_e4m3fn", compute_dtype="float32")
+    ours = WanOptPipeline.from_diffusers(pipe, memory=memory)
+    for expert in ours.experts():
+        assert sum(isinstance(m, Fp8Linear) for m in expert.blocks.modules()) == linears
+        assert not any(type(m) is torch.nn.Linear for m in expert.blocks.modules())
+        assert expert.condition_embedder.time_embedder.linear_1.weight.dtype == torch.float32
+        assert expert.dtype == torch.float32  # what the pipeline casts latents to
+    stored = ours(**CALL, generator=torch.Generator().manual_seed(2)).frames
+    ours.speed = SpeedPolicy(fp8_matmul=True)
+    ours.speed.apply(ours.experts(), ours.device)
+    assert all(layer.fp8_matmul for e in ours.experts() for layer in e.modules() if isinstance(layer, Fp8Linear))
+    fp8 = ours(**CALL, generator=torch.Generator().manual_seed(2)).frames
+    assert 0 < rel_l2(stored, reference) < 0.05
+    assert 0 < rel_l2(fp8, reference) < 0.08 and rel_l2(fp8, stored) > 0
+
+
+def test_a_lora_is_refused_once_the_weights_are_fp8(tmp_path):
+    from tests.test_lora import original
+
+    expert = build_tiny_components(seed=0)["transformer"]
+    lora = original(expert).save(tmp_path)
+    for block in expert.blocks:
+        quantize_linears(block)
+    with pytest.raises(WanOptError, match="before fp8 storage"):
+        apply_lora(expert, LoraSpec(lora))
+
+
+def test_use_fp8_matmul_counts_the_layers():
+    block = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.ReLU(), torch.nn.Linear(16, 16))
+    assert quantize_linears(block) == 2 and use_fp8_matmul(block) == 2
+
+
+def test_fp8_matmul_needs_ada_or_hopper():
+    assert has_fp8_matmul((9, 0)) and has_fp8_matmul((8, 9))
+    assert not has_fp8_matmul((8, 0)) and not has_fp8_matmul((8, 6))
+
+
+def test_fp8_matmul_without_fp8_storage_is_named():
+    with pytest.raises(WanOptError, match="weight_dtype=float8_e4m3fn"):
+        validate_choices(compose_config(["hardware.speed.fp8_matmul=true"], hardware="cpu"))
+    validate_choices(compose_config(["hardware.speed.fp8_matmul=true", "hardware.memory.weight_dtype=float8_e4m3fn"],
+                                    hardware="cpu"))
+
+
+def test_the_planner_counts_fp8_for_the_block_linears_only():
+    sizes = model_sizes("t2v_a14b")
+    assert 0.95 < sizes.expert_block_linear_params_b / sizes.expert_params_b < 1.0
+    req = Request(1280, 720, 81)
+    bf16, fp8 = (predict(sizes, req, Mechanisms(experts="resident", weight_dtype=w), "bfloat16", "float32", 1e3, 1e3)
+                 for w in ("bfloat16", "float8_e4m3fn"))
+    saved = bf16.stages["encode"] - fp8.stages["encode"]  # both experts, resident
+    assert saved == pytest.approx(2 * sizes.expert_block_linear_params_b * 1e9 * (BYTES["bfloat16"] - 1) / GIB, abs=0.02)
