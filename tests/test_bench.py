@@ -14,11 +14,13 @@ def test_a14b_flops_match_the_baseline_arithmetic():
 
 def test_tiny_smoke_writes_a_report(tmp_path):
     truncated = "cpu,hardware.speed.cfg_truncation=0.5"
-    assert main(["--tiny", "--profiles", "cpu", "h100", truncated, "--steps", "3", "--out", str(tmp_path)]) == 0
+    fp8 = "cpu,hardware.memory.weight_dtype=float8_e4m3fn,hardware.speed.fp8_matmul=true"
+    assert main(["--tiny", "--profiles", fp8, "cpu", "h100", truncated, "--steps", "3", "--out", str(tmp_path)]) == 0
     [path] = tmp_path.glob("bench_tiny-cpu_*.json")
     report = json.loads(path.read_text())
-    assert set(report["runs"]) == {"diffusers", "cpu", "h100", truncated}
-    lossless = {k: v for k, v in report["runs"].items() if k != truncated}
+    # The fp8 run quantizes the shared experts, so it runs last whatever its place on the command line.
+    assert list(report["runs"]) == ["diffusers", "cpu", "h100", truncated, fp8]
+    lossless = {k: v for k, v in report["runs"].items() if k not in (truncated, fp8)}
     for name, run in lossless.items():
         assert len(run["step_seconds"]) == 3 and run["seconds_per_cfg_step"] > 0 and run["speedup"] > 0
         assert {"text_encoding", "vae_decode"} <= set(run["stage_seconds"])
@@ -26,5 +28,6 @@ def test_tiny_smoke_writes_a_report(tmp_path):
         assert run["frames_rel_l2"] < 1e-5 and run["forward_rel_l2"] < 1e-6
     # A knob that drops forwards is reported with its deviation, which is no longer zero.
     assert report["runs"][truncated]["frames_rel_l2"] > 1e-4
+    assert 1e-4 < report["runs"][fp8]["forward_rel_l2"] < 0.1
     chart = path.with_suffix(".png")
     assert chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -100,20 +100,29 @@ def baseline(pipe, args, device: torch.device) -> dict:
     return result
 
 
-def profile_run(pipe, spec: str, args, device: torch.device) -> dict:
-    """(b): WanOptPipeline on the same modules under a profile's speed and memory knobs.
+def run_configs(args) -> dict:
+    """Each `--profiles` entry composed and checked before anything is built, in the order they will run.
 
-    `spec` is a profile name, optionally followed by overrides for this run alone:
-    `h100,hardware.speed.cfg_truncation=0.25`.
+    An entry is a profile name, optionally followed by overrides for that run alone:
+    `h100,hardware.speed.cfg_truncation=0.25`. Runs that store the shared experts in fp8 quantize them in
+    place, so they go last.
     """
+    from wan_opt.app import compose_config, validate_choices
+
+    configs = {}
+    for spec in args.profiles:
+        profile, *own = spec.split(",")
+        configs[spec] = cfg = compose_config([*args.override, *own], hardware=profile)
+        validate_choices(cfg)
+    return dict(sorted(configs.items(), key=lambda item: item[1].hardware.memory.weight_dtype.startswith("float8")))
+
+
+def profile_run(pipe, cfg, args, device: torch.device) -> dict:
+    """(b): WanOptPipeline on the same modules under a profile's speed and memory knobs."""
     from hydra.utils import instantiate
 
-    from wan_opt.app import compose_config, validate_choices
     from wan_opt.pipeline import WanOptPipeline
 
-    profile, *own = spec.split(",")
-    cfg = compose_config([*args.override, *own], hardware=profile)
-    validate_choices(cfg)
     memory, speed = instantiate(cfg.hardware.memory), instantiate(cfg.hardware.speed)
     memory.experts, memory.text_encoder = "resident", "gpu"  # same placement as (a): kernels are what differ
     ours = WanOptPipeline.from_diffusers(pipe, memory=memory, speed=speed)
@@ -143,6 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.tiny:
         args.size, args.frames, args.warmup = "96*64", 9, 0
     device = torch.device("cpu" if args.tiny else "cuda")
+    configs = run_configs(args)
     torch.manual_seed(0)
     pipe, dit = build(args, device)
     width, height = parse_size(args.size)
@@ -159,11 +169,11 @@ def main(argv: list[str] | None = None) -> int:
         reference_forward = one_forward()
 
     rows = {"diffusers": baseline(pipe, args, device)}
-    for profile in args.profiles:
-        result = profile_run(pipe, profile, args, device)
+    for name, cfg in configs.items():
+        result = profile_run(pipe, cfg, args, device)
         with torch.inference_mode():
             result["forward_rel_l2"] = rel_l2(one_forward(), reference_forward)
-        rows[profile] = result
+        rows[name] = result
     report = summarize(rows, args, step_flops, device)
     write(report, args)
     return 0
