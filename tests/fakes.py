@@ -16,6 +16,7 @@ class FakeCard:
     capability: tuple[int, int]
     uuid: str
     migs: list[tuple[str, int] | None] | None = None  # None: not MIG-capable; a None slot is empty
+    used_mib: int = 0  # held by other processes
 
 
 class FakeNVML:
@@ -47,7 +48,8 @@ class FakeNVML:
     def nvmlDeviceGetMemoryInfo(self, handle):
         card = self.cards[handle[1]]
         mib = card.mib if handle[0] == "gpu" else card.migs[handle[2]][1]
-        return SimpleNamespace(total=mib * MIB, free=mib * MIB, used=0)
+        used = card.used_mib if handle[0] == "gpu" else 0
+        return SimpleNamespace(total=mib * MIB, free=(mib - used) * MIB, used=used * MIB)
 
     def nvmlDeviceGetCudaComputeCapability(self, handle):
         return self.cards[handle[1]].capability

@@ -45,6 +45,7 @@ def torch_gpus(monkeypatch):
         monkeypatch.setattr(torch.cuda, "device_count", lambda: len(devices))
         monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: SimpleNamespace(
             name=devices[i][0], total_memory=devices[i][1] * MIB, major=devices[i][2][0], minor=devices[i][2][1]))
+        monkeypatch.setattr(torch.cuda, "mem_get_info", lambda i: (devices[i][1] * MIB, devices[i][1] * MIB))
     return install
 
 

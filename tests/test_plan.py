@@ -127,3 +127,40 @@ def test_out_of_memory_falls_back_to_a_leaner_plan_and_says_so(tmp_path, monkeyp
     assert fallback["from"]["experts"] == "resident" and "out of memory" in fallback["error"]
     assert calls[1]["experts"] != "resident" or calls[1]["text_encoder"] != calls[0]["text_encoder"]
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([path.name, path.with_suffix(".json").name])
+
+
+def _gpu_with_free(monkeypatch, free_gib):
+    from wan_opt import hardware
+
+    gpu = hardware.GPUInfo(index=0, name="NVIDIA H100 80GB HBM3", memory_gib=79.2, capability=(9, 0),
+                           free_gib=free_gib)
+    monkeypatch.setattr(hardware, "process_gpu", lambda gpus=None: gpu)
+
+
+def test_a_shared_card_plans_to_its_free_memory(monkeypatch):
+    _gpu_with_free(monkeypatch, 40.0)  # another process holds 39 GiB of this H100
+    cfg = compose_config(["model=wan22_t2v_a14b", "hardware.memory.host_ram_gb=128",
+                          "hardware.memory.vram_budget_source=free"], hardware="h100")
+    plan, decided = plan_for_config(cfg, [])
+    assert plan.vram_budget_gb == pytest.approx(39.5) and plan.budget_source.startswith("free: 40.0 GiB free")
+    assert plan.fits and plan.mechanisms["experts"] != "resident" and decided["experts"] == "planner"
+
+
+def test_free_memory_never_raises_the_profiles_budget(monkeypatch):
+    _gpu_with_free(monkeypatch, 79.0)
+    cfg = compose_config(["model=wan22_t2v_a14b", "hardware.memory.host_ram_gb=128",
+                          "hardware.memory.vram_budget_source=free"], hardware="h100")
+    plan, _ = plan_for_config(cfg, [])
+    assert plan.vram_budget_gb == 76 and plan.budget_source.startswith("profile: below")
+    assert plan_for_config(compose_config(["model=wan22_t2v_a14b"], hardware="h100"), [])[0].budget_source == "profile"
+
+
+def test_unreadable_free_memory_falls_back_to_the_profile_with_a_warning(monkeypatch, caplog):
+    from wan_opt import hardware
+
+    monkeypatch.setattr(hardware, "process_gpu", lambda gpus=None: None)
+    cfg = compose_config(["model=wan22_t2v_a14b", "hardware.memory.host_ram_gb=128",
+                          "hardware.memory.vram_budget_source=free"], hardware="h100")
+    with caplog.at_level(logging.WARNING):
+        plan, _ = plan_for_config(cfg, [])
+    assert plan.vram_budget_gb == 76 and "cannot be read" in caplog.text

@@ -42,6 +42,7 @@ class MemoryConfig:
 
     _target_: str = "wan_opt.memory.MemoryPolicy"
     vram_budget_gb: float = 0.0
+    vram_budget_source: str = "profile"  # profile | free: no more than the GPU has free when the run starts
     host_ram_gb: Optional[float] = None  # host memory the plan may use; null: this machine's total
     experts: str = "resident"  # resident | swap | offload
     offload_granularity: str = "block"  # block | leaf (used when experts=offload)
@@ -139,6 +140,7 @@ class RunConfig:
 CHOICES = {
     "hardware.device": ("cuda", "cpu"),
     "hardware.memory.experts": ("resident", "swap", "offload"),
+    "hardware.memory.vram_budget_source": ("profile", "free"),
     "hardware.memory.offload_granularity": ("block", "leaf"),
     "hardware.memory.text_encoder": ("gpu", "gpu_release", "cpu"),
     "hardware.memory.weight_dtype": ("bfloat16", "float16", "float32", "float8_e4m3fn"),

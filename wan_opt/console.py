@@ -41,7 +41,8 @@ def plan_table(plan, decided: dict[str, str]) -> Table:
     verdict = "[green]fits[/green]" if plan.fits else "[red]does not fit[/red]"
     table = Table(title=f"memory plan: {verdict}, predicted peak {plan.predicted_peak_gpu_gb:.1f} GB of "
                         f"{plan.vram_budget_gb:g} GB VRAM; host {plan.predicted_host_gb:.1f} of "
-                        f"{plan.host_ram_gb:.0f} GB", title_justify="left")
+                        f"{plan.host_ram_gb:.0f} GB (VRAM budget from the {plan.budget_source})",
+                  title_justify="left")
     table.add_column("stage / knob", style="bold cyan")
     table.add_column("predicted GPU GB / value", justify="right")
     table.add_column("set by")

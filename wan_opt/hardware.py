@@ -40,6 +40,7 @@ class GPUInfo:
     uuid: str | None = None
     mig: bool = False
     source: str = "nvml"  # nvml | torch | given
+    free_gib: float | None = None  # free when it was read: total less what every process holds
 
 
 @dataclass(frozen=True)
@@ -156,10 +157,10 @@ def _text(value: bytes | str) -> str:
 
 def _nvml_gpu(nvml, index: int) -> tuple[GPUInfo, object]:
     handle = nvml.nvmlDeviceGetHandleByIndex(index)
-    gpu = GPUInfo(index=index, name=_text(nvml.nvmlDeviceGetName(handle)),
-                  memory_gib=nvml.nvmlDeviceGetMemoryInfo(handle).total / GIB,
+    memory = nvml.nvmlDeviceGetMemoryInfo(handle)
+    gpu = GPUInfo(index=index, name=_text(nvml.nvmlDeviceGetName(handle)), memory_gib=memory.total / GIB,
                   capability=tuple(nvml.nvmlDeviceGetCudaComputeCapability(handle)),
-                  uuid=_text(nvml.nvmlDeviceGetUUID(handle)), source="nvml")
+                  uuid=_text(nvml.nvmlDeviceGetUUID(handle)), source="nvml", free_gib=memory.free / GIB)
     return gpu, handle
 
 
@@ -176,7 +177,8 @@ def _mig_slices(nvml, parent: GPUInfo, handle) -> list[GPUInfo]:
             mig = nvml.nvmlDeviceGetMigDeviceHandleByIndex(handle, slot)
         except nvml.NVMLError:  # an empty slot
             continue
-        slices.append(replace(parent, memory_gib=nvml.nvmlDeviceGetMemoryInfo(mig).total / GIB,
+        memory = nvml.nvmlDeviceGetMemoryInfo(mig)
+        slices.append(replace(parent, memory_gib=memory.total / GIB, free_gib=memory.free / GIB,
                               uuid=_text(nvml.nvmlDeviceGetUUID(mig)), mig=True))
     return slices
 
@@ -227,7 +229,7 @@ def _torch_visible() -> list[GPUInfo]:
         return []
     props = [torch.cuda.get_device_properties(i) for i in range(torch.cuda.device_count())]
     return [GPUInfo(index=None, name=p.name, memory_gib=p.total_memory / GIB, capability=(p.major, p.minor),
-                    source="torch") for p in props]
+                    source="torch", free_gib=torch.cuda.mem_get_info(i)[0] / GIB) for i, p in enumerate(props)]
 
 
 def visible_gpus() -> list[GPUInfo]:

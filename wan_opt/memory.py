@@ -27,6 +27,7 @@ def torch_dtype(name: str) -> torch.dtype:
 @dataclass
 class MemoryPolicy:
     vram_budget_gb: float = 0.0
+    vram_budget_source: str = "profile"
     host_ram_gb: float | None = None
     experts: str = "resident"
     offload_granularity: str = "block"

@@ -98,6 +98,7 @@ class Plan:
     mechanisms: dict
     stages: dict[str, float] = field(default_factory=dict)  # predicted GPU peak of each stage, GiB
     est_extra_seconds: float = 0.0
+    budget_source: str = "profile"  # where vram_budget_gb came from
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -203,8 +204,9 @@ def user_memory_knobs(task_overrides: list[str]) -> dict:
     return knobs
 
 
-def _inputs(cfg) -> tuple[ModelSizes, Request, Mechanisms, float, float]:
-    """The planner's view of a composed run config: sizes, request, the profile's mechanisms, budgets."""
+def _inputs(cfg) -> tuple[ModelSizes, Request, Mechanisms, float, float, str]:
+    """The planner's view of a composed run config: sizes, request, the profile's mechanisms, budgets, and
+    where the VRAM budget came from."""
     from wan_opt.request import parse_size
 
     mem, model = cfg.hardware.memory, cfg.model
@@ -212,7 +214,45 @@ def _inputs(cfg) -> tuple[ModelSizes, Request, Mechanisms, float, float]:
     guided = (cfg.guidance if cfg.guidance is not None else model.guidance) > 1.0
     req = Request(width, height, cfg.frames or model.frames, cfg.hardware.speed.cfg == "batched", guided)
     profile = Mechanisms(mem.experts, mem.weight_dtype, mem.text_encoder, mem.vae_tiling)
-    return model_sizes(model.family), req, profile, mem.vram_budget_gb, mem.host_ram_gb or host_ram_gb()
+    budget, source = vram_budget(cfg)
+    return model_sizes(model.family), req, profile, budget, mem.host_ram_gb or host_ram_gb(), source
+
+
+CUDA_CONTEXT_GIB = 0.5  # what this process's CUDA context will take of the free memory
+
+
+def _free_gib_now() -> tuple[float | None, str]:
+    """Free memory of this process's GPU, what this process holds itself counted as free, and its name."""
+    import torch
+
+    from wan_opt.hardware import process_gpu
+
+    gpu = process_gpu()
+    if gpu is None or gpu.free_gib is None:
+        return None, ""
+    # A model kept from an earlier job of this sweep is this process's to reuse or free.
+    own = torch.cuda.memory_reserved() / GIB if torch.cuda.is_initialized() else 0.0
+    return gpu.free_gib + own, gpu.name
+
+
+def vram_budget(cfg) -> tuple[float, str]:
+    """The GPU memory a plan may use, and where that number came from.
+
+    `vram_budget_source=free` lowers the profile's budget to what the GPU has free when the run starts, for a
+    card shared with other processes; it never raises it.
+    """
+    mem = cfg.hardware.memory
+    if mem.vram_budget_source != "free" or cfg.hardware.device == "cpu":
+        return mem.vram_budget_gb, "profile"
+    free, name = _free_gib_now()
+    if free is None:
+        log.warning("vram_budget_source=free, but the GPU's free memory cannot be read; planning to the "
+                    "profile's %g GB.", mem.vram_budget_gb)
+        return mem.vram_budget_gb, "profile"
+    usable = round(free - CUDA_CONTEXT_GIB, 2)
+    if usable < mem.vram_budget_gb:
+        return usable, f"free: {free:.1f} GiB free on {name}"
+    return mem.vram_budget_gb, f"profile: below the {free:.1f} GiB free on {name}"
 
 
 def _allow_fp8(cfg) -> bool:
@@ -226,16 +266,18 @@ def plan_for_config(cfg, task_overrides: list[str]) -> tuple[Plan, dict[str, str
     keeping every knob the user set by hand (and warning if those then do not fit).
     """
     mem, model = cfg.hardware.memory, cfg.model
-    sizes, req, profile, budget, host = _inputs(cfg)
+    sizes, req, profile, budget, host, source = _inputs(cfg)
     fixed = user_memory_knobs(task_overrides)
     if cfg.hardware.device == "cpu":
         plan = predict(sizes, req, profile, mem.compute_dtype, mem.vae_dtype, float("inf"), host)
         plan.vram_budget_gb = 0.0
         return plan, {k: "profile" for k in asdict(profile)}
     own = predict(sizes, req, replace(profile, **fixed), mem.compute_dtype, mem.vae_dtype, budget, host)
+    own.budget_source = source
     if own.fits:
         return own, {k: "user" if k in fixed else "profile" for k in asdict(profile)}
     plan = plan_memory(model.family, req, budget, host, mem.compute_dtype, mem.vae_dtype, _allow_fp8(cfg), fixed)
+    plan.budget_source = source
     if not plan.fits and fixed:
         log.warning("The memory knobs set by hand (%s) do not fit %s GB; running them anyway.",
                     ", ".join(f"{k}={v}" for k, v in fixed.items()), budget)
@@ -249,7 +291,7 @@ def plan_for_config(cfg, task_overrides: list[str]) -> tuple[Plan, dict[str, str
 def next_plan_down(cfg, failed: Plan, task_overrides: list[str]) -> Plan:
     """After an out-of-memory error: the fastest plan predicted to need clearly less GPU memory than `failed`."""
     mem = cfg.hardware.memory
-    sizes, req, _, budget, host = _inputs(cfg)
+    sizes, req, _, budget, host, _ = _inputs(cfg)
     fixed = user_memory_knobs(task_overrides)
     leaner = []
     for mech in candidates(_allow_fp8(cfg)):
