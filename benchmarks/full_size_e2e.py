@@ -5,6 +5,10 @@ few denoising steps plus the decode at each size, and records seconds per stage,
 the frames are finite. `--cap-gb` caps the process's GPU memory to emulate a smaller card.
 
     python benchmarks/full_size_e2e.py --profile h100 --sizes 832*480 1280*720 --frames 81 --steps 2
+    NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 \
+      torchrun --nproc-per-node 8 benchmarks/full_size_e2e.py --profile h100x8 --sizes 1280*720 --steps 2
+
+Under torchrun every rank builds and runs; rank 0 records (its peak memory is one GPU's).
 """
 from __future__ import annotations
 
@@ -19,6 +23,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from wan_opt import parallel  # noqa: E402
 from wan_opt.app import compose_config, library_versions, pipeline_from_config  # noqa: E402
 from wan_opt.request import parse_size  # noqa: E402
 
@@ -50,6 +55,7 @@ def main() -> None:
         "command": " ".join(["python", *sys.argv]), "gpu": torch.cuda.get_device_name(0),
         "gpu_memory_gib": round(total / GIB, 1), "cap_gb": args.cap_gb, "profile": args.profile,
         "model": args.model, "overrides": args.override, "versions": library_versions(),
+        "gpus": parallel.world_size(), "parallel": pipe.parallel and vars(pipe.parallel.layout),
         "build_seconds": round(time.perf_counter() - start, 2),
         "weights_on_gpu_gib": round(torch.cuda.memory_allocated() / GIB, 2), "runs": [],
     }
@@ -69,9 +75,12 @@ def main() -> None:
                "pixel_std": round(float(frames.std()), 4)}
         record["runs"].append(run)
         print(json.dumps(run), flush=True)
+    if not parallel.is_main_process():
+        return
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    name = f"e2e_{args.model}_{args.profile}" + (f"_cap{args.cap_gb:g}" if args.cap_gb else "") + ".json"
+    name = (f"e2e_{args.model}_{args.profile}" + (f"_cap{args.cap_gb:g}" if args.cap_gb else "")
+            + (f"_{parallel.world_size()}gpus" if parallel.world_size() > 1 else "") + ".json")
     (out_dir / name).write_text(json.dumps(record, indent=2) + "\n")
     print(f"wrote {out_dir / name}")
 

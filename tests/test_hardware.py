@@ -110,7 +110,9 @@ def test_fragments_match_whole_words_only():
 
 def test_load_profiles_reads_every_yaml():
     profiles = {p.name: p for p in load_profiles()}
-    assert set(profiles) == {"a100_40gb", "a100_80gb", "cpu", "h100", "h200", "l40s", "rtx4090", "rtx_a6000"}
+    assert set(profiles) == {"a100_40gb", "a100_80gb", "cpu", "h100", "h200", "l40s", "rtx4090", "rtx_a6000",
+                             "h100x8", "h200x8", "a100_80gbx8"}
+    assert {p.gpus for n, p in profiles.items() if n.endswith("x8")} == {8} and profiles["h100"].gpus == 1
     assert profiles["h200"].names == ("h200", "gh200")
     assert (profiles["l40s"].memory_gb, profiles["l40s"].capability) == (48, 8.9)
     assert profiles["cpu"].device == "cpu"

@@ -119,13 +119,41 @@ def check_device(cfg: DictConfig) -> None:
                               f"8.9+) and this GPU is {capability[0]}.{capability[1]}: set hardware.speed.fp8_matmul=false.")
 
 
+def check_parallel(cfg: DictConfig) -> None:
+    """Under torchrun: what one process group cannot do, said before anything loads."""
+    from wan_opt import parallel
+    from wan_opt.plan import parallel_layout
+
+    if parallel.world_size() == 1:
+        return
+    if cfg.prompts or is_multirun():
+        raise WanOptError("Under torchrun wan-opt runs one request across the GPUs: run prompt files and sweeps "
+                          "in a single process, or one torchrun per request.")
+    layout = parallel_layout(cfg)
+    if layout.ring > 1 and cfg.hardware.device != "cuda":
+        raise WanOptError("Ring attention needs GPUs (it merges partial attention by log-sum-exp, which only the GPU "
+                          "kernels return): pass hardware.parallel.sequence=ulysses.")
+    if layout.shard and cfg.hardware.memory.experts != "resident":
+        raise WanOptError("hardware.parallel.shard=true keeps every expert on the GPUs, sharded: drop "
+                          f"hardware.memory.experts={cfg.hardware.memory.experts}.")
+
+
 def pipeline_from_config(cfg: DictConfig):
-    """Instantiate the memory policy, the speed policy and then the pipeline that uses both."""
+    """Instantiate the memory policy, the speed policy and then the pipeline that uses both; under torchrun,
+    split it across the process group."""
+    from wan_opt import parallel
+    from wan_opt.plan import parallel_layout
+
     memory = instantiate(cfg.hardware.memory)
     speed = instantiate(cfg.hardware.speed)
+    layout = parallel_layout(cfg)
+    device = parallel.init(cfg.hardware.device) if layout else cfg.hardware.device
     try:
-        return instantiate(cfg.pipeline, model=cfg.model, memory=memory, speed=speed, device=cfg.hardware.device,
+        pipe = instantiate(cfg.pipeline, model=cfg.model, memory=memory, speed=speed, device=str(device),
                            _convert_="object")
+        if layout:
+            parallel.apply(pipe, layout, parallel.build_mesh(layout, device))
+        return pipe
     except InstantiationException as exc:
         if isinstance(exc.__cause__, WanOptError):  # a user's mistake found while loading: say it plainly
             raise exc.__cause__ from None
@@ -185,6 +213,7 @@ def check_request(cfg: DictConfig) -> GenerationRequest:
     if cfg.plan:
         return request  # a plan needs neither a GPU nor a checkpoint
     check_device(cfg)
+    check_parallel(cfg)
     check_lora_config(cfg.model)
     if cfg.model.family != "tiny" and not cfg.model.random_weights:
         from wan_opt.layouts import check_checkpoint
@@ -234,7 +263,7 @@ def generate(cfg: DictConfig, request: GenerationRequest, plan):
 
 def run_job(cfg: DictConfig) -> Path:
     """Generate one video for `cfg` and write it with its sidecar; returns the video's path."""
-    from wan_opt import console, video
+    from wan_opt import console, parallel, video
 
     # 1. Check the request, the checkpoint and the output folder, and plan the memory, before loading anything.
     request = check_request(cfg)
@@ -253,7 +282,9 @@ def run_job(cfg: DictConfig) -> Path:
     # 2. Load as the memory plan says, apply the speed policy, and generate (falling back on OOM).
     pipe, out, loading, plan, fallbacks = generate(cfg, request, plan)
 
-    # 3. Write the video, then its sidecar, each under its final name only once complete.
+    # 3. Write the video, then its sidecar, each under its final name only once complete (one writer per group).
+    if not parallel.is_main_process():
+        return folder
     stem = video.safe_stem(f"{request.seed}-{request.prompt}")
     path = video.write_video(out.frames[0], video.unique_path(folder, stem, ".mp4"), request.fps)
     sidecar = {
@@ -263,6 +294,7 @@ def run_job(cfg: DictConfig) -> Path:
                      "detected": AUTO_HARDWARE},
         "memory_plan": {**plan.to_dict(), "decided_by": decided, "fallbacks": fallbacks},
         "model_reused": loading["reused"],
+        "parallel": asdict(pipe.parallel.layout) if pipe.parallel else None,
         "seconds": {"load": round(loading["load"], 3), **{k: round(v, 3) for k, v in out.stage_seconds.items()}},
         "step_seconds": [round(s, 4) for s in out.step_seconds],
         "versions": library_versions(), "command": sys.argv,

@@ -3,6 +3,7 @@
     wan-opt prompt="a red fox"                      # profile detected for this machine's GPU
     wan-opt --config-dir ~/my-conf hardware=my_gpu  # a profile of your own, kept outside the package
 """
+import os
 import sys
 
 import hydra
@@ -19,8 +20,15 @@ def _main(cfg: DictConfig) -> None:
         sys.exit(status)
 
 
+# Ranks other than 0 of a torchrun group compute but write nothing: no run folder, no log file.
+_SILENT_RANK = ["hydra.run.dir=.", "hydra.output_subdir=null", "hydra/job_logging=disabled",
+                "hydra/hydra_logging=disabled"]
+
+
 def main() -> None:
     sys.argv = with_detected_hardware(sys.argv)
+    if int(os.environ.get("RANK", 0)) > 0:
+        sys.argv += _SILENT_RANK
     _main()
 
 

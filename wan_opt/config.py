@@ -75,6 +75,16 @@ class SpeedConfig:
 
 
 @dataclass
+class ParallelConfig:
+    """How a run under torchrun splits across its GPUs; a single process ignores it."""
+
+    gpus: int = 1  # the GPU count this profile is written for: detection matches it to torchrun's world size
+    sequence: str = "ulysses"  # ulysses | ring: how each forward's tokens are split across GPUs
+    cfg_parallel: bool = True  # with guidance and an even GPU count, the two branches run on two halves at once
+    shard: bool = False  # FSDP2: every GPU holds 1/N of each expert and of the text encoder
+
+
+@dataclass
 class HardwareConfig:
     name: str = MISSING
     description: str = ""
@@ -82,6 +92,7 @@ class HardwareConfig:
     gpu: GPUMatch = field(default_factory=GPUMatch)
     memory: MemoryConfig = field(default_factory=MemoryConfig)
     speed: SpeedConfig = field(default_factory=SpeedConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
 
 @dataclass
@@ -150,6 +161,7 @@ CHOICES = {
     "hardware.speed.compile": ("none", "regional", "full"),
     "hardware.speed.cfg": ("sequential", "batched"),
     "hardware.speed.step_cache": ("none", "first_block", "taylorseer"),
+    "hardware.parallel.sequence": ("ulysses", "ring"),
     "model.family": ("t2v_a14b", "ti2v_5b", "tiny"),
     "model.solver": ("unipc",),
 }

@@ -1,6 +1,7 @@
 """What the user sees: the settings table at the start and the denoising progress bar."""
 from __future__ import annotations
 
+import os
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -11,7 +12,8 @@ from rich.table import Table
 
 from wan_opt.request import GenerationRequest
 
-console = Console(stderr=True)
+# Under torchrun every rank runs the same job; rank 0 speaks for the group.
+console = Console(stderr=True, quiet=int(os.environ.get("RANK", 0)) > 0)
 
 
 def settings_table(cfg: DictConfig, request: GenerationRequest, hardware_reason: str) -> Table:

@@ -52,6 +52,7 @@ class ProfileSpec:
     names: tuple[str, ...]  # normalized name fragments
     memory_gb: float
     capability: float
+    gpus: int = 1  # a multi-GPU profile (parallel.gpus) is chosen for a torchrun group of that size
 
 
 @dataclass(frozen=True)
@@ -88,7 +89,8 @@ def _read_profile(path: Path) -> ProfileSpec:
         raise WanOptError(f"The gpu block of hardware profile {path} is invalid ({exc}); fix that file.") from exc
     return ProfileSpec(name=path.stem, device=str(OmegaConf.select(raw, "device", default="cuda")),
                        names=tuple(normalize_gpu_name(n) for n in gpu.names),
-                       memory_gb=float(gpu.memory_gb), capability=float(gpu.capability))
+                       memory_gb=float(gpu.memory_gb), capability=float(gpu.capability),
+                       gpus=int(OmegaConf.select(raw, "parallel.gpus", default=1)))
 
 
 def normalize_gpu_name(name: str) -> str:
@@ -101,9 +103,12 @@ def _name_matches(fragment: str, normalized: str) -> bool:
     return re.search(rf"(?<![a-z0-9]){re.escape(fragment)}(?![a-z0-9])", normalized) is not None
 
 
-def _gpu_profiles(profiles: Sequence[ProfileSpec]) -> list[ProfileSpec]:
-    """A profile without a gpu block says nothing about which card it suits: only `hardware=` picks it."""
-    return [p for p in profiles if p.device == "cuda" and p.memory_gb > 0]
+def _gpu_profiles(profiles: Sequence[ProfileSpec], gpus: int = 1) -> list[ProfileSpec]:
+    """Profiles written for `gpus` cards of one kind (torchrun's world size); for a group no profile is
+    written for, the single-GPU ones, whose `parallel:` defaults split the work. A profile without a gpu
+    block says nothing about which card it suits: only `hardware=` picks it."""
+    usable = [p for p in profiles if p.device == "cuda" and p.memory_gb > 0]
+    return [p for p in usable if p.gpus == gpus] or [p for p in usable if p.gpus == 1]
 
 
 def _named(profiles: Sequence[ProfileSpec], name: str) -> list[ProfileSpec]:
@@ -121,7 +126,7 @@ def _size(profile: ProfileSpec) -> tuple[float, float]:
 
 
 def infer_profile(name: str | None, memory_gib: float, capability: tuple[int, int],
-                  profiles: Sequence[ProfileSpec]) -> ProfileChoice:
+                  profiles: Sequence[ProfileSpec], gpus: int = 1) -> ProfileChoice:
     """The profile for a card: the one written for it when it fits, else the nearest one that fits.
 
     A profile fits when the card has 90% of its memory_gb and at least its capability, so no card is handed
@@ -130,9 +135,9 @@ def infer_profile(name: str | None, memory_gib: float, capability: tuple[int, in
     if name is None:
         cpu = next((p.name for p in profiles if p.device == "cpu"), "cpu")
         return ProfileChoice(cpu, "no CUDA GPU visible", True)
-    if not (gpu_profiles := _gpu_profiles(profiles)):
+    if not (gpu_profiles := _gpu_profiles(profiles, gpus)):
         raise WanOptError("No hardware profile is written for a GPU; add one under conf/hardware/.")
-    card = f"{name} ({memory_gib:.1f} GiB, sm_{capability[0]}{capability[1]})"
+    card = f"{name} ({memory_gib:.1f} GiB, sm_{capability[0]}{capability[1]})" + (f" x {gpus}" if gpus > 1 else "")
     capable = [p for p in gpu_profiles if _capability_tuple(p.capability) <= capability]
     fits = [p for p in capable if p.memory_gb * FIT_FRACTION <= memory_gib]
     named = _named(gpu_profiles, name)
@@ -260,18 +265,18 @@ def process_gpu(gpus: Sequence[GPUInfo] | None = None) -> GPUInfo | None:
     return gpus[rank] if rank < len(gpus) else None
 
 
-def infer_for(gpu: GPUInfo | None, profiles: Sequence[ProfileSpec]) -> ProfileChoice:
+def infer_for(gpu: GPUInfo | None, profiles: Sequence[ProfileSpec], gpus: int = 1) -> ProfileChoice:
     """`infer_profile` for a GPUInfo; a MIG slice says so in the reason."""
     if gpu is None:
         return infer_profile(None, 0.0, (0, 0), profiles)
-    return infer_profile(f"{gpu.name} MIG" if gpu.mig else gpu.name, gpu.memory_gib, gpu.capability, profiles)
+    return infer_profile(f"{gpu.name} MIG" if gpu.mig else gpu.name, gpu.memory_gib, gpu.capability, profiles, gpus)
 
 
 @functools.cache
 def detect() -> HardwareChoice:
     """The profile for this process's GPU, read once per process (tests call detect.cache_clear())."""
     gpu = process_gpu()
-    choice = infer_for(gpu, load_profiles())
+    choice = infer_for(gpu, load_profiles(), int(os.environ.get("WORLD_SIZE", 1)))
     return HardwareChoice(choice.profile, choice.reason, gpu, choice.exact)
 
 

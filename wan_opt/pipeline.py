@@ -42,6 +42,7 @@ class WanOptPipeline:
         self.device = torch.device(device) if device is not None else next(transformer.parameters()).device
         self.video_processor = VideoProcessor(vae_scale_factor=vae.config.scale_factor_spatial)
         self.expert_swapper = self.text_encoder_swapper = None  # set by MemoryPolicy.prepare on a GPU
+        self.parallel = None  # set by wan_opt.parallel.apply under torchrun
 
     # -- construction -----------------------------------------------------------------------------------
 
@@ -128,7 +129,11 @@ class WanOptPipeline:
 
         if guidance <= 1.0:
             return forward("cond", latents, timestep, cond)
-        if self.speed.batched_cfg:
+        if self.parallel is not None and self.parallel.layout.cfg > 1:
+            # Each half of the GPUs runs one branch; the halves swap predictions.
+            mine = ("cond", cond) if self.parallel.cfg_rank == 0 else ("uncond", uncond)
+            noise_cond, noise_uncond = self.parallel.gather_branches(forward(mine[0], latents, timestep, mine[1]))
+        elif self.speed.batched_cfg:
             both = forward("cond_uncond", torch.cat([latents, latents]), torch.cat([timestep] * 2),
                            torch.cat([cond, uncond]))
             noise_cond, noise_uncond = both.chunk(2)

@@ -41,6 +41,7 @@ class ModelSizes:
     spatial_compression: int  # pixels per latent token side (VAE stride x DiT patch)
     temporal_compression: int = 4
     expert_block_linear_params_b: float = 0.0  # the part fp8 storage quantizes; the rest stays in compute dtype
+    attention_heads: int = 0
 
 
 @functools.cache
@@ -66,7 +67,7 @@ def model_sizes(family: str) -> ModelSizes:
         te_b = count(UMT5EncoderModel(UMT5Config(**te)))
     spatial = vae_module.config.scale_factor_spatial * dit["patch_size"][1]
     return ModelSizes(dit_b, 1 if family == "ti2v_5b" else 2, te_b, count(vae_module), dit["in_channels"], spatial,
-                      expert_block_linear_params_b=block_linear_b)
+                      expert_block_linear_params_b=block_linear_b, attention_heads=dit["num_attention_heads"])
 
 
 @dataclass(frozen=True)
@@ -76,6 +77,8 @@ class Request:
     frames: int
     batched_cfg: bool = False
     guided: bool = True
+    sequence_parallel: int = 1  # GPUs each forward's tokens are split across (torchrun)
+    weight_shards: int = 1  # GPUs each expert and the text encoder are sharded across (FSDP2)
 
 
 @dataclass(frozen=True)
@@ -115,9 +118,12 @@ def predict(sizes: ModelSizes, req: Request, mech: Mechanisms, compute_dtype: st
     quantized = sizes.expert_block_linear_params_b
     expert = (quantized * BYTES[mech.weight_dtype] + (sizes.expert_params_b - quantized) * BYTES[compute_dtype]) * 1e9 / GIB
     te = sizes.text_encoder_params_b * 1e9 * BYTES[compute_dtype] / GIB
+    # Per GPU under torchrun: FSDP2 keeps 1/N of the weights (plus one gathered block, in the 0.5 GiB margin
+    # of the activations); a sequence split keeps 1/N of the tokens' activations.
+    expert, te = expert / req.weight_shards, te / req.weight_shards
     vae = sizes.vae_params_b * 1e9 * BYTES[vae_dtype] / GIB
     batch = 2 if (req.batched_cfg and req.guided) else 1
-    act = ACT_FIXED_GIB + ACT_GIB_PER_TOKEN * tokens(sizes, req) * batch
+    act = ACT_FIXED_GIB + ACT_GIB_PER_TOKEN * tokens(sizes, req) * batch / req.sequence_parallel
     # Offloaded experts stream block by block: a few blocks in flight plus the non-block weights.
     expert_on_gpu = {"resident": expert, "swap": expert, "offload": expert * 0.06}[mech.experts]
     resident_experts = expert * sizes.experts if mech.experts == "resident" else 0.0
@@ -213,9 +219,29 @@ def _inputs(cfg) -> tuple[ModelSizes, Request, Mechanisms, float, float, str]:
     width, height = parse_size(cfg.size or model.sizes[0])
     guided = (cfg.guidance if cfg.guidance is not None else model.guidance) > 1.0
     req = Request(width, height, cfg.frames or model.frames, cfg.hardware.speed.cfg == "batched", guided)
+    if (layout := parallel_layout(cfg)) is not None:
+        req = replace(req, sequence_parallel=layout.sequence, weight_shards=layout.world if layout.shard else 1)
     profile = Mechanisms(mem.experts, mem.weight_dtype, mem.text_encoder, mem.vae_tiling)
     budget, source = vram_budget(cfg)
     return model_sizes(model.family), req, profile, budget, mem.host_ram_gb or host_ram_gb(), source
+
+
+def parallel_layout(cfg):
+    """How this torchrun group splits the request (None in a single process); a split the model cannot take
+    is an error here, before anything loads."""
+    from wan_opt import parallel
+    from wan_opt.request import parse_size
+
+    if parallel.world_size() == 1:
+        return None
+    model = cfg.model
+    sizes = model_sizes(model.family)
+    width, height = parse_size(cfg.size or model.sizes[0])
+    guidance = [cfg.guidance if cfg.guidance is not None else model.guidance,
+                cfg.guidance_2 if cfg.guidance_2 is not None else model.guidance_2]
+    count = tokens(sizes, Request(width, height, cfg.frames or model.frames))
+    return parallel.plan_layout(parallel.world_size(), cfg.hardware.parallel, sizes.attention_heads, count,
+                                any(g is not None and g > 1.0 for g in guidance), model.name)
 
 
 CUDA_CONTEXT_GIB = 0.5  # what this process's CUDA context will take of the free memory

@@ -1,0 +1,132 @@
+"""Several processes (gloo on the CPU, as torchrun starts them): the split result equals the single-process one."""
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+from omegaconf import OmegaConf
+
+from wan_opt.errors import WanOptError
+from wan_opt.hardware import infer_profile, load_profiles
+from wan_opt.parallel import Layout, plan_layout
+
+ROOT = Path(__file__).resolve().parent.parent
+CALL = dict(prompt="a red fox in the snow", negative_prompt="blurry, static", height=64, width=96, num_frames=9,
+            num_inference_steps=4, guidance_scale=4.0, guidance_scale_2=3.0, output_type="np")
+PARALLEL = OmegaConf.create({"gpus": 1, "sequence": "ulysses", "cfg_parallel": True, "shard": False})
+
+
+def layout(world, guided=True, heads=40, tokens=75_600, **knobs):
+    return plan_layout(world, OmegaConf.merge(PARALLEL, knobs), heads, tokens, guided, "wan22_t2v_a14b")
+
+
+def test_eight_gpus_run_the_branches_on_two_groups_of_four():
+    assert layout(8) == Layout(world=8, cfg=2, ring=1, ulysses=4, shard=False)
+    assert layout(8, guided=False) == Layout(8, 1, 1, 8, False)  # the distilled preset has one branch
+    assert layout(8, cfg_parallel=False, sequence="ring") == Layout(8, 1, 8, 1, False)
+    assert layout(2) == Layout(2, 2, 1, 1, False)
+
+
+def test_a_ulysses_degree_that_does_not_divide_the_heads_is_named():
+    with pytest.raises(WanOptError, match="40 attention heads across 3 GPUs.*sequence=ring"):
+        layout(3)
+    with pytest.raises(WanOptError, match="24 attention heads across 5 GPUs"):
+        layout(5, heads=24, tokens=75_600 * 5)
+
+
+def test_tokens_that_do_not_split_evenly_are_named():
+    with pytest.raises(WanOptError, match="do not split evenly across 4 GPUs"):
+        layout(8, tokens=75_602)
+
+
+def test_a_torchrun_group_gets_its_multi_gpu_profile():
+    profiles = load_profiles()
+    assert infer_profile("NVIDIA H100 80GB HBM3", 79.2, (9, 0), profiles, gpus=8).profile == "h100x8"
+    assert infer_profile("NVIDIA H200", 139.8, (9, 0), profiles, gpus=8).profile == "h200x8"
+    assert infer_profile("NVIDIA A100-SXM4-80GB", 79.2, (8, 0), profiles, gpus=8).profile == "a100_80gbx8"
+    # No profile is written for two H100s: the single-GPU one, whose parallel defaults split the work.
+    assert infer_profile("NVIDIA H100 80GB HBM3", 79.2, (9, 0), profiles, gpus=2).profile == "h100"
+    assert infer_profile("NVIDIA H100 80GB HBM3", 79.2, (9, 0), profiles).profile == "h100"
+
+
+def test_the_planner_divides_activations_and_sharded_weights_per_gpu(monkeypatch):
+    from wan_opt.app import compose_config
+    from wan_opt.plan import plan_for_config
+
+    base = ["model=wan22_t2v_a14b", "hardware.memory.host_ram_gb=512"]
+    single, _ = plan_for_config(compose_config(base, hardware="h100"), [])
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    split, _ = plan_for_config(compose_config(base, hardware="h100x8"), [])
+    sharded, _ = plan_for_config(compose_config([*base, "hardware.parallel.shard=true"], hardware="h100x8"), [])
+    gain = single.stages["denoise_high_noise"] - split.stages["denoise_high_noise"]
+    assert gain == pytest.approx(0.75 * 1e-4 * 75_600, rel=0.05)  # three quarters of the activations
+    assert sharded.stages["denoise_high_noise"] < split.stages["denoise_high_noise"] - 40  # 7/8 of 54 GB of experts
+
+
+# ---------------------------------------------------------------------------------------------- gloo runs
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world: int, port: int, knobs: dict, out: str) -> None:
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    from diffusers import WanPipeline
+
+    from wan_opt import parallel
+    from wan_opt.pipeline import WanOptPipeline
+    from wan_opt.tiny import build_tiny_components
+
+    device = parallel.init("cpu")
+    pipe = WanOptPipeline.from_diffusers(WanPipeline(**build_tiny_components(seed=1), boundary_ratio=0.875))
+    split = plan_layout(world, OmegaConf.merge(PARALLEL, knobs), 2, 3 * 4 * 6, True, "tiny")
+    parallel.apply(pipe, split, parallel.build_mesh(split, device))
+    frames = pipe(**CALL, generator=torch.Generator().manual_seed(3)).frames
+    np.save(f"{out}.{rank}.npy", frames)
+    torch.distributed.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def single_process_frames():
+    from diffusers import WanPipeline
+
+    from wan_opt.pipeline import WanOptPipeline
+    from wan_opt.tiny import build_tiny_components
+
+    pipe = WanOptPipeline.from_diffusers(WanPipeline(**build_tiny_components(seed=1), boundary_ratio=0.875))
+    return pipe(**CALL, generator=torch.Generator().manual_seed(3)).frames
+
+
+@pytest.mark.parametrize("knobs", [
+    {"cfg_parallel": True},                                   # the two branches on two processes
+    {"cfg_parallel": False},                                  # Ulysses: the tokens split in two
+    {"cfg_parallel": False, "shard": True},                   # Ulysses over FSDP2-sharded experts
+], ids=["cfg-parallel", "ulysses", "ulysses+fsdp2"])
+def test_two_processes_give_the_single_process_video(knobs, single_process_frames, tmp_path):
+    mp.spawn(_worker, args=(2, _free_port(), knobs, str(tmp_path / "frames")), nprocs=2, join=True)
+    for rank in range(2):
+        frames = np.load(tmp_path / f"frames.{rank}.npy")
+        assert np.abs(frames - single_process_frames).max() < 1e-5, rank
+
+
+@pytest.mark.slow
+def test_torchrun_writes_one_video_from_rank_0(tmp_path):
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+               str(_free_port()), str(ROOT / "run.py"), "hardware=cpu", "model=tiny", "prompt=a red fox",
+               "steps=2", "size=96*64", "frames=9", f"hydra.run.dir={tmp_path / 'run'}"]
+    done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    videos = list((tmp_path / "run").glob("*.mp4"))
+    assert len(videos) == 1
+    sidecar = json.loads(videos[0].with_suffix(".json").read_text())
+    assert sidecar["parallel"] == {"world": 2, "cfg": 2, "ring": 1, "ulysses": 1, "shard": False}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # rank 1 left nothing behind
