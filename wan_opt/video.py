@@ -6,7 +6,7 @@ import os
 import re
 import unicodedata
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import numpy as np
 
@@ -46,21 +46,25 @@ def _partial(path: Path) -> Path:
     return path.with_name(f".{path.stem}.partial-{os.getpid()}{path.suffix}")
 
 
-def write_video(frames: np.ndarray, path: Path, fps: int) -> Path:
-    """Encode `frames` (F, H, W, 3) in [0, 1] as H.264 mp4, verify it reads back, then give it its name."""
+def write_video(frames: Iterable[np.ndarray], path: Path, fps: float, preset: str | None = None) -> Path:
+    """Encode `frames` ((H, W, 3) each, in [0, 1]; an (F, H, W, 3) array or any iterable, e.g. a generator
+    that computes them while ffmpeg encodes the previous ones) as H.264 mp4, verify it reads back, then give
+    it its name. `preset` is x264's speed/size trade-off (None: ffmpeg's default, "medium")."""
     import imageio.v2 as imageio
 
     tmp = _partial(path)
-    pixels = (np.clip(frames, 0.0, 1.0) * 255).round().astype(np.uint8)
+    count = 0
     try:
+        extra = {"ffmpeg_params": ["-preset", preset]} if preset else {}
         with imageio.get_writer(tmp, fps=fps, codec="libx264", quality=8, macro_block_size=1,
-                                ffmpeg_log_level="error") as writer:
-            for frame in pixels:
-                writer.append_data(frame)
+                                ffmpeg_log_level="error", **extra) as writer:
+            for frame in frames:
+                writer.append_data((np.clip(frame, 0.0, 1.0) * 255).round().astype(np.uint8))
+                count += 1
         with imageio.get_reader(tmp) as reader:
             written = reader.count_frames()
-        if written != len(pixels):
-            raise OSError(f"the encoder wrote {written} of {len(pixels)} frames")
+        if written != count:
+            raise OSError(f"the encoder wrote {written} of {count} frames")
         os.replace(tmp, path)
     except Exception as exc:
         tmp.unlink(missing_ok=True)
