@@ -15,11 +15,13 @@ def test_a14b_flops_match_the_baseline_arithmetic():
 def test_tiny_smoke_writes_a_report(tmp_path):
     truncated = "cpu,hardware.speed.cfg_truncation=0.5"
     fp8 = "cpu,hardware.memory.weight_dtype=float8_e4m3fn,hardware.speed.fp8_matmul=true"
-    assert main(["--tiny", "--profiles", fp8, "cpu", "h100", truncated, "--steps", "3", "--out", str(tmp_path)]) == 0
+    fused = "cpu,hardware.speed.fuse_qkv=true"
+    runs = [fp8, "cpu", fused, "h100", truncated]
+    assert main(["--tiny", "--profiles", *runs, "--steps", "3", "--out", str(tmp_path)]) == 0
     [path] = tmp_path.glob("bench_tiny-cpu_*.json")
     report = json.loads(path.read_text())
-    # The fp8 run quantizes the shared experts, so it runs last whatever its place on the command line.
-    assert list(report["runs"]) == ["diffusers", "cpu", "h100", truncated, fp8]
+    # Runs that rewrite the shared experts go last whatever their place on the command line: fusing, then fp8.
+    assert list(report["runs"]) == ["diffusers", "cpu", "h100", truncated, fused, fp8]
     lossless = {k: v for k, v in report["runs"].items() if k not in (truncated, fp8)}
     for name, run in lossless.items():
         assert len(run["step_seconds"]) == 3 and run["seconds_per_cfg_step"] > 0 and run["speedup"] > 0

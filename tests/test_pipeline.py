@@ -113,3 +113,29 @@ def test_cpu_memory_policy_is_a_no_op_on_cpu():
     assert policy.load_device("transformer_2", torch.device("cpu")).type == "cpu"
     pipe = WanOptPipeline.from_diffusers(WanPipeline(**components, boundary_ratio=0.875), memory=policy)
     assert pipe.expert_swapper is None
+
+
+def test_fused_qkv_gives_the_same_video_with_no_extra_weights():
+    from diffusers.models.transformers.transformer_wan import WanAttention
+
+    pipe = diffusers_pipe("t2v_a14b")
+    reference = WanOptPipeline.from_diffusers(pipe)(**CALL, generator=torch.Generator().manual_seed(3)).frames
+    params = sum(p.numel() for p in pipe.transformer.parameters())
+    fused = WanOptPipeline.from_diffusers(pipe, speed=SpeedPolicy(fuse_qkv=True))
+    for expert in fused.experts():
+        attentions = [m for m in expert.modules() if isinstance(m, WanAttention)]
+        assert attentions and all(m.fused_projections for m in attentions)
+        assert all(not hasattr(m, "to_k") for m in attentions)
+    assert sum(p.numel() for p in pipe.transformer.parameters()) == params  # the separate layers are gone
+    assert rel_l2(fused(**CALL, generator=torch.Generator().manual_seed(3)).frames, reference) < 1e-5
+
+
+def test_fused_qkv_then_fp8_storage_quantizes_the_fused_layers():
+    from wan_opt.fp8 import Fp8Linear
+
+    pipe = diffusers_pipe("t2v_a14b")
+    ours = WanOptPipeline.from_diffusers(pipe, memory=MemoryPolicy(weight_dtype="float8_e4m3fn", compute_dtype="float32"),
+                                         speed=SpeedPolicy(fuse_qkv=True))
+    assert isinstance(ours.transformer.blocks[0].attn1.to_qkv, Fp8Linear)
+    assert isinstance(ours.transformer.blocks[0].attn2.to_kv, Fp8Linear)
+    assert ours(**CALL, generator=torch.Generator().manual_seed(3)).frames.shape[1] == CALL["num_frames"]

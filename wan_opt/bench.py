@@ -104,8 +104,8 @@ def run_configs(args) -> dict:
     """Each `--profiles` entry composed and checked before anything is built, in the order they will run.
 
     An entry is a profile name, optionally followed by overrides for that run alone:
-    `h100,hardware.speed.cfg_truncation=0.25`. Runs that store the shared experts in fp8 quantize them in
-    place, so they go last.
+    `h100,hardware.speed.cfg_truncation=0.25`. Runs that rewrite the shared experts in place go last: those
+    that fuse QKV, then those that store them in fp8.
     """
     from wan_opt.app import compose_config, validate_choices
 
@@ -114,7 +114,10 @@ def run_configs(args) -> dict:
         profile, *own = spec.split(",")
         configs[spec] = cfg = compose_config([*args.override, *own], hardware=profile)
         validate_choices(cfg)
-    return dict(sorted(configs.items(), key=lambda item: item[1].hardware.memory.weight_dtype.startswith("float8")))
+    def rewrites(cfg) -> int:  # 0: leaves the weights alone; 1: fuses QKV; 2: quantizes to fp8
+        return 2 * cfg.hardware.memory.weight_dtype.startswith("float8") + bool(cfg.hardware.speed.fuse_qkv)
+
+    return dict(sorted(configs.items(), key=lambda item: rewrites(item[1])))
 
 
 def profile_run(pipe, cfg, args, device: torch.device) -> dict:

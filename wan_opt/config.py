@@ -66,6 +66,7 @@ class SpeedConfig:
     compile_cache_dir: str = "~/.cache/wan-opt/inductor"  # kept across processes: later runs skip most compiling
     tf32: bool = False
     cfg: str = "sequential"  # sequential | batched
+    fuse_qkv: bool = False  # one GEMM for Q, K and V (K and V in cross-attention): same math, fewer launches
     fp8_matmul: bool = False  # fp8 tensor-core GEMMs on fp8-stored weights (Ada, Hopper); changes the result a little
     # Fewer forwards (each changes the result a little; the benchmark reports by how much):
     cfg_truncation: float = 0.0  # fraction of the last steps that skip the unconditional pass (low-noise expert only)

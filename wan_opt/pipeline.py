@@ -84,6 +84,7 @@ class WanOptPipeline:
         return pipeline_from_config(cfg)
 
     def apply_policies(self) -> None:
+        self.speed.fuse(self.experts())  # first: fp8 storage and offloading take the weights over
         self.memory.prepare(self, self.device)
         self.speed.apply(self.experts(), self.device)
 
