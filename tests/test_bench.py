@@ -33,3 +33,12 @@ def test_tiny_smoke_writes_a_report(tmp_path):
     assert 1e-4 < report["runs"][fp8]["forward_rel_l2"] < 0.1
     chart = path.with_suffix(".png")
     assert chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_no_decode_compares_latents_and_skips_the_vae(tmp_path):
+    assert main(["--tiny", "--profiles", "cpu", "--steps", "2", "--no-decode", "--out", str(tmp_path)]) == 0
+    [path] = tmp_path.glob("bench_tiny-cpu_*.json")
+    report = json.loads(path.read_text())
+    assert report["frames_rel_l2_of"] == "latents"
+    assert all("vae_decode" not in run["stage_seconds"] for run in report["runs"].values())
+    assert report["runs"]["cpu"]["frames_rel_l2"] < 1e-5

@@ -1,10 +1,11 @@
-"""The memory mechanisms on a real CUDA device, with the tiny model: each gives the resident result."""
+"""The memory and speed mechanisms on a real CUDA device, with the tiny model, against their plain results."""
 import numpy as np
 import pytest
 import torch
 
 from wan_opt.memory import MemoryPolicy
 from wan_opt.pipeline import WanOptPipeline
+from wan_opt.speed import SpeedPolicy
 from wan_opt.tiny import build_tiny_components
 
 pytestmark = [pytest.mark.gpu,
@@ -13,11 +14,11 @@ CALL = dict(prompt="a red fox", negative_prompt="blurry", height=64, width=96, n
             num_inference_steps=6, guidance_scale=4.0, guidance_scale_2=3.0)
 
 
-def run(memory: MemoryPolicy) -> np.ndarray:
+def run(memory: MemoryPolicy, speed: SpeedPolicy | None = None) -> np.ndarray:
     components = build_tiny_components(seed=2)
     for name in ("transformer", "transformer_2", "text_encoder", "vae"):
         components[name].to(memory.load_device(name, torch.device("cuda")))
-    pipe = WanOptPipeline(**components, boundary_ratio=0.875, memory=memory, device="cuda")
+    pipe = WanOptPipeline(**components, boundary_ratio=0.875, memory=memory, speed=speed, device="cuda")
     pipe.apply_policies()
     return pipe(**CALL, generator=torch.Generator().manual_seed(0)).frames
 
@@ -72,3 +73,19 @@ def test_fp8_matmul_on_tensor_cores_stays_close_to_bf16():
     layer = Fp8Linear(linear, fp8_matmul=True)
     out, reference = layer(x).float(), linear(x).float()
     assert ((out - reference).norm() / reference.norm()).item() < 0.08
+
+
+FP32 = dict(weight_dtype="float32", compute_dtype="float32", text_encoder="gpu")
+
+
+@pytest.mark.parametrize("knobs", [
+    dict(),
+    dict(fuse_qkv=True),
+    dict(step_cache="first_block", step_cache_threshold=0.5),
+    dict(step_cache="taylorseer", step_cache_interval=2),
+    dict(cfg_truncation=0.5),
+], ids=["plain", "fuse_qkv", "first_block", "taylorseer", "cfg_truncation"])
+def test_regional_compile_keeps_each_speed_knobs_result(knobs, tmp_path):
+    eager = run(MemoryPolicy(**FP32), SpeedPolicy(**knobs))
+    compiled = run(MemoryPolicy(**FP32), SpeedPolicy(compile="regional", compile_cache_dir=str(tmp_path), **knobs))
+    assert np.isfinite(compiled).all() and rel_l2(compiled, eager) < 1e-3

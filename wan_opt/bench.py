@@ -69,7 +69,8 @@ def run_request(call, args, device: torch.device) -> dict:
     torch.cuda.reset_peak_memory_stats() if device.type == "cuda" else None
     out, seconds = timed(lambda: call(PROMPT, negative_prompt=NEGATIVE, height=height, width=width,
                                       num_frames=args.frames, num_inference_steps=args.steps, guidance_scale=4.0,
-                                      guidance_scale_2=3.0, generator=torch.Generator().manual_seed(0)), device)
+                                      guidance_scale_2=3.0, generator=torch.Generator().manual_seed(0),
+                                      output_type="np" if args.decode else "latent"), device)
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
     return {"out": out, "seconds": seconds, "peak_gib": peak}
 
@@ -89,14 +90,16 @@ def baseline(pipe, args, device: torch.device) -> dict:
 
     def call(*a, **kw):
         start[0] = time.perf_counter()
-        return pipe(*a, output_type="np", callback_on_step_end=on_step_end, **kw).frames
+        return pipe(*a, callback_on_step_end=on_step_end, **kw).frames
 
     result = run_request(call, args, device)
     steps = np.diff([start[0], *marks]).tolist()
     steps[0] = max(steps[0] - encode, 0.0)
-    decode = start[0] + result["seconds"] - marks[-1]
-    result.update(frames=result.pop("out"), step_seconds=steps,
-                  stage_seconds={"text_encoding": encode, "denoise": float(sum(steps)), "vae_decode": decode})
+    stages = {"text_encoding": encode, "denoise": float(sum(steps))}
+    if args.decode:
+        stages["vae_decode"] = start[0] + result["seconds"] - marks[-1]
+    result.update(frames=result.pop("out").float().cpu() if not args.decode else result.pop("out"),
+                  step_seconds=steps, stage_seconds=stages)
     return result
 
 
@@ -136,7 +139,8 @@ def profile_run(pipe, cfg, args, device: torch.device) -> dict:
         if expert.is_cache_enabled:
             expert.disable_cache()
     out = result.pop("out")
-    result.update(frames=out.frames, step_seconds=out.step_seconds, stage_seconds=out.stage_seconds)
+    frames = out.frames if args.decode else out.frames.float().cpu()  # latents stay on the GPU otherwise
+    result.update(frames=frames, step_seconds=out.step_seconds, stage_seconds=out.stage_seconds)
     return result
 
 
@@ -149,6 +153,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1, help="untimed 2-step runs per profile (compile)")
     parser.add_argument("--override", nargs="*", default=[], help="config overrides for every profile")
+    parser.add_argument("--decode", action=argparse.BooleanOptionalAction, default=True,
+                        help="decode every run's latents (--no-decode: compare latents, skip the VAE's time)")
     parser.add_argument("--tiny", action="store_true", help="the tiny model on the CPU: a smoke test of this code")
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args(argv)
@@ -189,7 +195,8 @@ def summarize(rows: dict, args, step_flops: float, device: torch.device) -> dict
     report = {"command": " ".join(["python -m wan_opt.bench", *sys.argv[1:]]), "size": args.size,
               "frames": args.frames, "steps": args.steps, "device": torch.cuda.get_device_name(0)
               if device.type == "cuda" else "cpu", "versions": library_versions(),
-              "cfg_step_tflop": step_flops / 1e12, "runs": {}}
+              "cfg_step_tflop": step_flops / 1e12, "frames_rel_l2_of": "frames" if args.decode else "latents",
+              "runs": {}}
     for name, row in rows.items():
         step = float(np.median(row["step_seconds"]))
         report["runs"][name] = {
