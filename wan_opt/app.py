@@ -110,13 +110,21 @@ def check_device(cfg: DictConfig) -> None:
     if cfg.hardware.device == "cuda" and not torch.cuda.is_available():
         raise WanOptError(f"Profile {cfg.hardware.name} needs a CUDA GPU and none is visible: "
                           f"pass hardware=cpu, or run on a machine with a GPU.")
-    if cfg.hardware.device == "cuda" and cfg.hardware.speed.fp8_matmul:
+    speed = cfg.hardware.speed
+    fp8_knobs = [k for k, on in (("fp8_matmul=true", speed.fp8_matmul), ("attention=fp8", speed.attention == "fp8"))
+                 if on]
+    if fp8_knobs:
         from wan_opt.fp8 import has_fp8_matmul
+        from wan_opt.fp8_attention import triton_available
 
-        capability = torch.cuda.get_device_capability()
+        capability = torch.cuda.get_device_capability() if cfg.hardware.device == "cuda" else (0, 0)
         if not has_fp8_matmul(capability):
-            raise WanOptError(f"hardware.speed.fp8_matmul needs fp8 tensor cores (Ada or Hopper, compute capability "
-                              f"8.9+) and this GPU is {capability[0]}.{capability[1]}: set hardware.speed.fp8_matmul=false.")
+            where = "there is no GPU" if cfg.hardware.device != "cuda" else f"this GPU is {capability[0]}.{capability[1]}"
+            raise WanOptError(f"hardware.speed.{fp8_knobs[0]} needs fp8 tensor cores (Ada or Hopper, compute "
+                              f"capability 8.9+) and {where}: drop it.")
+        if speed.attention == "fp8" and not triton_available():
+            raise WanOptError("hardware.speed.attention=fp8 runs a Triton kernel and triton is not installed: "
+                              "pip install triton, or pass hardware.speed.attention=auto.")
 
 
 def check_parallel(cfg: DictConfig) -> None:

@@ -84,7 +84,11 @@ class SpeedPolicy:
                 expert.enable_cache(self.cache_config())
             if device.type != "cuda":
                 continue  # the kernel choices below are CUDA's; on a CPU PyTorch's defaults stand
-            if self.attention != "auto":
+            if self.attention == "fp8":
+                from wan_opt.fp8_attention import use_fp8_attention
+
+                use_fp8_attention(expert)
+            elif self.attention != "auto":
                 expert.set_attention_backend(ATTENTION_BACKENDS[self.attention])
             # The cache hooks decide in Python whether to run a block, which breaks the graph there.
             fullgraph = self.step_cache == "none"

@@ -1,0 +1,89 @@
+"""The fp8 attention kernel, run by Triton's interpreter on the CPU (the same kernel code the GPU compiles).
+
+Without a GPU, tests/conftest.py switches Triton to its interpreter before anything imports it; with one,
+these tests run the compiled kernel on it (fp8 tensor cores needed).
+"""
+import pytest
+import torch
+
+pytest.importorskip("triton", reason="the kernel is Triton code")
+
+from diffusers import WanTransformer3DModel  # noqa: E402
+
+from wan_opt import fp8_attention as kernel  # noqa: E402
+from wan_opt.app import check_device, compose_config  # noqa: E402
+from wan_opt.errors import WanOptError  # noqa: E402
+from wan_opt.fp8 import has_fp8_matmul  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+if DEVICE == "cuda" and not has_fp8_matmul(torch.cuda.get_device_capability()):
+    pytest.skip("needs fp8 tensor cores (Ada or Hopper)", allow_module_level=True)
+DTYPE = torch.bfloat16 if DEVICE == "cuda" else torch.float32
+
+
+def randn(*shape):
+    return torch.randn(*shape, device=DEVICE, dtype=DTYPE)
+
+
+def sdpa(q, k, v):
+    return torch.nn.functional.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v))).transpose(1, 2)
+
+
+def rel_l2(a, b) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+@pytest.mark.parametrize("tokens, head_dim", [(200, 64), (128, 128), (75, 128)])
+def test_matches_exact_attention_within_fp8_rounding(tokens, head_dim):
+    torch.manual_seed(0)
+    q, k, v = (randn(2, tokens, 3, head_dim) for _ in range(3))
+    out = kernel.fp8_attention(q, k, v)
+    assert out.shape == q.shape
+    # Random Gaussian Q, K, V are the hard case for e4m3 (3 mantissa bits at each of Q, K, P and V).
+    assert rel_l2(out, sdpa(q, k, v)) < 0.09
+
+
+def test_a_shared_offset_in_the_keys_costs_nothing():
+    """Smoothing K: an offset common to all keys moves every score of a query equally, which softmax ignores,
+    but unsmoothed it would take the fp8 range from the part that matters."""
+    torch.manual_seed(1)
+    q, k, v = (randn(1, 128, 2, 64) for _ in range(3))
+    plain = rel_l2(kernel.fp8_attention(q, k, v), sdpa(q, k, v))
+    shifted = rel_l2(kernel.fp8_attention(q, k + 20.0, v), sdpa(q, k + 20.0, v))
+    assert shifted < 1.5 * plain
+
+
+def test_padded_keys_are_masked():
+    """75 tokens run in one 128-token tile: the 53 padded keys must get no weight."""
+    torch.manual_seed(2)
+    q, k = randn(1, 75, 1, 64), randn(1, 75, 1, 64)
+    v = torch.ones_like(q)  # any convex combination of ones is one
+    assert torch.allclose(kernel.fp8_attention(q, k, v).float(), torch.ones_like(v).float(), atol=0.07)
+
+
+def test_the_processor_runs_the_self_attention_only():
+    torch.manual_seed(3)
+    config = dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=64, in_channels=16,
+                  out_channels=16, text_dim=32, freq_dim=32, ffn_dim=64, num_layers=2, cross_attn_norm=True,
+                  qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024)
+    model = WanTransformer3DModel(**config).eval().to(DEVICE, DTYPE)
+    x, t, ctx = randn(1, 16, 3, 8, 12), torch.tensor([700.0], device=DEVICE), randn(1, 16, 32)
+    with torch.no_grad():
+        reference = model(x, t, ctx, return_dict=False)[0]
+        assert kernel.use_fp8_attention(model) == 2
+        assert isinstance(model.blocks[0].attn1.processor, kernel.Fp8SelfAttnProcessor)
+        calls = []
+        original = kernel.fp8_attention
+        kernel.fp8_attention = lambda *a: calls.append(a[0].shape) or original(*a)
+        try:
+            out = model(x, t, ctx, return_dict=False)[0]
+        finally:
+            kernel.fp8_attention = original
+    assert calls == [(1, 72, 2, 64)] * 2  # the self-attention of each block; cross-attention stays on SDPA
+    assert 0 < rel_l2(out, reference) < 0.1
+
+
+def test_fp8_attention_without_fp8_tensor_cores_is_named():
+    cfg = compose_config(["hardware.speed.attention=fp8"], hardware="cpu")
+    with pytest.raises(WanOptError, match="attention=fp8 needs fp8 tensor cores"):
+        check_device(cfg)

@@ -1,0 +1,109 @@
+"""Self-attention on fp8 tensor cores: a Triton kernel with per-block scales, in the spirit of SageAttention.
+
+Before the kernel, in PyTorch:
+- K is smoothed: its mean over the tokens is subtracted, per head. Every query's scores then shift by one
+  constant, which softmax ignores, and the outliers that the mean carries no longer set K's fp8 scale.
+- Q and K are quantised to e4m3 per block of tokens (one scale per 128 queries, per 64 or 128 keys);
+- V is quantised per channel (one scale per head dimension), transposed so that each block of keys is
+  contiguous along the reduction, as Hopper's fp8 MMA wants its second operand.
+The kernel is a flash-attention forward: S = Q K^T in fp8 with fp32 accumulation, rescaled by the two block
+scales; an online softmax in fp32; P quantised to e4m3 with the fixed scale 448 (P is in [0, 1]); P V in fp8
+with fp32 accumulation; the output rescaled by V's channel scales, in bf16.
+
+Only the self-attention of each block (75,600 tokens at 720p, ~63% of the FLOPs) runs here; the
+cross-attention over 512 text tokens stays on PyTorch's attention.
+"""
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+
+import torch
+from diffusers.models.transformers.transformer_wan import WanAttnProcessor, _get_qkv_projections
+
+FP8 = torch.float8_e4m3fn
+FP8_MAX = 448.0
+BLOCK_M = 128  # queries per program, and the granularity of Q's scales
+HEAD_DIMS = (64, 128)  # A14B and TI2V-5B use 128; the kernel's tile shapes need a power of two >= 16
+
+
+def triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def _block_scales(x: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, H, N, D) with N a multiple of `block` -> e4m3 values and one float32 scale per block of tokens."""
+    b, h, n, d = x.shape
+    blocks = x.reshape(b, h, n // block, block * d).float()
+    scale = (blocks.abs().amax(dim=-1) / FP8_MAX).clamp(min=1e-12)
+    return (blocks / scale[..., None]).to(FP8).view(b, h, n, d), scale.contiguous()
+
+
+def quantize_qkv(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, block_n: int):
+    """Queries, keys and values as diffusers passes them, (B, N, H, D), to the kernel's fp8 operands."""
+    n = query.shape[1]
+    padded = math.ceil(n / BLOCK_M) * BLOCK_M  # BLOCK_M is a multiple of every block_n
+    q, k, v = (torch.nn.functional.pad(t.transpose(1, 2), (0, 0, 0, padded - n)) for t in (query, key, value))
+    k = k - k[:, :, :n].mean(dim=2, keepdim=True)  # smoothing; the padded keys are masked in the kernel
+    q8, q_scale = _block_scales(q, BLOCK_M)
+    k8, k_scale = _block_scales(k, block_n)
+    v_scale = (v.abs().amax(dim=2).float() / FP8_MAX).clamp(min=1e-12)  # (B, H, D)
+    vt8 = (v.float() / v_scale[:, :, None, :]).to(FP8).transpose(2, 3).contiguous()  # (B, H, D, N)
+    return q8.contiguous(), q_scale, k8.contiguous(), k_scale, vt8, v_scale.contiguous(), padded
+
+
+def fp8_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                  block_n: int | None = None) -> torch.Tensor:
+    """Softmax attention of (B, N, H, D) tensors (no mask, no dropout), returned as (B, N, H, D)."""
+    import triton
+
+    from wan_opt._fp8_attention_kernel import fp8_attention_kernel
+
+    b, n, h, d = query.shape
+    if d not in HEAD_DIMS:
+        raise ValueError(f"the fp8 attention kernel takes head dimensions {HEAD_DIMS}, not {d}")
+    block_n = block_n or (64 if os.environ.get("TRITON_INTERPRET") == "1" else 128)
+    q8, q_scale, k8, k_scale, vt8, v_scale, padded = quantize_qkv(query, key, value, block_n)
+    out = torch.empty_like(query)
+    grid = (triton.cdiv(padded, BLOCK_M), b * h)
+    fp8_attention_kernel[grid](
+        q8, k8, vt8, q_scale, k_scale, v_scale, out, 1.0 / math.sqrt(d), n, h, padded,
+        out.stride(0), out.stride(1), out.stride(2),
+        HEAD_DIM=d, BLOCK_M=BLOCK_M, BLOCK_N=block_n, num_warps=8, num_stages=3,
+    )
+    return out
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Wan's rotary embedding on interleaved pairs, as diffusers' WanAttnProcessor applies it."""
+    x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
+    cos, sin = cos[..., 0::2], sin[..., 1::2]
+    return torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2).type_as(x)
+
+
+class Fp8SelfAttnProcessor(WanAttnProcessor):
+    """diffusers' Wan attention processor with the self-attention on the fp8 kernel.
+
+    Cross-attention, image conditioning and context parallelism (whose split attention the kernel does
+    not do) go to diffusers' processor unchanged.
+    """
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
+        if (encoder_hidden_states is not None or attention_mask is not None or self._parallel_config is not None
+                or attn.add_k_proj is not None or hidden_states.shape[-1] // attn.heads not in HEAD_DIMS):
+            return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb)
+        query, key, value = _get_qkv_projections(attn, hidden_states, None)
+        query, key = attn.norm_q(query), attn.norm_k(key)
+        query, key, value = (t.unflatten(2, (attn.heads, -1)) for t in (query, key, value))
+        if rotary_emb is not None:
+            query, key = _rotate(query, *rotary_emb), _rotate(key, *rotary_emb)
+        out = fp8_attention(query, key, value).flatten(2, 3).type_as(query)
+        return attn.to_out[1](attn.to_out[0](out))
+
+
+def use_fp8_attention(expert: torch.nn.Module) -> int:
+    """Give each block's self-attention the fp8 processor; returns how many."""
+    for block in expert.blocks:
+        block.attn1.set_processor(Fp8SelfAttnProcessor())
+    return len(expert.blocks)
