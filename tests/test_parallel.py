@@ -118,6 +118,13 @@ def test_two_processes_give_the_single_process_video(knobs, single_process_frame
         assert np.abs(frames - single_process_frames).max() < 1e-5, rank
 
 
+def test_four_processes_split_both_ways(single_process_frames, tmp_path):
+    """Two guidance halves of two Ulysses ranks each: the layout of h100x8, at a size a CPU runs."""
+    mp.spawn(_worker, args=(4, _free_port(), {"cfg_parallel": True}, str(tmp_path / "frames")), nprocs=4, join=True)
+    frames = np.load(tmp_path / "frames.3.npy")
+    assert np.abs(frames - single_process_frames).max() < 1e-5
+
+
 @pytest.mark.slow
 def test_torchrun_writes_one_video_from_rank_0(tmp_path):
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
