@@ -16,13 +16,14 @@ def test_tiny_smoke_writes_a_report(tmp_path):
     truncated = "cpu,hardware.speed.cfg_truncation=0.5"
     fp8 = "cpu,hardware.memory.weight_dtype=float8_e4m3fn,hardware.speed.fp8_matmul=true"
     fused = "cpu,hardware.speed.fuse_qkv=true"
-    runs = [fp8, "cpu", fused, "h100", truncated]
+    unguided = "cpu,guidance=1,guidance_2=1,steps=4"  # as the distilled preset runs: one forward a step
+    runs = [fp8, "cpu", fused, "h100", truncated, unguided]
     assert main(["--tiny", "--profiles", *runs, "--steps", "3", "--out", str(tmp_path)]) == 0
     [path] = tmp_path.glob("bench_tiny-cpu_*.json")
     report = json.loads(path.read_text())
     # Runs that rewrite the shared experts go last whatever their place on the command line: fusing, then fp8.
-    assert list(report["runs"]) == ["diffusers", "cpu", "h100", truncated, fused, fp8]
-    lossless = {k: v for k, v in report["runs"].items() if k not in (truncated, fp8)}
+    assert list(report["runs"]) == ["diffusers", "cpu", "h100", truncated, unguided, fused, fp8]
+    lossless = {k: v for k, v in report["runs"].items() if k not in (truncated, fp8, unguided)}
     for name, run in lossless.items():
         assert len(run["step_seconds"]) == 3 and run["seconds_per_cfg_step"] > 0 and run["speedup"] > 0
         assert {"text_encoding", "vae_decode"} <= set(run["stage_seconds"])
@@ -31,6 +32,10 @@ def test_tiny_smoke_writes_a_report(tmp_path):
     # A knob that drops forwards is reported with its deviation, which is no longer zero.
     assert report["runs"][truncated]["frames_rel_l2"] > 1e-4
     assert 1e-4 < report["runs"][fp8]["forward_rel_l2"] < 0.1
+    # Whole requests are extrapolated to each run's own step count (the tiny model's 8, or the run's).
+    assert report["runs"]["diffusers"]["request_steps"] == 8 and report["runs"][unguided]["request_steps"] == 4
+    table = path.with_suffix(".md").read_text()
+    assert all(f"| `{name}` |" in table for name in report["runs"]) and "extrapolated" in table
     chart = path.with_suffix(".png")
     assert chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

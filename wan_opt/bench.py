@@ -63,13 +63,14 @@ def build(args, device: torch.device):
     return WanPipeline(**components, boundary_ratio=0.875).to(device), dit
 
 
-def run_request(call, args, device: torch.device) -> dict:
-    """Run one request, timing the whole call."""
+def run_request(call, args, device: torch.device, guidance: tuple[float, float] = (4.0, 3.0)) -> dict:
+    """Run one request, timing the whole call; the guidance is A14B's unless a run sets its own."""
     width, height = parse_size(args.size)
     torch.cuda.reset_peak_memory_stats() if device.type == "cuda" else None
     out, seconds = timed(lambda: call(PROMPT, negative_prompt=NEGATIVE, height=height, width=width,
-                                      num_frames=args.frames, num_inference_steps=args.steps, guidance_scale=4.0,
-                                      guidance_scale_2=3.0, generator=torch.Generator().manual_seed(0),
+                                      num_frames=args.frames, num_inference_steps=args.steps,
+                                      guidance_scale=guidance[0], guidance_scale_2=guidance[1],
+                                      generator=torch.Generator().manual_seed(0),
                                       output_type="np" if args.decode else "latent"), device)
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
     return {"out": out, "seconds": seconds, "peak_gib": peak}
@@ -107,20 +108,35 @@ def run_configs(args) -> dict:
     """Each `--profiles` entry composed and checked before anything is built, in the order they will run.
 
     An entry is a profile name, optionally followed by overrides for that run alone:
-    `h100,hardware.speed.cfg_truncation=0.25`. Runs that rewrite the shared experts in place go last: those
-    that fuse QKV, then those that store them in fp8.
+    `h100,hardware.speed.cfg_truncation=0.25`, or `h100,model=wan22_t2v_a14b_lightning` for the distilled
+    preset's guidance and step count (the weights stay the benchmark's: a fused LoRA costs no time). Runs
+    that rewrite the shared experts in place go last: those that fuse QKV, then those that store them in fp8.
     """
-    from wan_opt.app import compose_config, validate_choices
-
     configs = {}
     for spec in args.profiles:
         profile, *own = spec.split(",")
-        configs[spec] = cfg = compose_config([*args.override, *own], hardware=profile)
-        validate_choices(cfg)
+        configs[spec] = run_config(args, own, profile)
+
     def rewrites(cfg) -> int:  # 0: leaves the weights alone; 1: fuses QKV; 2: quantizes to fp8
         return 2 * cfg.hardware.memory.weight_dtype.startswith("float8") + bool(cfg.hardware.speed.fuse_qkv)
 
     return dict(sorted(configs.items(), key=lambda item: rewrites(item[1])))
+
+
+def run_config(args, overrides: list[str], profile: str = "cpu"):
+    """One run's composed config: the benchmarked model unless the run names another, checked."""
+    from wan_opt.app import compose_config, validate_choices
+
+    model = [] if any(o.startswith("model=") for o in overrides) else ["model=tiny" if args.tiny else "model=wan22_t2v_a14b"]
+    cfg = compose_config([*model, *args.override, *overrides], hardware=profile)
+    validate_choices(cfg)
+    return cfg
+
+
+def guidance_of(cfg) -> tuple[float, float]:
+    g = cfg.model.guidance if cfg.guidance is None else cfg.guidance
+    g2 = cfg.model.guidance_2 if cfg.guidance_2 is None else cfg.guidance_2
+    return float(g), float(g if g2 is None else g2)
 
 
 def profile_run(pipe, cfg, args, device: torch.device) -> dict:
@@ -137,8 +153,8 @@ def profile_run(pipe, cfg, args, device: torch.device) -> dict:
     backends = [(p, p._attention_backend) for _, procs in processors for p in procs.values()]
     ours = WanOptPipeline.from_diffusers(pipe, memory=memory, speed=speed)
     for _ in range(args.warmup):  # compile and autotune outside the timed call
-        run_request(ours, argparse.Namespace(**{**vars(args), "steps": 2}), device)
-    result = run_request(ours, args, device)
+        run_request(ours, argparse.Namespace(**{**vars(args), "steps": 2}), device, guidance_of(cfg))
+    result = run_request(ours, args, device, guidance_of(cfg))
     for expert, procs in processors:
         expert.set_attn_processor(procs)
         if expert.is_cache_enabled:
@@ -168,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.tiny:
         args.size, args.frames, args.warmup = "96*64", 9, 0
     device = torch.device("cpu" if args.tiny else "cuda")
-    configs = run_configs(args)
+    configs = {"diffusers": run_config(args, []), **run_configs(args)}
     torch.manual_seed(0)
     pipe, dit = build(args, device)
     width, height = parse_size(args.size)
@@ -185,20 +201,27 @@ def main(argv: list[str] | None = None) -> int:
         reference_forward = one_forward()
 
     rows = {"diffusers": baseline(pipe, args, device)}
-    for name, cfg in configs.items():
+    for name, cfg in list(configs.items())[1:]:
         result = profile_run(pipe, cfg, args, device)
         with torch.inference_mode():
             result["forward_rel_l2"] = rel_l2(one_forward(), reference_forward)
         rows[name] = result
-    report = summarize(rows, args, step_flops, device)
+    report = summarize(rows, configs, args, step_flops, device)
     write(report, args)
     return 0
 
 
-def summarize(rows: dict, args, step_flops: float, device: torch.device) -> dict:
+def request_seconds(stages: dict, step: float, steps: int) -> float:
+    """A whole request extrapolated from measured stages: encode, `steps` steps of the median measured step,
+    decode (when the benchmark decoded)."""
+    return stages.get("text_encoding", 0.0) + steps * step + stages.get("vae_decode", 0.0)
+
+
+def summarize(rows: dict, configs: dict, args, step_flops: float, device: torch.device) -> dict:
     from wan_opt.app import library_versions
     base = rows["diffusers"]
     base_step = float(np.median(base["step_seconds"]))
+    base_request = request_seconds(base["stage_seconds"], base_step, configs["diffusers"].model.steps)
     report = {"command": " ".join(["python -m wan_opt.bench", *sys.argv[1:]]), "size": args.size,
               "frames": args.frames, "steps": args.steps, "device": torch.cuda.get_device_name(0)
               if device.type == "cuda" else "cpu", "versions": library_versions(),
@@ -206,12 +229,18 @@ def summarize(rows: dict, args, step_flops: float, device: torch.device) -> dict
               "runs": {}}
     for name, row in rows.items():
         step = float(np.median(row["step_seconds"]))
+        steps = configs[name].steps or configs[name].model.steps
+        request = request_seconds(row["stage_seconds"], step, steps)
         report["runs"][name] = {
             "seconds_per_cfg_step": round(step, 4), "step_seconds": [round(s, 4) for s in row["step_seconds"]],
             "stage_seconds": {k: round(v, 3) for k, v in row.get("stage_seconds", {}).items()},
             "total_seconds": round(row["seconds"], 3), "tflops": round(step_flops / step / 1e12, 1),
             "peak_gpu_gib": None if row["peak_gib"] is None else round(row["peak_gib"], 2),
             "speedup": round(base_step / step, 3),
+            # Extrapolated, not measured: the model's own step count (40 for A14B, 4 distilled) at the
+            # median measured step, plus the measured encode and decode.
+            "request_steps": steps, "request_seconds_extrapolated": round(request, 2),
+            "request_speedup_extrapolated": round(base_request / request, 3),
             "forward_rel_l2": row.get("forward_rel_l2", 0.0),
             "frames_rel_l2": rel_l2(row["frames"], base["frames"]) if name != "diffusers" else 0.0,
         }
@@ -235,8 +264,22 @@ def write(report: dict, args) -> Path:
     path = out / f"bench_{tag}_{args.size.replace('*', 'x')}x{args.frames}.json"
     write_json(report, path)
     chart(report, path.with_suffix(".png"))
-    print(f"wrote {path} and {path.with_suffix('.png').name}")
+    path.with_suffix(".md").write_text(markdown(report))
+    print(f"wrote {path}, {path.with_suffix('.png').name} and {path.with_suffix('.md').name}")
     return path
+
+
+def markdown(report: dict) -> str:
+    """The report as a README table, each row with the command that reproduces it."""
+    lines = [f"{report['device']}, {report['size']} x {report['frames']} frames; per-step times measured over "
+             f"{report['steps']} steps, whole requests extrapolated from the measured stages.", "",
+             "| run | s / CFG step | speedup | steps | request (extrapolated) | forward rel L2 | "
+             f"{report['frames_rel_l2_of']} rel L2 |", "|---|---|---|---|---|---|---|"]
+    for name, r in report["runs"].items():
+        lines.append(f"| `{name}` | {r['seconds_per_cfg_step']:.2f} | {r['speedup']:.2f}x | {r['request_steps']} | "
+                     f"{r['request_seconds_extrapolated']:.0f} s ({r['request_speedup_extrapolated']:.2f}x) | "
+                     f"{r['forward_rel_l2']:.1e} | {r['frames_rel_l2']:.1e} |")
+    return "\n".join([*lines, "", f"`{report['command']}`", ""])
 
 
 STAGES = (("text_encoding", "text encoding"), ("denoise", "denoising"), ("denoise_high_noise", "high-noise expert"),
