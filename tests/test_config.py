@@ -6,7 +6,8 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ConfigKeyError
 
-from wan_opt.app import compose_config, validate_choices
+from wan_opt.app import compose_config
+from wan_opt.checks import validate_choices
 from wan_opt.config import CONF_DIR, OFFICIAL_NEGATIVE_PROMPT
 from wan_opt.errors import WanOptError
 

@@ -3,7 +3,8 @@ import pytest
 import torch
 from diffusers import FirstBlockCacheConfig, WanPipeline
 
-from wan_opt.app import compose_config, validate_choices
+from wan_opt.app import compose_config
+from wan_opt.checks import validate_choices
 from wan_opt.errors import WanOptError
 from wan_opt.pipeline import WanOptPipeline
 from wan_opt.speed import SpeedPolicy

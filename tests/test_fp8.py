@@ -3,7 +3,8 @@ import pytest
 import torch
 from diffusers import WanPipeline
 
-from wan_opt.app import compose_config, validate_choices
+from wan_opt.app import compose_config
+from wan_opt.checks import validate_choices
 from wan_opt.errors import WanOptError
 from wan_opt.fp8 import FP8, Fp8Linear, has_fp8_matmul, quantize_linears, quantize_rows, use_fp8_matmul
 from wan_opt.lora import LoraSpec, apply_lora

@@ -11,7 +11,8 @@ pytest.importorskip("triton", reason="the kernel is Triton code")
 from diffusers import WanTransformer3DModel  # noqa: E402
 
 from wan_opt import fp8_attention as kernel  # noqa: E402
-from wan_opt.app import check_device, compose_config  # noqa: E402
+from wan_opt.app import compose_config  # noqa: E402
+from wan_opt.checks import check_device  # noqa: E402
 from wan_opt.errors import WanOptError  # noqa: E402
 from wan_opt.fp8 import has_fp8_matmul  # noqa: E402
 

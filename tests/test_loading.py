@@ -7,7 +7,8 @@ import torch
 from diffusers import WanPipeline
 
 from tests.checkpoints import write_diffusers_checkpoint, write_original_checkpoint
-from wan_opt.app import check_request, compose_config, pipeline_from_config
+from wan_opt.app import compose_config, pipeline_from_config
+from wan_opt.checks import check_request
 from wan_opt.errors import WanOptError
 from wan_opt.layouts import check_checkpoint
 from wan_opt.pipeline import WanOptPipeline

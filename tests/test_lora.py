@@ -460,7 +460,8 @@ def test_the_cli_config_fuses_a_lora_into_each_expert(tmp_path):
 
 
 def test_a_lora_preset_without_its_files_is_rejected_before_loading():
-    from wan_opt.app import check_request, compose_config
+    from wan_opt.app import compose_config
+    from wan_opt.checks import check_request
 
     cfg = compose_config(["model=wan22_t2v_a14b_lightning", "model.random_weights=true", "prompt=x"],
                          hardware="cpu")

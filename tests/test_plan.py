@@ -121,7 +121,7 @@ def test_out_of_memory_falls_back_to_a_leaner_plan_and_says_so(tmp_path, monkeyp
                           "hardware.speed.compile=none"], hardware="h100")
     cfg.hardware.device = "cpu"
     cfg.model.family = "tiny"
-    monkeypatch.setattr("wan_opt.app.check_device", lambda cfg: None)
+    monkeypatch.setattr("wan_opt.checks.check_device", lambda cfg: None)
     path = run_job(cfg)
     sidecar = json.loads(path.with_suffix(".json").read_text())
     [fallback] = sidecar["memory_plan"]["fallbacks"]

@@ -3,7 +3,8 @@ import logging
 
 import pytest
 
-from wan_opt.app import check_request, compose_config
+from wan_opt.app import compose_config
+from wan_opt.checks import check_request
 from wan_opt.errors import WanOptError
 from wan_opt.request import nearest_valid_frames, parse_size
 

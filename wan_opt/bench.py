@@ -125,7 +125,8 @@ def run_configs(args) -> dict:
 
 def run_config(args, overrides: list[str], profile: str = "cpu"):
     """One run's composed config: the benchmarked model unless the run names another, checked."""
-    from wan_opt.app import compose_config, validate_choices
+    from wan_opt.app import compose_config
+    from wan_opt.checks import validate_choices
 
     model = [] if any(o.startswith("model=") for o in overrides) else ["model=tiny" if args.tiny else "model=wan22_t2v_a14b"]
     cfg = compose_config([*model, *args.override, *overrides], hardware=profile)

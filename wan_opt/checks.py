@@ -1,0 +1,94 @@
+"""Everything checked before anything slow starts: a wrong knob, a request the model cannot run, a device or
+GPU group that cannot do what the config asks, a missing checkpoint. Each failure is one WanOptError sentence.
+"""
+from __future__ import annotations
+
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from wan_opt.config import CHOICES
+from wan_opt.errors import WanOptError
+from wan_opt.request import GenerationRequest, check_lora_config, resolve_request
+
+
+def validate_choices(cfg: DictConfig) -> None:
+    """Knobs that take one of a few words or a range of values: name the wrong one and what it accepts."""
+    for key, allowed in CHOICES.items():
+        value = OmegaConf.select(cfg, key)
+        if value not in allowed:
+            raise WanOptError(f"{key}={value} is not one of: {', '.join(allowed)}.")
+    speed = cfg.hardware.speed
+    if not 0.0 <= speed.cfg_truncation < 1.0:
+        raise WanOptError(f"hardware.speed.cfg_truncation={speed.cfg_truncation} is not a fraction of the steps: "
+                          f"pass a value from 0 (off) up to, not including, 1.")
+    if speed.fp8_matmul and not cfg.hardware.memory.weight_dtype.startswith("float8"):
+        raise WanOptError("hardware.speed.fp8_matmul multiplies fp8-stored weights: "
+                          "set hardware.memory.weight_dtype=float8_e4m3fn too.")
+    if speed.step_cache_threshold <= 0 or speed.step_cache_interval < 1:
+        raise WanOptError("hardware.speed.step_cache_threshold must be above 0 and step_cache_interval at least 1.")
+
+
+def check_device(cfg: DictConfig) -> None:
+    import torch  # here, not at the top: input errors are reported without paying for the import
+
+    if cfg.hardware.device == "cuda" and not torch.cuda.is_available():
+        raise WanOptError(f"Profile {cfg.hardware.name} needs a CUDA GPU and none is visible: "
+                          f"pass hardware=cpu, or run on a machine with a GPU.")
+    speed = cfg.hardware.speed
+    fp8_knobs = [k for k, on in (("fp8_matmul=true", speed.fp8_matmul), ("attention=fp8", speed.attention == "fp8"))
+                 if on]
+    if fp8_knobs:
+        from wan_opt.fp8 import has_fp8_matmul
+        from wan_opt.fp8_attention import triton_available
+
+        capability = torch.cuda.get_device_capability() if cfg.hardware.device == "cuda" else (0, 0)
+        if not has_fp8_matmul(capability):
+            where = "there is no GPU" if cfg.hardware.device != "cuda" else f"this GPU is {capability[0]}.{capability[1]}"
+            raise WanOptError(f"hardware.speed.{fp8_knobs[0]} needs fp8 tensor cores (Ada or Hopper, compute "
+                              f"capability 8.9+) and {where}: drop it.")
+        if speed.attention == "fp8" and not triton_available():
+            raise WanOptError("hardware.speed.attention=fp8 runs a Triton kernel and triton is not installed: "
+                              "pip install triton, or pass hardware.speed.attention=auto.")
+
+
+def check_parallel(cfg: DictConfig) -> None:
+    """Under torchrun: what one process group cannot do, said before anything loads."""
+    from wan_opt import parallel
+    from wan_opt.plan import parallel_layout
+
+    if parallel.world_size() == 1:
+        return
+    if cfg.prompts or is_multirun():
+        raise WanOptError("Under torchrun wan-opt runs one request across the GPUs: run prompt files and sweeps "
+                          "in a single process, or one torchrun per request.")
+    layout = parallel_layout(cfg)
+    if layout.ring > 1 and cfg.hardware.device != "cuda":
+        raise WanOptError("Ring attention needs GPUs (it merges partial attention by log-sum-exp, which only the GPU "
+                          "kernels return): pass hardware.parallel.sequence=ulysses.")
+    if layout.shard and cfg.hardware.memory.experts != "resident":
+        raise WanOptError("hardware.parallel.shard=true keeps every expert on the GPUs, sharded: drop "
+                          f"hardware.memory.experts={cfg.hardware.memory.experts}.")
+
+
+def check_request(cfg: DictConfig) -> GenerationRequest:
+    """Every check that needs no weights: run before anything slow starts."""
+    validate_choices(cfg)
+    request = resolve_request(cfg)
+    if cfg.plan:
+        return request  # a plan needs neither a GPU nor a checkpoint
+    check_device(cfg)
+    check_parallel(cfg)
+    check_lora_config(cfg.model)
+    if cfg.model.family != "tiny" and not cfg.model.random_weights:
+        from wan_opt.layouts import check_checkpoint
+
+        if not cfg.model.ckpt_dir:
+            raise WanOptError(f"model={cfg.model.name} needs its weights: pass model.ckpt_dir=/path/to/checkpoint.")
+        check_checkpoint(cfg.model.ckpt_dir, cfg.model.family)
+    return request
+
+
+def is_multirun() -> bool:
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
