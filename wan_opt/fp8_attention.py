@@ -3,7 +3,7 @@
 Before the kernel, in PyTorch:
 - K is smoothed: its mean over the tokens is subtracted, per head. Every query's scores then shift by one
   constant, which softmax ignores, and the outliers that the mean carries no longer set K's fp8 scale.
-- Q and K are quantised to e4m3 per block of tokens (one scale per 128 queries, per 64 or 128 keys);
+- Q and K are quantised to e4m3 per block of 64 tokens (one scale each);
 - V is quantised per channel (one scale per head dimension), transposed so that each block of keys is
   contiguous along the reduction, as Hopper's fp8 MMA wants its second operand.
 The kernel is a flash-attention forward: S = Q K^T in fp8 with fp32 accumulation, rescaled by the two block
@@ -17,14 +17,14 @@ from __future__ import annotations
 
 import importlib.util
 import math
-import os
 
 import torch
 from diffusers.models.transformers.transformer_wan import WanAttnProcessor, _get_qkv_projections
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0
-BLOCK_M = 128  # queries per program, and the granularity of Q's scales
+SCALE_BLOCK = 64  # tokens per Q and K scale (the kernel's SCALE_BLOCK)
+PAD = 128  # sequences are padded to the largest tile, so that every tile shape the kernel tries divides them
 HEAD_DIMS = (64, 128)  # A14B and TI2V-5B use 128; the kernel's tile shapes need a power of two >= 16
 
 
@@ -40,21 +40,20 @@ def _block_scales(x: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tens
     return (blocks / scale[..., None]).to(FP8).view(b, h, n, d), scale.contiguous()
 
 
-def quantize_qkv(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, block_n: int):
+def quantize_qkv(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor):
     """Queries, keys and values as diffusers passes them, (B, N, H, D), to the kernel's fp8 operands."""
     n = query.shape[1]
-    padded = math.ceil(n / BLOCK_M) * BLOCK_M  # BLOCK_M is a multiple of every block_n
+    padded = math.ceil(n / PAD) * PAD
     q, k, v = (torch.nn.functional.pad(t.transpose(1, 2), (0, 0, 0, padded - n)) for t in (query, key, value))
     k = k - k[:, :, :n].mean(dim=2, keepdim=True)  # smoothing; the padded keys are masked in the kernel
-    q8, q_scale = _block_scales(q, BLOCK_M)
-    k8, k_scale = _block_scales(k, block_n)
+    q8, q_scale = _block_scales(q, SCALE_BLOCK)
+    k8, k_scale = _block_scales(k, SCALE_BLOCK)
     v_scale = (v.abs().amax(dim=2).float() / FP8_MAX).clamp(min=1e-12)  # (B, H, D)
     vt8 = (v.float() / v_scale[:, :, None, :]).to(FP8).transpose(2, 3).contiguous()  # (B, H, D, N)
     return q8.contiguous(), q_scale, k8.contiguous(), k_scale, vt8, v_scale.contiguous(), padded
 
 
-def fp8_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                  block_n: int | None = None) -> torch.Tensor:
+def fp8_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
     """Softmax attention of (B, N, H, D) tensors (no mask, no dropout), returned as (B, N, H, D)."""
     import triton
 
@@ -63,15 +62,11 @@ def fp8_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     b, n, h, d = query.shape
     if d not in HEAD_DIMS:
         raise ValueError(f"the fp8 attention kernel takes head dimensions {HEAD_DIMS}, not {d}")
-    block_n = block_n or (64 if os.environ.get("TRITON_INTERPRET") == "1" else 128)
-    q8, q_scale, k8, k_scale, vt8, v_scale, padded = quantize_qkv(query, key, value, block_n)
+    q8, q_scale, k8, k_scale, vt8, v_scale, padded = quantize_qkv(query, key, value)
     out = torch.empty_like(query)
-    grid = (triton.cdiv(padded, BLOCK_M), b * h)
-    fp8_attention_kernel[grid](
-        q8, k8, vt8, q_scale, k_scale, v_scale, out, 1.0 / math.sqrt(d), n, h, padded,
-        out.stride(0), out.stride(1), out.stride(2),
-        HEAD_DIM=d, BLOCK_M=BLOCK_M, BLOCK_N=block_n, num_warps=8, num_stages=3,
-    )
+    grid = lambda meta: (triton.cdiv(padded, meta["BLOCK_M"]), b * h)  # noqa: E731  the tile is autotuned
+    fp8_attention_kernel[grid](q8, k8, vt8, q_scale, k_scale, v_scale, out, 1.0 / math.sqrt(d), n, h, padded,
+                               out.stride(0), out.stride(1), out.stride(2), HEAD_DIM=d)
     return out
 
 

@@ -1,0 +1,71 @@
+"""Self-attention kernels at Wan's sizes on one GPU: PyTorch's bf16 SDPA (cuDNN on Hopper) against wan-opt's fp8 kernel.
+
+A14B's self-attention at 720p x 81 is 75,600 tokens, 40 heads of 128; at 480p x 81, 32,760 tokens. Reports
+TFLOP/s (4 N^2 d per head), milliseconds, and the fp8 kernel's relative L2 against bf16 SDPA, for the kernel
+alone and with the quantisation of Q, K and V before it.
+
+    python benchmarks/attention_kernels.py --tokens 75600 32760
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from wan_opt.app import library_versions  # noqa: E402
+from wan_opt.fp8_attention import fp8_attention, quantize_qkv  # noqa: E402
+
+
+def milliseconds(fn, repeat: int) -> float:
+    fn()  # compile, autotune, warm caches
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(repeat):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / repeat
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tokens", type=int, nargs="+", default=[75_600, 32_760])
+    parser.add_argument("--heads", type=int, default=40)
+    parser.add_argument("--head-dim", type=int, default=128)
+    parser.add_argument("--repeat", type=int, default=10)
+    parser.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
+    args = parser.parse_args()
+    record = {"command": " ".join(["python", *sys.argv]), "gpu": torch.cuda.get_device_name(0),
+              "versions": library_versions(), "runs": []}
+    for n in args.tokens:
+        gen = torch.Generator(device="cuda").manual_seed(0)
+        q, k, v = (torch.randn(1, n, args.heads, args.head_dim, device="cuda", dtype=torch.bfloat16, generator=gen)
+                   for _ in range(3))
+        flop = 4 * n * n * args.head_dim * args.heads
+        sdpa = lambda: F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v)))  # noqa: E731
+        reference = sdpa().transpose(1, 2).float()
+        out = fp8_attention(q, k, v).float()
+        run = {"tokens": n, "heads": args.heads, "head_dim": args.head_dim,
+               "sdpa_bf16_ms": milliseconds(sdpa, args.repeat),
+               "fp8_with_quantisation_ms": milliseconds(lambda: fp8_attention(q, k, v), args.repeat),
+               "quantisation_ms": milliseconds(lambda: quantize_qkv(q, k, v), args.repeat),
+               "fp8_rel_l2_vs_sdpa": float((out - reference).norm() / reference.norm())}
+        run["fp8_kernel_ms"] = run["fp8_with_quantisation_ms"] - run["quantisation_ms"]
+        for name in ("sdpa_bf16", "fp8_with_quantisation", "fp8_kernel"):
+            run[f"{name}_tflops"] = round(flop / run[f"{name}_ms"] / 1e9, 1)
+        record["runs"].append(run)
+        print(json.dumps(run), flush=True)
+    path = Path(args.out) / f"attention_kernels_{record['gpu'].replace(' ', '-')}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=2) + "\n")
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
