@@ -137,3 +137,17 @@ def test_torchrun_writes_one_video_from_rank_0(tmp_path):
     sidecar = json.loads(videos[0].with_suffix(".json").read_text())
     assert sidecar["parallel"] == {"world": 2, "cfg": 2, "ring": 1, "ulysses": 1, "shard": False}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # rank 1 left nothing behind
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["prompts=prompts.txt"], "run prompt files and sweeps in a single process"),
+    (["hardware.parallel.sequence=ring", "hardware.parallel.cfg_parallel=false"], "Ring attention needs GPUs"),
+    (["hardware.parallel.shard=true", "hardware.memory.experts=swap"], "keeps every expert on the GPUs"),
+])
+def test_what_a_torchrun_group_cannot_do_is_said_before_loading(overrides, message, monkeypatch):
+    from wan_opt.app import compose_config
+    from wan_opt.checks import check_parallel
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(WanOptError, match=message):
+        check_parallel(compose_config(["model=tiny", "prompt=x", *overrides], hardware="cpu"))
