@@ -34,6 +34,7 @@ def resident():
 
 @pytest.mark.parametrize("knobs", [
     dict(experts="swap", text_encoder="gpu_release"),
+    dict(experts="swap", swap_overlap=True, text_encoder="gpu_release"),
     dict(experts="offload", text_encoder="cpu"),
     dict(experts="offload", offload_granularity="leaf", text_encoder="gpu"),
     dict(experts="resident", text_encoder="gpu", vae_tiling=True),
@@ -89,3 +90,9 @@ def test_regional_compile_keeps_each_speed_knobs_result(knobs, tmp_path):
     eager = run(MemoryPolicy(**FP32), SpeedPolicy(**knobs))
     compiled = run(MemoryPolicy(**FP32), SpeedPolicy(compile="regional", compile_cache_dir=str(tmp_path), **knobs))
     assert np.isfinite(compiled).all() and rel_l2(compiled, eager) < 1e-3
+
+
+def test_overlapped_swap_under_compile_keeps_the_result(resident, tmp_path):
+    memory = MemoryPolicy(experts="swap", swap_overlap=True, **FP32)
+    out = run(memory, SpeedPolicy(compile="regional", compile_cache_dir=str(tmp_path)))
+    assert rel_l2(out, resident) < 1e-3

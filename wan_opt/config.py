@@ -45,6 +45,7 @@ class MemoryConfig:
     vram_budget_source: str = "profile"  # profile | free: no more than the GPU has free when the run starts
     host_ram_gb: Optional[float] = None  # host memory the plan may use; null: this machine's total
     experts: str = "resident"  # resident | swap | offload
+    swap_overlap: bool = False  # swap: copy the next expert block by block while its first blocks already run
     offload_granularity: str = "block"  # block | leaf (used when experts=offload)
     offload_blocks_per_group: int = 1
     offload_use_stream: bool = True

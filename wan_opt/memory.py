@@ -30,6 +30,7 @@ class MemoryPolicy:
     vram_budget_source: str = "profile"
     host_ram_gb: float | None = None
     experts: str = "resident"
+    swap_overlap: bool = False
     offload_granularity: str = "block"
     offload_blocks_per_group: int = 1
     offload_use_stream: bool = True
@@ -76,7 +77,8 @@ class MemoryPolicy:
                     use_stream=self.offload_use_stream,
                 )
         if device.type == "cuda":
-            pipe.expert_swapper = PinnedSwapper(pipe.experts(), device) if self.experts == "swap" else None
+            pipe.expert_swapper = (PinnedSwapper(pipe.experts(), device, overlap=self.swap_overlap)
+                                   if self.experts == "swap" else None)
             pipe.text_encoder_swapper = (PinnedSwapper([pipe.text_encoder], device)
                                          if self.text_encoder == "gpu_release" else None)
         if self.vae_tiling:
@@ -109,9 +111,13 @@ class PinnedSwapper:
     Releasing is free (the GPU copy is dropped and the parameters point back at the pinned copy, since
     inference never changes them); activating is one asynchronous host-to-device copy per tensor, at
     pinned-memory speed rather than the far slower pageable copy of `module.to("cuda")`.
+
+    With `overlap`, activation copies on a side stream, part by part (the weights outside the blocks, then
+    each block), and each part's first forward waits only for its own copy: block 0 computes while the
+    later blocks are still arriving, so the switch costs about one block's copy instead of the expert's.
     """
 
-    def __init__(self, modules: list[torch.nn.Module], device: torch.device):
+    def __init__(self, modules: list[torch.nn.Module], device: torch.device, overlap: bool = False):
         self.device = device
         self.host = {}
         for module in modules:
@@ -120,11 +126,42 @@ class PinnedSwapper:
                 host[name] = tensor.data if tensor.data.is_pinned() else tensor.data.to("cpu").pin_memory()
                 tensor.data = host[name]  # the unpinned (or GPU) copy goes tensor by tensor: no 2x peak
         self.active: torch.nn.Module | None = None
+        self.copy_stream = torch.cuda.Stream(device) if overlap else None
+        self.copied: dict[int, torch.cuda.Event] = {}  # id(part) -> its copy's completion, until first waited on
+        if overlap:
+            for module in modules:
+                for part, _ in copy_parts(module):
+                    part.register_forward_pre_hook(self._wait_for_copy)
 
     def _point(self, expert: torch.nn.Module, device: torch.device) -> None:
         host = self.host[id(expert)]
+        if device.type == "cuda" and self.copy_stream is not None:
+            self._copy_by_parts(expert, host)
+            return
         for name, tensor in list(expert.named_parameters()) + list(expert.named_buffers()):
             tensor.data = host[name] if device.type == "cpu" else host[name].to(device, non_blocking=True)
+
+    def _copy_by_parts(self, module: torch.nn.Module, host: dict[str, torch.Tensor]) -> None:
+        # Targets are allocated on the compute stream (they reuse what the released module freed there); the
+        # copies wait for the work already queued, then run beside the compute that follows.
+        self.copy_stream.wait_stream(torch.cuda.current_stream(self.device))
+        for part, tensors in copy_parts(module):
+            targets = [(tensor, host[name], torch.empty_like(host[name], device=self.device)) for name, tensor in tensors]
+            with torch.cuda.stream(self.copy_stream):
+                for _, source, target in targets:
+                    target.copy_(source, non_blocking=True)
+                done = torch.cuda.Event()
+                done.record()
+            for tensor, _, target in targets:
+                target.record_stream(self.copy_stream)
+                tensor.data = target
+            self.copied[id(part)] = done
+
+    @torch.compiler.disable  # a graph break at the block's start: stream waits are not traced
+    def _wait_for_copy(self, part: torch.nn.Module, args) -> None:
+        done = self.copied.pop(id(part), None)
+        if done is not None:
+            torch.cuda.current_stream(self.device).wait_event(done)
 
     def activate(self, module: torch.nn.Module) -> None:
         if self.active is module:
@@ -138,3 +175,14 @@ class PinnedSwapper:
             self._point(self.active, torch.device("cpu"))
             self.active = None
             torch.cuda.empty_cache()
+
+
+def copy_parts(module: torch.nn.Module) -> list[tuple[torch.nn.Module, list[tuple[str, torch.Tensor]]]]:
+    """A module's tensors in the order its forward first needs them: everything outside `module.blocks`
+    (embeddings, and the output head, which runs last but is small), then each block's."""
+    blocks = list(getattr(module, "blocks", []))
+    owner = {id(t): i for i, block in enumerate(blocks) for t in [*block.parameters(), *block.buffers()]}
+    parts: list[list[tuple[str, torch.Tensor]]] = [[] for _ in range(len(blocks) + 1)]
+    for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
+        parts[owner.get(id(tensor), -1) + 1].append((name, tensor))
+    return list(zip([module, *blocks], parts))

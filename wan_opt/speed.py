@@ -90,8 +90,9 @@ class SpeedPolicy:
                 use_fp8_attention(expert)
             elif self.attention != "auto":
                 expert.set_attention_backend(ATTENTION_BACKENDS[self.attention])
-            # The cache hooks decide in Python whether to run a block, which breaks the graph there.
-            fullgraph = self.step_cache == "none"
+            # The cache hooks decide in Python whether to run a block, and a block's pre-hooks (the overlapped
+            # swap's stream waits) run outside the graph: both break it there.
+            fullgraph = self.step_cache == "none" and not any(block._forward_pre_hooks for block in expert.blocks)
             if self.compile == "regional":
                 # One compiled graph per block class, reused by all 40 blocks and both experts.
                 expert.compile_repeated_blocks(fullgraph=fullgraph, dynamic=False, mode=self.compile_mode)
