@@ -21,8 +21,8 @@ import math
 import torch
 from diffusers.models.transformers.transformer_wan import WanAttnProcessor, _get_qkv_projections
 
-FP8 = torch.float8_e4m3fn
-FP8_MAX = 448.0
+from wan_opt.fp8 import quantize_rows
+
 SCALE_BLOCK = 64  # tokens per Q and K scale (the kernel's SCALE_BLOCK)
 PAD = 128  # sequences are padded to the largest tile, so that every tile shape the kernel tries divides them
 HEAD_DIMS = (64, 128)  # A14B and TI2V-5B use 128; the kernel's tile shapes need a power of two >= 16
@@ -35,9 +35,8 @@ def triton_available() -> bool:
 def _block_scales(x: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, H, N, D) with N a multiple of `block` -> e4m3 values and one float32 scale per block of tokens."""
     b, h, n, d = x.shape
-    blocks = x.reshape(b, h, n // block, block * d).float()
-    scale = (blocks.abs().amax(dim=-1) / FP8_MAX).clamp(min=1e-12)
-    return (blocks / scale[..., None]).to(FP8).view(b, h, n, d), scale.contiguous()
+    q, scale = quantize_rows(x.contiguous().view(-1, block * d))  # a block of tokens is one row
+    return q.view(b, h, n, d), scale.view(b, h, n // block)
 
 
 def quantize_qkv(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor):
@@ -48,9 +47,10 @@ def quantize_qkv(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor):
     k = k - k[:, :, :n].mean(dim=2, keepdim=True)  # smoothing; the padded keys are masked in the kernel
     q8, q_scale = _block_scales(q, SCALE_BLOCK)
     k8, k_scale = _block_scales(k, SCALE_BLOCK)
-    v_scale = (v.abs().amax(dim=2).float() / FP8_MAX).clamp(min=1e-12)  # (B, H, D)
-    vt8 = (v.float() / v_scale[:, :, None, :]).to(FP8).transpose(2, 3).contiguous()  # (B, H, D, N)
-    return q8.contiguous(), q_scale, k8.contiguous(), k_scale, vt8, v_scale.contiguous(), padded
+    # A channel of V is one row; the kernel reads the operands as contiguous.
+    vt8, v_scale = quantize_rows(v.transpose(2, 3).contiguous().view(-1, padded))
+    b, h, _, d = v.shape
+    return q8, q_scale, k8, k_scale, vt8.view(b, h, d, padded), v_scale.view(b, h, d), padded
 
 
 def fp8_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
