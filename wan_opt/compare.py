@@ -70,7 +70,7 @@ def _check_same_shape(a: Path, fa: np.ndarray, b: Path, fb: np.ndarray) -> None:
 
 
 def _metrics_and_panels(fa: np.ndarray, fb: np.ndarray, psnr: list[float], ssim: list[float]) -> Iterator[np.ndarray]:
-    """The A | B | diff frames in [0, 1], chunk by chunk, appending each chunk's per-frame PSNR and SSIM.
+    """The A | B | diff frames as uint8 pixels, chunk by chunk, appending each chunk's per-frame PSNR and SSIM.
 
     A generator, so that ffmpeg (another process) encodes one chunk while the next one's SSIM is computed.
     """
@@ -84,8 +84,7 @@ def _metrics_and_panels(fa: np.ndarray, fb: np.ndarray, psnr: list[float], ssim:
         psnr += peak_signal_noise_ratio(ta, tb, data_range=1.0, reduction="none", dim=(1, 2, 3)).tolist()
         ssim += structural_similarity_index_measure(ta, tb, data_range=1.0, reduction="none").tolist()
         diff = np.minimum(np.abs(a.astype(np.int16) - b) * DIFF_GAIN, 255).astype(np.uint8)
-        # float32, not float16: numpy has no fast float16 math
-        yield from np.concatenate([a, b, diff], axis=2) / np.float32(255)
+        yield from np.concatenate([a, b, diff], axis=2)
 
 
 def _write_plot(psnr: list[float], ssim: list[float], a: Path, b: Path, path: Path) -> Path:

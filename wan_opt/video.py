@@ -47,9 +47,10 @@ def _partial(path: Path) -> Path:
 
 
 def write_video(frames: Iterable[np.ndarray], path: Path, fps: float, preset: str | None = None) -> Path:
-    """Encode `frames` ((H, W, 3) each, in [0, 1]; an (F, H, W, 3) array or any iterable, e.g. a generator
-    that computes them while ffmpeg encodes the previous ones) as H.264 mp4, verify it reads back, then give
-    it its name. `preset` is x264's speed/size trade-off (None: ffmpeg's default, "medium")."""
+    """Encode `frames` ((H, W, 3) each, floats in [0, 1] or uint8 pixels; an (F, H, W, 3) array or any
+    iterable, e.g. a generator that computes them while ffmpeg encodes the previous ones) as H.264 mp4,
+    verify it reads back, then give it its name. `preset` is x264's speed/size trade-off (None: ffmpeg's
+    default, "medium")."""
     import imageio.v2 as imageio
 
     tmp = _partial(path)
@@ -59,7 +60,8 @@ def write_video(frames: Iterable[np.ndarray], path: Path, fps: float, preset: st
         with imageio.get_writer(tmp, fps=fps, codec="libx264", quality=8, macro_block_size=1,
                                 ffmpeg_log_level="error", **extra) as writer:
             for frame in frames:
-                writer.append_data((np.clip(frame, 0.0, 1.0) * 255).round().astype(np.uint8))
+                pixels = frame if frame.dtype == np.uint8 else (np.clip(frame, 0.0, 1.0) * 255).round().astype(np.uint8)
+                writer.append_data(pixels)
                 count += 1
         with imageio.get_reader(tmp) as reader:
             written = reader.count_frames()
