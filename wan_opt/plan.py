@@ -213,12 +213,8 @@ def user_memory_knobs(task_overrides: list[str]) -> dict:
 def _inputs(cfg) -> tuple[ModelSizes, Request, Mechanisms, float, float, str]:
     """The planner's view of a composed run config: sizes, request, the profile's mechanisms, budgets, and
     where the VRAM budget came from."""
-    from wan_opt.request import parse_size
-
     mem, model = cfg.hardware.memory, cfg.model
-    width, height = parse_size(cfg.size or model.sizes[0])
-    guided = (cfg.guidance if cfg.guidance is not None else model.guidance) > 1.0
-    req = Request(width, height, cfg.frames or model.frames, cfg.hardware.speed.cfg == "batched", guided)
+    req = _request(cfg)
     if (layout := parallel_layout(cfg)) is not None:
         req = replace(req, sequence_parallel=layout.sequence, weight_shards=layout.world if layout.shard else 1)
     profile = Mechanisms(mem.experts, mem.weight_dtype, mem.text_encoder, mem.vae_tiling)
@@ -226,20 +222,29 @@ def _inputs(cfg) -> tuple[ModelSizes, Request, Mechanisms, float, float, str]:
     return model_sizes(model.family), req, profile, budget, mem.host_ram_gb or host_ram_gb(), source
 
 
+def _request(cfg) -> Request:
+    """A composed run config's request as the planner sees it: size, frames, CFG batching and whether the
+    high-noise expert runs both guidance branches."""
+    from wan_opt.request import parse_size
+
+    model = cfg.model
+    width, height = parse_size(cfg.size or model.sizes[0])
+    guided = (cfg.guidance if cfg.guidance is not None else model.guidance) > 1.0
+    return Request(width, height, cfg.frames or model.frames, cfg.hardware.speed.cfg == "batched", guided)
+
+
 def parallel_layout(cfg):
     """How this torchrun group splits the request (None in a single process); a split the model cannot take
     is an error here, before anything loads."""
     from wan_opt import parallel
-    from wan_opt.request import parse_size
 
     if parallel.world_size() == 1:
         return None
     model = cfg.model
     sizes = model_sizes(model.family)
-    width, height = parse_size(cfg.size or model.sizes[0])
     guidance = [cfg.guidance if cfg.guidance is not None else model.guidance,
                 cfg.guidance_2 if cfg.guidance_2 is not None else model.guidance_2]
-    count = tokens(sizes, Request(width, height, cfg.frames or model.frames))
+    count = tokens(sizes, _request(cfg))
     return parallel.plan_layout(parallel.world_size(), cfg.hardware.parallel, sizes.attention_heads, count,
                                 any(g is not None and g > 1.0 for g in guidance), model.name)
 
