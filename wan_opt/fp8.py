@@ -40,10 +40,6 @@ class Fp8Linear(torch.nn.Module):
         self.bias = None if linear.bias is None else torch.nn.Parameter(linear.bias.detach(), requires_grad=False)
         self.fp8_matmul = fp8_matmul
 
-    @property
-    def dtype(self) -> torch.dtype:  # the activation dtype callers should feed
-        return self.bias.dtype if self.bias is not None else torch.bfloat16
-
     def dequantized_weight(self, dtype: torch.dtype) -> torch.Tensor:
         return (self.weight.float() * self.weight_scale).to(dtype)
 
