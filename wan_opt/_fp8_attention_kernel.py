@@ -4,8 +4,8 @@ import os
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634
-SCALE_BLOCK = 64  # tokens per Q and K scale; a tile of 128 tokens reads two
+LOG2E = tl.constexpr(1.4426950408889634)  # globals a kernel reads must be constexpr
+SCALE_BLOCK = tl.constexpr(64)  # tokens per Q and K scale (fp8_attention.SCALE_BLOCK); a 128-token tile reads two
 
 
 def _configs():

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import numpy as np
@@ -100,7 +101,7 @@ def baseline(pipe, args, device: torch.device) -> dict:
     if args.decode:
         stages["vae_decode"] = start[0] + result["seconds"] - marks[-1]
     result.update(frames=result.pop("out").float().cpu() if not args.decode else result.pop("out"),
-                  step_seconds=steps, stage_seconds=stages)
+                  step_seconds=steps, stage_seconds=stages, forwards=[2] * args.steps)  # both experts guide
     return result
 
 
@@ -146,25 +147,33 @@ def profile_run(pipe, cfg, args, device: torch.device) -> dict:
 
     from wan_opt.pipeline import WanOptPipeline
 
+    from wan_opt.plan import plan_for_config
+
     memory, speed = instantiate(cfg.hardware.memory), instantiate(cfg.hardware.speed)
     memory.experts, memory.text_encoder = "resident", "gpu"  # same placement as (a): kernels are what differ
+    memory.vae_tiling = plan_for_config(cfg, [])[0].mechanisms["vae_tiling"]  # as a run of this request would
     experts = [e for e in (pipe.transformer, pipe.transformer_2) if e is not None]
     # Later runs share these modules: this run's attention processors, backends and cache hooks come off after.
     processors = [(e, e.attn_processors) for e in experts]
     backends = [(p, p._attention_backend) for _, procs in processors for p in procs.values()]
-    ours = WanOptPipeline.from_diffusers(pipe, memory=memory, speed=speed)
-    for _ in range(args.warmup):  # compile and autotune outside the timed call
-        run_request(ours, argparse.Namespace(**{**vars(args), "steps": 2}), device, guidance_of(cfg))
-    result = run_request(ours, args, device, guidance_of(cfg))
-    for expert, procs in processors:
-        expert.set_attn_processor(procs)
-        if expert.is_cache_enabled:
-            expert.disable_cache()
-    for processor, backend in backends:
-        processor._attention_backend = backend
+    try:
+        ours = WanOptPipeline.from_diffusers(pipe, memory=memory, speed=speed)
+        for _ in range(args.warmup):  # compile and autotune outside the timed call
+            run_request(ours, argparse.Namespace(**{**vars(args), "steps": 2}), device, guidance_of(cfg))
+        result = run_request(ours, args, device, guidance_of(cfg))
+    finally:  # also after a failed run, so that the next runs get the plain modules
+        for expert, procs in processors:
+            expert.set_attn_processor(procs)
+            if expert.is_cache_enabled:
+                expert.disable_cache()
+        for processor, backend in backends:
+            processor._attention_backend = backend
     out = result.pop("out")
     frames = out.frames if args.decode else out.frames.float().cpu()  # latents stay on the GPU otherwise
-    result.update(frames=frames, step_seconds=out.step_seconds, stage_seconds=out.stage_seconds)
+    guidance = guidance_of(cfg)
+    result.update(frames=frames, step_seconds=out.step_seconds, stage_seconds=out.stage_seconds,
+                  forwards=ours.forwards_per_step(args.steps, *guidance),
+                  request_forwards=sum(ours.forwards_per_step(cfg.steps or cfg.model.steps, *guidance)))
     return result
 
 
@@ -202,27 +211,41 @@ def main(argv: list[str] | None = None) -> int:
         reference_forward = one_forward()
 
     rows = {"diffusers": baseline(pipe, args, device)}
+    rows["diffusers"]["request_forwards"] = 2 * configs["diffusers"].model.steps
+    failed = {}
     for name, cfg in list(configs.items())[1:]:
-        result = profile_run(pipe, cfg, args, device)
-        with torch.inference_mode():
-            result["forward_rel_l2"] = rel_l2(one_forward(), reference_forward)
-        rows[name] = result
+        try:
+            result = profile_run(pipe, cfg, args, device)
+            with torch.inference_mode():
+                result["forward_rel_l2"] = rel_l2(one_forward(), reference_forward)
+            rows[name] = result
+        except Exception as error:  # one broken run must not lose the others' measurements
+            traceback.print_exc()
+            failed[name] = f"{type(error).__name__}: {error}"
+            torch.cuda.empty_cache() if device.type == "cuda" else None
     report = summarize(rows, configs, args, step_flops, device)
+    report["failed"] = failed
     write(report, args)
-    return 0
+    return 1 if failed else 0
 
 
-def request_seconds(stages: dict, step: float, steps: int) -> float:
-    """A whole request extrapolated from measured stages: encode, `steps` steps of the median measured step,
-    decode (when the benchmark decoded)."""
-    return stages.get("text_encoding", 0.0) + steps * step + stages.get("vae_decode", 0.0)
+def seconds_per_forward(row: dict) -> float:
+    """The median measured step divided by the denoiser passes it made (2 with guidance, 1 without)."""
+    return float(np.median([s / n for s, n in zip(row["step_seconds"], row["forwards"])]))
+
+
+def request_seconds(row: dict) -> float:
+    """A whole request extrapolated from measured stages: encode, the request's denoiser passes (its own step
+    count and guidance schedule) at the measured time per pass, decode (when the benchmark decoded)."""
+    stages = row["stage_seconds"]
+    return stages.get("text_encoding", 0.0) + row["request_forwards"] * seconds_per_forward(row) + stages.get("vae_decode", 0.0)
 
 
 def summarize(rows: dict, configs: dict, args, step_flops: float, device: torch.device) -> dict:
     from wan_opt.app import library_versions
     base = rows["diffusers"]
     base_step = float(np.median(base["step_seconds"]))
-    base_request = request_seconds(base["stage_seconds"], base_step, configs["diffusers"].model.steps)
+    base_request = request_seconds(base)
     report = {"command": " ".join(["python -m wan_opt.bench", *sys.argv[1:]]), "size": args.size,
               "frames": args.frames, "steps": args.steps, "device": torch.cuda.get_device_name(0)
               if device.type == "cuda" else "cpu", "versions": library_versions(),
@@ -230,17 +253,19 @@ def summarize(rows: dict, configs: dict, args, step_flops: float, device: torch.
               "runs": {}}
     for name, row in rows.items():
         step = float(np.median(row["step_seconds"]))
-        steps = configs[name].steps or configs[name].model.steps
-        request = request_seconds(row["stage_seconds"], step, steps)
+        request = request_seconds(row)
         report["runs"][name] = {
             "seconds_per_cfg_step": round(step, 4), "step_seconds": [round(s, 4) for s in row["step_seconds"]],
             "stage_seconds": {k: round(v, 3) for k, v in row.get("stage_seconds", {}).items()},
             "total_seconds": round(row["seconds"], 3), "tflops": round(step_flops / step / 1e12, 1),
             "peak_gpu_gib": None if row["peak_gib"] is None else round(row["peak_gib"], 2),
             "speedup": round(base_step / step, 3),
-            # Extrapolated, not measured: the model's own step count (40 for A14B, 4 distilled) at the
-            # median measured step, plus the measured encode and decode.
-            "request_steps": steps, "request_seconds_extrapolated": round(request, 2),
+            # Extrapolated, not measured: the model's own step count (40 for A14B, 4 distilled) and guidance
+            # schedule (CFG truncation drops passes) at the measured time per pass, plus encode and decode.
+            # A step cache's hits depend on the weights: its row's time per pass is what random weights gave.
+            "seconds_per_forward": round(seconds_per_forward(row), 4),
+            "request_steps": configs[name].steps or configs[name].model.steps,
+            "request_forwards": row["request_forwards"], "request_seconds_extrapolated": round(request, 2),
             "request_speedup_extrapolated": round(base_request / request, 3),
             "forward_rel_l2": row.get("forward_rel_l2", 0.0),
             "frames_rel_l2": rel_l2(row["frames"], base["frames"]) if name != "diffusers" else 0.0,
@@ -274,10 +299,11 @@ def markdown(report: dict) -> str:
     """The report as a README table, each row with the command that reproduces it."""
     lines = [f"{report['device']}, {report['size']} x {report['frames']} frames; per-step times measured over "
              f"{report['steps']} steps, whole requests extrapolated from the measured stages.", "",
-             "| run | s / CFG step | speedup | steps | request (extrapolated) | forward rel L2 | "
+             "| run | s / CFG step | speedup | steps (passes) | request (extrapolated) | forward rel L2 | "
              f"{report['frames_rel_l2_of']} rel L2 |", "|---|---|---|---|---|---|---|"]
     for name, r in report["runs"].items():
-        lines.append(f"| `{name}` | {r['seconds_per_cfg_step']:.2f} | {r['speedup']:.2f}x | {r['request_steps']} | "
+        lines.append(f"| `{name}` | {r['seconds_per_cfg_step']:.2f} | {r['speedup']:.2f}x | "
+                     f"{r['request_steps']} ({r['request_forwards']}) | "
                      f"{r['request_seconds_extrapolated']:.0f} s ({r['request_speedup_extrapolated']:.2f}x) | "
                      f"{r['forward_rel_l2']:.1e} | {r['frames_rel_l2']:.1e} |")
     return "\n".join([*lines, "", f"`{report['command']}`", ""])

@@ -7,8 +7,9 @@ value (448) keeps about three significant bits for every channel, at one float32
 Two ways to multiply, chosen per layer at run time:
 - `fp8_matmul=False` (fp8 storage): the weight is dequantised to the activation dtype and multiplied in
   bf16; half the bytes of bf16 weights, the same kernels.
-- `fp8_matmul=True` (Hopper, Ada, and CPUs): activations are quantised per row (token) on the fly and
-  `torch._scaled_mm` multiplies in fp8 with both scales, accumulating in fp32 and writing bf16.
+- `fp8_matmul=True` (Hopper, Ada): activations are quantised per row (token) on the fly and
+  `torch._scaled_mm` multiplies in fp8 with both scales, accumulating in fp32 and writing bf16. On a CPU
+  (the tests) the same quantised operands are multiplied in fp32.
 """
 from __future__ import annotations
 
@@ -51,8 +52,12 @@ class Fp8Linear(torch.nn.Module):
         if not self.fp8_matmul or rows.shape[0] < 16 or unaligned:
             return F.linear(x, self.dequantized_weight(x.dtype), self.bias)
         q, scale = quantize_rows(rows)
-        out = torch._scaled_mm(q, self.weight.t(), scale_a=scale, scale_b=self.weight_scale.t(),
-                               bias=None if self.bias is None else self.bias.to(x.dtype), out_dtype=x.dtype)
+        if x.is_cuda:
+            out = torch._scaled_mm(q, self.weight.t(), scale_a=scale, scale_b=self.weight_scale.t(),
+                                   bias=None if self.bias is None else self.bias.to(x.dtype), out_dtype=x.dtype)
+        else:  # CPU _scaled_mm takes one scale per tensor in most PyTorch releases: the same rounding, in fp32
+            bias = None if self.bias is None else self.bias.float()
+            out = F.linear(q.float() * scale, self.dequantized_weight(torch.float32), bias).to(x.dtype)
         return out.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:

@@ -102,6 +102,19 @@ class WanOptPipeline:
             return self.transformer, guidance, "high_noise"
         return self.transformer_2, guidance if guidance_2 is None else guidance_2, "low_noise"
 
+    def forwards_per_step(self, steps: int, guidance: float, guidance_2: float | None = None) -> list[int]:
+        """Denoiser passes each step of a `steps`-step request makes: 2 where it guides (in one batch or two), else 1.
+
+        Known before running, so a request's cost can be reckoned from the time of one pass; the step caches'
+        savings are not counted here, since they depend on the weights.
+        """
+        self.scheduler.set_timesteps(steps, device="cpu")
+        counts = []
+        for i, t in enumerate(self.scheduler.timesteps):
+            _, scale, label = self.expert_for_timestep(t, guidance, guidance_2)
+            counts.append(2 if self.speed.guidance_at(i, steps, scale, label) > 1.0 else 1)
+        return counts
+
     @torch.inference_mode()
     def encode_prompts(self, prompts: list[str], max_sequence_length: int, dtype: torch.dtype) -> torch.Tensor:
         """UMT5 embeddings of each prompt, cut to its own length and zero-padded to `max_sequence_length`."""
