@@ -4,8 +4,9 @@ import os
 import triton
 import triton.language as tl
 
-LOG2E = tl.constexpr(1.4426950408889634)  # globals a kernel reads must be constexpr
-SCALE_BLOCK = tl.constexpr(64)  # tokens per Q and K scale (fp8_attention.SCALE_BLOCK); a 128-token tile reads two
+# Globals a kernel reads must be constexpr.
+SCALE_BLOCK = tl.constexpr(64)  # query rows per scale (fp8_attention.SCALE_BLOCK); a 128-row tile reads two
+LOG2_P_SCALE = tl.constexpr(8.8)  # P leaves exp2 scaled by 2^8.8 = 446, just under e4m3's largest (448)
 
 
 def _configs():
@@ -16,47 +17,58 @@ def _configs():
             for m in (64, 128) for n in (64, 128) for w in (4, 8) for s in (2, 3, 4) if not (m == 64 and w == 8)]
 
 
+@triton.jit
+def _key_blocks(acc, l_i, m_i, q, qk_scale, k_base, vt_base, offs_n, offs_d, start, stop, n_ctx, n_pad,
+                HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr):
+    """The online softmax over keys [start, stop); only the last, partly padded block needs MASKED."""
+    for start_n in range(start, stop, BLOCK_N):
+        keys = start_n + offs_n
+        k = tl.load(k_base + keys[:, None] * HEAD_DIM + offs_d[None, :])
+        s = tl.dot(q, tl.trans(k))  # raw fp8 scores; scaled below, in the same FMA that subtracts the max
+        if MASKED:
+            s = tl.where(keys[None, :] < n_ctx, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+        # P * 446 straight out of exp2: e4m3's range without a multiply; the factor cancels in acc / l.
+        p = tl.math.exp2(s * qk_scale[:, None] - (m_new - LOG2_P_SCALE)[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        vt = tl.load(vt_base + offs_d[:, None] * n_pad + keys[None, :])
+        acc = tl.dot(p.to(tl.float8e4nv), tl.trans(vt), acc * alpha[:, None])
+        m_i = m_new
+    return acc, l_i, m_i
+
+
 @triton.autotune(configs=_configs(), key=["n_pad", "HEAD_DIM"])
 @triton.jit
-def fp8_attention_kernel(Q, K, VT, Q_SCALE, K_SCALE, V_SCALE, OUT, sm_scale, n_ctx, n_heads, n_pad,
-                         stride_ob, stride_on, stride_oh,
+def fp8_attention_kernel(Q, K, VT, QK_SCALE, V_SCALE, OUT, n_ctx, n_heads, n_pad, stride_ob, stride_on, stride_oh,
                          HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """One program: BLOCK_M queries of one (batch, head) against every key.
 
-    Q, K: (B*H, n_pad, HEAD_DIM) e4m3; VT: (B*H, HEAD_DIM, n_pad) e4m3; Q_SCALE, K_SCALE: (B*H, n_pad / 64);
-    V_SCALE: (B*H, HEAD_DIM); OUT: (B, n_ctx, H, HEAD_DIM) with its strides. n_pad is a multiple of 128.
+    Q, K: (B*H, n_pad, HEAD_DIM) e4m3; VT: (B*H, HEAD_DIM, n_pad) e4m3; QK_SCALE: (B*H, n_pad / 64) float32,
+    the factor from fp8 scores to log2-domain logits; V_SCALE: (B*H, HEAD_DIM); OUT: (B, n_ctx, H, HEAD_DIM)
+    with its strides. n_pad is a multiple of 128, so every tile shape divides it.
     """
     start_m = tl.program_id(0)
     bh = tl.program_id(1)
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
-    scales_per_row = n_pad // SCALE_BLOCK
 
     q = tl.load(Q + bh * n_pad * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :])
-    # exp2 instead of exp: log2(e) folds into the factor that also undoes the fp8 scales
-    q_scale = tl.load(Q_SCALE + bh * scales_per_row + offs_m // SCALE_BLOCK) * (sm_scale * LOG2E)
+    qk_scale = tl.load(QK_SCALE + bh * (n_pad // SCALE_BLOCK) + offs_m // SCALE_BLOCK)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     k_base = K + bh * n_pad * HEAD_DIM
     vt_base = VT + bh * HEAD_DIM * n_pad
-    for start_n in range(0, n_pad, BLOCK_N):
-        keys = start_n + offs_n
-        k = tl.load(k_base + keys[:, None] * HEAD_DIM + offs_d[None, :])
-        k_scale = tl.load(K_SCALE + bh * scales_per_row + keys // SCALE_BLOCK)
-        s = tl.dot(q, tl.trans(k)) * q_scale[:, None] * k_scale[None, :]
-        s = tl.where(keys[None, :] < n_ctx, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        p = tl.math.exp2(s - m_new[:, None])
-        alpha = tl.math.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        vt = tl.load(vt_base + offs_d[:, None] * n_pad + keys[None, :])
-        acc = acc * alpha[:, None] + tl.dot((p * 448.0).to(tl.float8e4nv), tl.trans(vt))
-        m_i = m_new
+    full = (n_ctx // BLOCK_N) * BLOCK_N
+    acc, l_i, m_i = _key_blocks(acc, l_i, m_i, q, qk_scale, k_base, vt_base, offs_n, offs_d, 0, full, n_ctx, n_pad,
+                                HEAD_DIM, BLOCK_N, False)
+    acc, l_i, m_i = _key_blocks(acc, l_i, m_i, q, qk_scale, k_base, vt_base, offs_n, offs_d, full, n_pad, n_ctx,
+                                n_pad, HEAD_DIM, BLOCK_N, True)
 
     v_scale = tl.load(V_SCALE + bh * HEAD_DIM + offs_d)
-    out = acc * (v_scale[None, :] / (l_i[:, None] * 448.0))
+    out = acc * (v_scale[None, :] / l_i[:, None])
     b = bh // n_heads
     h = bh % n_heads
     pointers = OUT + b * stride_ob + offs_m[:, None] * stride_on + h * stride_oh + offs_d[None, :]

@@ -3,12 +3,16 @@
 Before the kernel, in PyTorch:
 - K is smoothed: its mean over the tokens is subtracted, per head. Every query's scores then shift by one
   constant, which softmax ignores, and the outliers that the mean carries no longer set K's fp8 scale.
-- Q and K are quantised to e4m3 per block of 64 tokens (one scale each);
+- Q is quantised to e4m3 per block of 64 tokens, the smoothed K per head (one scale each: without its
+  outliers K is narrow, and e4m3's normal range spans 2^15, so a block scale would buy little and cost a
+  multiply per score). The two scales, 1/sqrt(d) and log2(e) make one factor per query block.
 - V is quantised per channel (one scale per head dimension), transposed so that each block of keys is
   contiguous along the reduction, as Hopper's fp8 MMA wants its second operand.
-The kernel is a flash-attention forward: S = Q K^T in fp8 with fp32 accumulation, rescaled by the two block
-scales; an online softmax in fp32; P quantised to e4m3 with the fixed scale 448 (P is in [0, 1]); P V in fp8
-with fp32 accumulation; the output rescaled by V's channel scales, in bf16.
+The kernel is a flash-attention forward: S = Q K^T in fp8 with fp32 accumulation; an online softmax in fp32
+whose exp2 takes the scores' factor and the max in one FMA and yields P * 2^8.8 (P is in [0, 1]; 2^8.8 = 446
+is just under e4m3's largest value, and the factor cancels against the row sums); P V in fp8, accumulated in
+fp32 inside the MMA; the output rescaled by V's channel scales, in bf16. Only the last block of keys, partly
+padding, is masked.
 
 Only the self-attention of each block (75,600 tokens at 720p, ~63% of the FLOPs) runs here; the
 cross-attention over 512 text tokens stays on PyTorch's attention.
@@ -23,8 +27,9 @@ from diffusers.models.transformers.transformer_wan import WanAttnProcessor, _get
 
 from wan_opt.fp8 import quantize_rows
 
-SCALE_BLOCK = 64  # tokens per Q and K scale (the kernel's SCALE_BLOCK)
+SCALE_BLOCK = 64  # query tokens per scale (the kernel's SCALE_BLOCK)
 PAD = 128  # sequences are padded to the largest tile, so that every tile shape the kernel tries divides them
+LOG2E = math.log2(math.e)  # the kernel's softmax runs on exp2
 HEAD_DIMS = (64, 128)  # A14B and TI2V-5B use 128; the kernel's tile shapes need a power of two >= 16
 
 
@@ -40,17 +45,19 @@ def _block_scales(x: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tens
 
 
 def quantize_qkv(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor):
-    """Queries, keys and values as diffusers passes them, (B, N, H, D), to the kernel's fp8 operands."""
-    n = query.shape[1]
+    """Queries, keys and values as diffusers passes them, (B, N, H, D), to the kernel's fp8 operands:
+    Q, K, V^T in e4m3, the factor from fp8 scores to log2-domain logits per query block, V's channel scales."""
+    n, d = query.shape[1], query.shape[-1]
     padded = math.ceil(n / PAD) * PAD
     q, k, v = (torch.nn.functional.pad(t.transpose(1, 2), (0, 0, 0, padded - n)) for t in (query, key, value))
     k = k - k[:, :, :n].mean(dim=2, keepdim=True)  # smoothing; the padded keys are masked in the kernel
     q8, q_scale = _block_scales(q, SCALE_BLOCK)
-    k8, k_scale = _block_scales(k, SCALE_BLOCK)
+    k8, k_scale = _block_scales(k, padded)  # the whole sequence is one block: one scale per head
+    qk_scale = q_scale * k_scale * (LOG2E / math.sqrt(d))
     # A channel of V is one row; the kernel reads the operands as contiguous.
     vt8, v_scale = quantize_rows(v.transpose(2, 3).contiguous().view(-1, padded))
-    b, h, _, d = v.shape
-    return q8, q_scale, k8, k_scale, vt8.view(b, h, d, padded), v_scale.view(b, h, d), padded
+    b, h = v.shape[:2]
+    return q8, k8, vt8.view(b, h, d, padded), qk_scale, v_scale.view(b, h, d), padded
 
 
 def fp8_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
@@ -62,10 +69,10 @@ def fp8_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -
     b, n, h, d = query.shape
     if d not in HEAD_DIMS:
         raise ValueError(f"the fp8 attention kernel takes head dimensions {HEAD_DIMS}, not {d}")
-    q8, q_scale, k8, k_scale, vt8, v_scale, padded = quantize_qkv(query, key, value)
+    q8, k8, vt8, qk_scale, v_scale, padded = quantize_qkv(query, key, value)
     out = torch.empty_like(query)
     grid = lambda meta: (triton.cdiv(padded, meta["BLOCK_M"]), b * h)  # noqa: E731  the tile is autotuned
-    fp8_attention_kernel[grid](q8, k8, vt8, q_scale, k_scale, v_scale, out, 1.0 / math.sqrt(d), n, h, padded,
+    fp8_attention_kernel[grid](q8, k8, vt8, qk_scale, v_scale, out, n, h, padded,
                                out.stride(0), out.stride(1), out.stride(2), HEAD_DIM=d)
     return out
 
