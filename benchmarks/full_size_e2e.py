@@ -24,7 +24,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from wan_opt import parallel  # noqa: E402
-from wan_opt.app import compose_config, library_versions, pipeline_from_config  # noqa: E402
+from wan_opt.app import apply_plan, compose_config, library_versions, pipeline_from_config  # noqa: E402
+from wan_opt.plan import plan_for_config  # noqa: E402
 from wan_opt.request import parse_size  # noqa: E402
 
 GIB = 2**30
@@ -43,7 +44,11 @@ def main() -> None:
     args = parser.parse_args()
 
     total = torch.cuda.get_device_properties(0).total_memory
-    cfg = compose_config([f"model={args.model}", "model.random_weights=true", *args.override], hardware=args.profile)
+    largest = max(args.sizes, key=lambda size: np.prod(parse_size(size)))
+    cfg = compose_config([f"model={args.model}", "model.random_weights=true", f"size={largest}", f"frames={args.frames}",
+                          *args.override], hardware=args.profile)
+    plan, decided = apply_plan(cfg)  # as `run.py` would: the profile's knobs where they fit, else the planner's
+    print(f"plan for {largest}: {plan.mechanisms}, predicted peak {plan.predicted_peak_gpu_gb} GiB", flush=True)
     start = time.perf_counter()
     pipe = pipeline_from_config(cfg)
     torch.cuda.synchronize()
@@ -55,6 +60,7 @@ def main() -> None:
         "command": " ".join(["python", *sys.argv]), "gpu": torch.cuda.get_device_name(0),
         "gpu_memory_gib": round(total / GIB, 1), "cap_gb": args.cap_gb, "profile": args.profile,
         "model": args.model, "overrides": args.override, "versions": library_versions(),
+        "plan": {"mechanisms": plan.mechanisms, "decided_by": decided, "vram_budget_gb": plan.vram_budget_gb},
         "gpus": parallel.world_size(), "parallel": pipe.parallel and vars(pipe.parallel.layout),
         "build_seconds": round(time.perf_counter() - start, 2),
         "weights_on_gpu_gib": round(torch.cuda.memory_allocated() / GIB, 2), "runs": [],
@@ -62,6 +68,8 @@ def main() -> None:
     print(f"built in {record['build_seconds']} s, {record['weights_on_gpu_gib']} GiB on the GPU", flush=True)
     for size in args.sizes:
         width, height = parse_size(size)
+        cfg.size = size
+        predicted = plan_for_config(cfg, [])[0]  # this size under the knobs in use
         torch.cuda.reset_peak_memory_stats()
         out = pipe("a red fox running through fresh snow", height=height, width=width, num_frames=args.frames,
                    num_inference_steps=args.steps, guidance_scale=cfg.model.guidance,
@@ -71,6 +79,7 @@ def main() -> None:
                "stage_seconds": {k: round(v, 2) for k, v in out.stage_seconds.items()},
                "step_seconds": [round(s, 2) for s in out.step_seconds],
                "peak_gpu_gib": round(torch.cuda.max_memory_allocated() / GIB, 2),
+               "predicted_peak_gpu_gib": predicted.predicted_peak_gpu_gb, "predicted_stages_gib": predicted.stages,
                "output_shape": list(frames.shape), "finite": bool(np.isfinite(frames).all()),
                "pixel_std": round(float(frames.std()), 4)}
         record["runs"].append(run)

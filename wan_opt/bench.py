@@ -141,7 +141,7 @@ def guidance_of(cfg) -> tuple[float, float]:
     return float(g), float(g if g2 is None else g2)
 
 
-def profile_run(pipe, cfg, args, device: torch.device) -> dict:
+def profile_run(pipe, cfg, args, device: torch.device, one_forward) -> dict:
     """(b): WanOptPipeline on the same modules under a profile's speed and memory knobs."""
     from hydra.utils import instantiate
 
@@ -159,8 +159,10 @@ def profile_run(pipe, cfg, args, device: torch.device) -> dict:
     try:
         ours = WanOptPipeline.from_diffusers(pipe, memory=memory, speed=speed)
         for _ in range(args.warmup):  # compile and autotune outside the timed call
-            run_request(ours, argparse.Namespace(**{**vars(args), "steps": 2}), device, guidance_of(cfg))
+            run_request(ours, argparse.Namespace(**{**vars(args), "steps": 1}), device, guidance_of(cfg))
         result = run_request(ours, args, device, guidance_of(cfg))
+        with torch.inference_mode():  # with this run's kernels still in place
+            result["forward"] = one_forward()
     finally:  # also after a failed run, so that the next runs get the plain modules
         for expert, procs in processors:
             expert.set_attn_processor(procs)
@@ -184,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", default="1280*720")
     parser.add_argument("--frames", type=int, default=81)
     parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--warmup", type=int, default=1, help="untimed 2-step runs per profile (compile)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed 1-step runs per profile (compile, autotune)")
     parser.add_argument("--override", nargs="*", default=[], help="config overrides for every profile")
     parser.add_argument("--decode", action=argparse.BooleanOptionalAction, default=True,
                         help="decode every run's latents (--no-decode: compare latents, skip the VAE's time)")
@@ -215,9 +217,8 @@ def main(argv: list[str] | None = None) -> int:
     failed = {}
     for name, cfg in list(configs.items())[1:]:
         try:
-            result = profile_run(pipe, cfg, args, device)
-            with torch.inference_mode():
-                result["forward_rel_l2"] = rel_l2(one_forward(), reference_forward)
+            result = profile_run(pipe, cfg, args, device, one_forward)
+            result["forward_rel_l2"] = rel_l2(result.pop("forward"), reference_forward)
             rows[name] = result
         except Exception as error:  # one broken run must not lose the others' measurements
             traceback.print_exc()
