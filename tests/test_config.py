@@ -156,3 +156,22 @@ def test_compile_caches_go_to_the_configured_folder(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
     SpeedPolicy(compile="regional", compile_cache_dir=str(tmp_path / "cache"))._use_compile_cache()
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "mine")  # the user's own folder wins
+
+
+def test_fast_mode_puts_fp8_on_top_of_the_profile_and_a_knob_set_by_hand_still_wins():
+    lossless, fast = (compose_config(["model=wan22_t2v_a14b", f"mode={m}"], hardware="h100") for m in ("lossless", "fast"))
+    assert lossless == compose_config(["model=wan22_t2v_a14b"], hardware="h100")  # the default mode
+    assert (lossless.hardware.memory.weight_dtype, lossless.hardware.speed.attention) == ("bfloat16", "auto")
+    assert fast.mode == "fast" and fast.hardware.memory.weight_dtype == "float8_e4m3fn"
+    assert fast.hardware.speed.fp8_matmul and fast.hardware.speed.attention == "fp8"
+    assert fast.hardware.speed.compile == lossless.hardware.speed.compile  # the rest of the profile stays
+    own = compose_config(["model=wan22_t2v_a14b", "mode=fast", "hardware.speed.attention=auto"], hardware="h100")
+    assert own.hardware.speed.attention == "auto" and own.hardware.speed.fp8_matmul
+
+
+def test_fast_mode_without_fp8_tensor_cores_is_refused_naming_the_mode():
+    from wan_opt.checks import check_device
+
+    cfg = compose_config(["model=tiny", "mode=fast"], hardware="cpu")
+    with pytest.raises(WanOptError, match="mode=fast runs on fp8 tensor cores .* drop mode=fast"):
+        check_device(cfg)

@@ -12,7 +12,9 @@ the same inputs (one denoiser forward, and the decoded frames). Random weights s
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+import textwrap
 import time
 import traceback
 from pathlib import Path
@@ -192,7 +194,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="decode every run's latents (--no-decode: compare latents, skip the VAE's time)")
     parser.add_argument("--tiny", action="store_true", help="the tiny model on the CPU: a smoke test of this code")
     parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--replot", metavar="JSON", help="draw the chart and the table again from a report, run nothing")
     args = parser.parse_args(argv)
+    if args.replot:
+        report = json.loads(Path(args.replot).read_text())
+        chart(report, Path(args.replot).with_suffix(".png"))
+        Path(args.replot).with_suffix(".md").write_text(markdown(report))
+        return 0
     if args.tiny:
         args.size, args.frames, args.warmup = "96*64", 9, 0
     device = torch.device("cpu" if args.tiny else "cuda")
@@ -314,11 +322,18 @@ STAGES = (("text_encoding", "text encoding"), ("denoise", "denoising"), ("denois
           ("denoise_low_noise", "low-noise expert"), ("vae_decode", "VAE decode"))
 
 
+def run_label(name: str) -> str:
+    """A run's name for a chart: the knob names without their config path, wrapped."""
+    words = [word.rpartition(".")[2] if word.startswith("hardware.") else word for word in name.split(",")]
+    return "\n".join(textwrap.wrap(", ".join(words), 34))
+
+
 def chart(report: dict, path: Path) -> Path:
     """Seconds of the benchmarked request per run, stacked by stage, with the speedup per CFG step on each bar."""
-    fig = new_figure(9, 1.2 + 0.7 * len(report["runs"]))
-    ax = fig.subplots()
     names = list(report["runs"])
+    labels = [run_label(name) for name in names]
+    fig = new_figure(10, 1.6 + sum(0.45 + 0.2 * label.count("\n") for label in labels))
+    ax = fig.subplots()
     for i, name in enumerate(names):
         left, stages = 0.0, report["runs"][name]["stage_seconds"]
         for key, label in STAGES:
@@ -326,8 +341,10 @@ def chart(report: dict, path: Path) -> Path:
                 ax.barh(i, stages[key], left=left, color=f"C{[k for k, _ in STAGES].index(key)}",
                         label=label if label not in ax.get_legend_handles_labels()[1] else None)
                 left += stages[key]
-        ax.text(left, i, f"  {report['runs'][name]['speedup']:.2f}x per CFG step", va="center")
-    ax.set_yticks(range(len(names)), names)
+        run = report["runs"][name]
+        unguided = run["seconds_per_cfg_step"] < 1.5 * run["seconds_per_forward"]  # one pass a step: no CFG
+        ax.text(left, i, f"  {run['speedup']:.2f}x per step" + (" (no CFG)" if unguided else ""), va="center")
+    ax.set_yticks(range(len(names)), labels)
     ax.invert_yaxis()
     ax.set_xlabel(f"seconds for {report['steps']} steps at {report['size']} x {report['frames']} frames")
     ax.set_title(f"{report['device']}: wan-opt profiles against diffusers' WanPipeline")

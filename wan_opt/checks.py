@@ -44,6 +44,9 @@ def check_device(cfg: DictConfig) -> None:
         capability = torch.cuda.get_device_capability() if cfg.hardware.device == "cuda" else (0, 0)
         if not has_fp8_matmul(capability):
             where = "there is no GPU" if cfg.hardware.device != "cuda" else f"this GPU is {capability[0]}.{capability[1]}"
+            if cfg.mode == "fast":
+                raise WanOptError(f"mode=fast runs on fp8 tensor cores (Ada or Hopper, compute capability 8.9+) and "
+                                  f"{where}: drop mode=fast; the profile as written is this device's fastest.")
             raise WanOptError(f"hardware.speed.{fp8_knobs[0]} needs fp8 tensor cores (Ada or Hopper, compute "
                               f"capability 8.9+) and {where}: drop it.")
         if speed.attention == "fp8" and not triton_available():

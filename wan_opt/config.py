@@ -148,9 +148,11 @@ class RunConfig:
     output_dir: Optional[str] = None
     plan: bool = False  # print and save the memory plan (plan.json), load nothing
     prompts: Optional[str] = None  # a .txt (one prompt per line) or .jsonl file: one video per line
+    mode: str = "lossless"  # set by the `mode` group: lossless (the profile as written) | fast (fp8)
 
 
 CHOICES = {
+    "mode": ("lossless", "fast"),
     "hardware.device": ("cuda", "cpu"),
     "hardware.memory.experts": ("resident", "swap", "offload"),
     "hardware.memory.vram_budget_source": ("profile", "free"),
