@@ -1,5 +1,8 @@
 """The memory policy's CPU-side logic (its GPU mechanisms are checked in test_gpu.py)."""
-from wan_opt.memory import copy_parts
+import torch
+
+from wan_opt import memory
+from wan_opt.memory import copy_parts, move_to_pinned
 from wan_opt.tiny import build_tiny_components
 
 
@@ -14,3 +17,33 @@ def test_an_expert_is_copied_outside_the_blocks_first_then_block_by_block():
         assert tensors and all(name.startswith(f"blocks.{i}.") for name, _ in tensors)
     named = dict(expert.named_parameters()) | dict(expert.named_buffers())
     assert sorted(n for _, tensors in parts for n, _ in tensors) == sorted(named)  # every tensor, once
+
+
+def test_pinned_copies_are_packed_into_power_of_two_chunks_without_rounding_each_tensor(monkeypatch):
+    """PyTorch rounds each pinned allocation up to a power of two; packing must not: the chunks hold the
+    tensors with at most one chunk's tail to spare, whatever the tensors' sizes."""
+    monkeypatch.setattr(memory, "PINNED_CHUNK", 4096)
+    chunks = []
+
+    def allocate(nbytes):
+        assert nbytes & (nbytes - 1) == 0  # a power of two: the allocator keeps it as it is
+        chunks.append(torch.empty(nbytes, dtype=torch.uint8))
+        return chunks[-1]
+
+    torch.manual_seed(0)
+    module = torch.nn.Sequential(torch.nn.Linear(30, 20), torch.nn.Linear(20, 3), torch.nn.LayerNorm(3))
+    module.register_buffer("big", torch.randn(1500, dtype=torch.float64))  # 12 kB: a chunk of its own, 16 kB
+    module.register_buffer("scale", torch.tensor(2.0, dtype=torch.bfloat16))  # 0-dim
+    module[0].weight.data = module[0].weight.data.to(torch.float8_e4m3fn)
+    tensors = [*module.parameters(), *module.buffers()]
+    before = [t.detach().clone() for t in tensors]
+    pinned = move_to_pinned(tensors, allocate=allocate)
+
+    for tensor, data, old in zip(tensors, pinned, before):
+        assert tensor.data is data or tensor.data.data_ptr() == data.data_ptr()  # moved in place
+        assert data.dtype == old.dtype and data.shape == old.shape
+        assert torch.equal(data.reshape(-1).view(torch.uint8), old.reshape(-1).view(torch.uint8))
+        assert any(c.data_ptr() <= data.data_ptr() < c.data_ptr() + c.numel() for c in chunks)
+    spans = sorted((d.data_ptr(), d.data_ptr() + d.nbytes) for d in pinned)
+    assert all(end <= start for (_, end), (start, _) in zip(spans, spans[1:]))  # no overlap
+    assert sum(c.numel() for c in chunks) <= 16384 + 4096  # the big buffer's chunk (others fill it) + one more

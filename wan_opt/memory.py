@@ -18,6 +18,36 @@ from wan_opt.fp8 import quantize_linears
 log = logging.getLogger(__name__)
 
 EXPERTS = ("transformer", "transformer_2")
+# PyTorch's pinned-memory allocator rounds every request up to a power of two: pinned one by one, a block's
+# 142 MB FFN weights would take 256 MB each, and an A14B expert ~42 GB of host RAM instead of 27.4. Chunks of
+# 1 GiB, each packed with many tensors, are rounded by nothing.
+PINNED_CHUNK = 1 << 30
+PINNED_ALIGN = 512  # bytes; every dtype's view starts aligned
+
+
+def move_to_pinned(tensors: list[torch.Tensor], allocate=None) -> list[torch.Tensor]:
+    """Move each tensor's data into pinned host memory, packed into chunks whose sizes are powers of two.
+
+    Largest first, each into the first chunk with room (one over 1 GiB gets a chunk of its own power of two,
+    which smaller ones then fill); at most the last chunk's tail is unused. Each tensor's old data is let go as
+    soon as it is copied, so host memory never holds a module twice. Tensors already pinned stay where they
+    are. `allocate(nbytes)` returns a uint8 tensor (pinned by default). Returns the new data, in order.
+    """
+    allocate = allocate or (lambda nbytes: torch.empty(nbytes, dtype=torch.uint8, pin_memory=True))
+    chunks: list[list] = []  # [uint8 tensor, bytes used]
+    for tensor in sorted(tensors, key=lambda t: -t.nbytes):
+        if tensor.data.is_pinned():
+            continue
+        nbytes = -(-tensor.nbytes // PINNED_ALIGN) * PINNED_ALIGN
+        chunk = next((c for c in chunks if c[0].numel() - c[1] >= nbytes), None)
+        if chunk is None:
+            chunk = [allocate(max(PINNED_CHUNK, 1 << max(nbytes - 1, 1).bit_length())), 0]
+            chunks.append(chunk)
+        view = chunk[0][chunk[1]:chunk[1] + tensor.nbytes].view(tensor.dtype).view(tensor.shape)
+        view.copy_(tensor.data)
+        tensor.data = view
+        chunk[1] += nbytes
+    return [tensor.data for tensor in tensors]
 
 
 def torch_dtype(name: str) -> torch.dtype:
@@ -121,10 +151,9 @@ class PinnedSwapper:
         self.device = device
         self.host = {}
         for module in modules:
-            host = self.host[id(module)] = {}
-            for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
-                host[name] = tensor.data if tensor.data.is_pinned() else tensor.data.to("cpu").pin_memory()
-                tensor.data = host[name]  # the unpinned (or GPU) copy goes tensor by tensor: no 2x peak
+            named = [*module.named_parameters(), *module.named_buffers()]
+            pinned = move_to_pinned([tensor for _, tensor in named])
+            self.host[id(module)] = {name: data for (name, _), data in zip(named, pinned)}
         self.active: torch.nn.Module | None = None
         self.copy_stream = torch.cuda.Stream(device) if overlap else None
         self.copied: dict[int, torch.cuda.Event] = {}  # id(part) -> its copy's completion, until first waited on
