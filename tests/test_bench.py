@@ -34,10 +34,18 @@ def test_tiny_smoke_writes_a_report(tmp_path):
     assert 1e-4 < report["runs"][fp8]["forward_rel_l2"] < 0.1
     # Whole requests are extrapolated to each run's own step count (the tiny model's 8, or the run's).
     assert report["runs"]["diffusers"]["request_steps"] == 8 and report["runs"][unguided]["request_steps"] == 4
+    # ... and to its own passes: 2 a guided step, 1 an unguided one, CFG truncation's tail included.
+    assert report["runs"]["diffusers"]["request_forwards"] == 16 and report["runs"][unguided]["request_forwards"] == 4
+    assert report["runs"][truncated]["request_forwards"] < 16
+    assert report["failed"] == {}
     table = path.with_suffix(".md").read_text()
     assert all(f"| `{name}` |" in table for name in report["runs"]) and "extrapolated" in table
     chart = path.with_suffix(".png")
     assert chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    chart.unlink()
+    path.with_suffix(".md").unlink()
+    assert main(["--replot", str(path)]) == 0  # chart and table again from the report alone
+    assert chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.with_suffix(".md").read_text() == table
 
 
 def test_no_decode_compares_latents_and_skips_the_vae(tmp_path):

@@ -84,3 +84,12 @@ def test_a_tiny_threshold_reuses_nothing():
 def test_bad_values_are_named(override, message):
     with pytest.raises(WanOptError, match=message):
         validate_choices(compose_config([override], hardware="cpu"))
+
+
+def test_the_passes_of_a_request_are_known_before_it_runs():
+    pipe = WanPipeline(**build_tiny_components(seed=1), boundary_ratio=0.875)
+    plain = WanOptPipeline.from_diffusers(pipe)
+    assert plain.forwards_per_step(8, 4.0, 3.0) == [2] * 8
+    assert plain.forwards_per_step(4, 1.0, 1.0) == [1] * 4  # the distilled preset: no guidance
+    truncated = WanOptPipeline.from_diffusers(pipe, speed=SpeedPolicy(cfg_truncation=0.25))
+    assert truncated.forwards_per_step(8, 4.0, 3.0) == [2] * 6 + [1] * 2  # the low-noise tail loses its branch

@@ -148,7 +148,6 @@ def profile_run(pipe, cfg, args, device: torch.device, one_forward) -> dict:
     from hydra.utils import instantiate
 
     from wan_opt.pipeline import WanOptPipeline
-
     from wan_opt.plan import plan_for_config
 
     memory, speed = instantiate(cfg.hardware.memory), instantiate(cfg.hardware.speed)
