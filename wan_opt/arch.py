@@ -10,7 +10,7 @@ import contextlib
 
 import torch
 
-from wan_opt.memory import EXPERTS, MemoryPolicy, torch_dtype
+from wan_opt.memory import EXPERTS, MemoryPolicy, move_to_pinned, torch_dtype
 from wan_opt.original import WAN22_LATENTS_MEAN, WAN22_LATENTS_STD
 
 A14B_EXPERT = dict(
@@ -56,6 +56,18 @@ def build_random_expert(family: str, dtype: torch.dtype, device: torch.device):
         return cast_module(WanTransformer3DModel(**DIT_CONFIGS[family]), dtype).eval().requires_grad_(False)
 
 
+def _place(module: torch.nn.Module, name: str, memory: MemoryPolicy, device: torch.device) -> torch.nn.Module:
+    """Move a module built on `device` where the policy loads it. One that the policy will keep in pinned host
+    memory (a swapped expert, a released encoder) goes straight there: no pageable copy on the way."""
+    target = memory.load_device(name, device)
+    pinned_later = (memory.experts == "swap" and not memory.stores_fp8) if name in EXPERTS else \
+        memory.text_encoder == "gpu_release"
+    if device.type == "cuda" and target.type == "cpu" and pinned_later:
+        move_to_pinned([*module.parameters(), *module.buffers()])
+        return module
+    return module.to(target)
+
+
 def build_random_components(family: str, memory: MemoryPolicy, device: torch.device, shift: float) -> dict:
     """Full-size modules of `family` with random weights, placed as `memory` says.
 
@@ -72,10 +84,10 @@ def build_random_components(family: str, memory: MemoryPolicy, device: torch.dev
     components: dict = {"transformer_2": None}
     names = EXPERTS if family == "t2v_a14b" else EXPERTS[:1]
     for name in names:
-        components[name] = build_random_expert(family, memory.load_dtype, device).to(memory.load_device(name, device))
+        components[name] = _place(build_random_expert(family, memory.load_dtype, device), name, memory, device)
     with _building(device, torch_dtype(memory.compute_dtype)):
         encoder = UMT5EncoderModel(UMT5Config(**UMT5_XXL))
-    components["text_encoder"] = encoder.to(memory.load_device("text_encoder", device))
+    components["text_encoder"] = _place(encoder, "text_encoder", memory, device)
     if device.type == "cuda":
         torch.cuda.empty_cache()
     with _building(device, torch.float32):
