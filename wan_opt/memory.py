@@ -100,6 +100,10 @@ class MemoryPolicy:
                 for block in expert.blocks:
                     quantize_linears(block, work_device=device)
             if device.type == "cuda" and self.experts == "offload":
+                if self.offload_use_stream:
+                    # diffusers pins each tensor for its stream copies, each rounded up to a power of two; tensors
+                    # already pinned (packed here) it keeps as they are.
+                    move_to_pinned([*expert.parameters(), *expert.buffers()])
                 expert.enable_group_offload(
                     onload_device=device, offload_device=torch.device("cpu"),
                     offload_type=f"{self.offload_granularity}_level",
