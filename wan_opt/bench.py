@@ -138,8 +138,9 @@ def run_config(args, overrides: list[str], profile: str = "cpu"):
 
 
 def guidance_of(cfg) -> tuple[float, float]:
-    g = cfg.model.guidance if cfg.guidance is None else cfg.guidance
-    g2 = cfg.model.guidance_2 if cfg.guidance_2 is None else cfg.guidance_2
+    from wan_opt.request import run_guidance
+
+    g, g2 = run_guidance(cfg)
     return float(g), float(g if g2 is None else g2)
 
 

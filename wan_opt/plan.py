@@ -225,11 +225,11 @@ def _inputs(cfg) -> tuple[ModelSizes, Request, Mechanisms, float, float, str]:
 def _request(cfg) -> Request:
     """A composed run config's request as the planner sees it: size, frames, CFG batching and whether the
     high-noise expert runs both guidance branches."""
-    from wan_opt.request import parse_size
+    from wan_opt.request import parse_size, run_guidance
 
     model = cfg.model
     width, height = parse_size(cfg.size or model.sizes[0])
-    guided = (cfg.guidance if cfg.guidance is not None else model.guidance) > 1.0
+    guided = run_guidance(cfg)[0] > 1.0
     return Request(width, height, cfg.frames or model.frames, cfg.hardware.speed.cfg == "batched", guided)
 
 
@@ -237,16 +237,15 @@ def parallel_layout(cfg):
     """How this torchrun group splits the request (None in a single process); a split the model cannot take
     is an error here, before anything loads."""
     from wan_opt import parallel
+    from wan_opt.request import run_guidance
 
     if parallel.world_size() == 1:
         return None
     model = cfg.model
     sizes = model_sizes(model.family)
-    guidance = [cfg.guidance if cfg.guidance is not None else model.guidance,
-                cfg.guidance_2 if cfg.guidance_2 is not None else model.guidance_2]
     count = tokens(sizes, _request(cfg))
     return parallel.plan_layout(parallel.world_size(), cfg.hardware.parallel, sizes.attention_heads, count,
-                                any(g is not None and g > 1.0 for g in guidance), model.name)
+                                any(g is not None and g > 1.0 for g in run_guidance(cfg)), model.name)
 
 
 CUDA_CONTEXT_GIB = 0.5  # what this process's CUDA context will take of the free memory

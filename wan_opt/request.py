@@ -40,6 +40,14 @@ def nearest_valid_frames(frames: int) -> tuple[int, int]:
     return below, below + 4
 
 
+def run_guidance(cfg: DictConfig) -> tuple[float, float | None]:
+    """The guidance of each expert: the run's knobs over the model's defaults (guidance_2 None: one expert,
+    or the low-noise expert guides as the high-noise one does)."""
+    model = cfg.model
+    return (model.guidance if cfg.guidance is None else cfg.guidance,
+            model.guidance_2 if cfg.guidance_2 is None else cfg.guidance_2)
+
+
 def resolve_request(cfg: DictConfig) -> GenerationRequest:
     """Merge the run's knobs over the model's defaults and reject what the model cannot do."""
     model = cfg.model
@@ -49,8 +57,7 @@ def resolve_request(cfg: DictConfig) -> GenerationRequest:
     steps = model.steps if cfg.steps is None else cfg.steps
     if steps < 1:
         raise WanOptError(f"steps={steps} is below 1: pass steps=1 or more (the model's default is {model.steps}).")
-    guidance = model.guidance if cfg.guidance is None else cfg.guidance
-    guidance_2 = model.guidance_2 if cfg.guidance_2 is None else cfg.guidance_2
+    guidance, guidance_2 = run_guidance(cfg)
     for name, value in (("guidance", guidance), ("guidance_2", guidance_2)):
         if value is not None and value < 0:
             raise WanOptError(f"{name}={value} is negative: pass 0 or more (1 turns classifier-free guidance off).")
