@@ -102,6 +102,12 @@ class WanOptPipeline:
             return self.transformer, guidance, "high_noise"
         return self.transformer_2, guidance if guidance_2 is None else guidance_2, "low_noise"
 
+    def step_plan(self, i: int, t: torch.Tensor, steps: int, guidance: float, guidance_2: float | None):
+        """(expert, guidance, label) of step `i` at timestep `t`: the expert for t, and its guidance after the
+        speed policy's CFG truncation."""
+        expert, scale, label = self.expert_for_timestep(t, guidance, guidance_2)
+        return expert, self.speed.guidance_at(i, steps, scale, label), label
+
     def forwards_per_step(self, steps: int, guidance: float, guidance_2: float | None = None) -> list[int]:
         """Denoiser passes each step of a `steps`-step request makes: 2 where it guides (in one batch or two), else 1.
 
@@ -109,11 +115,8 @@ class WanOptPipeline:
         savings are not counted here, since they depend on the weights.
         """
         self.scheduler.set_timesteps(steps, device="cpu")
-        counts = []
-        for i, t in enumerate(self.scheduler.timesteps):
-            _, scale, label = self.expert_for_timestep(t, guidance, guidance_2)
-            counts.append(2 if self.speed.guidance_at(i, steps, scale, label) > 1.0 else 1)
-        return counts
+        return [2 if self.step_plan(i, t, steps, guidance, guidance_2)[1] > 1.0 else 1
+                for i, t in enumerate(self.scheduler.timesteps)]
 
     @torch.inference_mode()
     def encode_prompts(self, prompts: list[str], max_sequence_length: int, dtype: torch.dtype) -> torch.Tensor:
@@ -207,8 +210,7 @@ class WanOptPipeline:
                 expert._reset_stateful_cache()  # nothing cached by an earlier call leaks into this one
         for i, t in enumerate(timesteps):
             step_start = time.perf_counter()
-            expert, guidance, label = self.expert_for_timestep(t, guidance_scale, guidance_scale_2)
-            guidance = self.speed.guidance_at(i, len(timesteps), guidance, label)
+            expert, guidance, label = self.step_plan(i, t, len(timesteps), guidance_scale, guidance_scale_2)
             self.memory.activate_expert(self, expert)
             timestep = self._timestep_input(t, latents)
             where = {"step_index": i, "sigma": float(self.scheduler.sigmas[i]), "num_inference_steps": len(timesteps)}
