@@ -47,3 +47,13 @@ def test_pinned_copies_are_packed_into_power_of_two_chunks_without_rounding_each
     spans = sorted((d.data_ptr(), d.data_ptr() + d.nbytes) for d in pinned)
     assert all(end <= start for (_, end), (start, _) in zip(spans, spans[1:]))  # no overlap
     assert sum(c.numel() for c in chunks) <= 16384 + 4096  # the big buffer's chunk (others fill it) + one more
+
+
+def test_the_policy_says_which_modules_wait_in_pinned_memory_as_loaded():
+    from wan_opt.memory import MemoryPolicy
+
+    swap = MemoryPolicy(experts="swap", text_encoder="gpu_release")
+    assert swap.waits_pinned("transformer") and swap.waits_pinned("transformer_2") and swap.waits_pinned("text_encoder")
+    assert not MemoryPolicy(experts="swap", weight_dtype="float8_e4m3fn").waits_pinned("transformer")  # requantized
+    assert not MemoryPolicy(experts="resident", text_encoder="cpu").waits_pinned("text_encoder")
+    assert not swap.waits_pinned("vae")

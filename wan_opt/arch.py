@@ -60,9 +60,7 @@ def _place(module: torch.nn.Module, name: str, memory: MemoryPolicy, device: tor
     """Move a module built on `device` where the policy loads it. One that the policy will keep in pinned host
     memory (a swapped expert, a released encoder) goes straight there: no pageable copy on the way."""
     target = memory.load_device(name, device)
-    pinned_later = (memory.experts == "swap" and not memory.stores_fp8) if name in EXPERTS else \
-        memory.text_encoder == "gpu_release"
-    if device.type == "cuda" and target.type == "cpu" and pinned_later:
+    if device.type == "cuda" and target.type == "cpu" and memory.waits_pinned(name):
         move_to_pinned([*module.parameters(), *module.buffers()])
         return module
     return module.to(target)

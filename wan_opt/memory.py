@@ -91,6 +91,13 @@ class MemoryPolicy:
             return device if self.text_encoder == "gpu" else cpu
         return device
 
+    def waits_pinned(self, component: str) -> bool:
+        """Whether `component` waits in pinned host memory on a GPU machine, as loaded (a swapped expert, a
+        released text encoder). fp8-stored experts are not: quantizing replaces their weights after loading."""
+        if component in EXPERTS:
+            return self.experts == "swap" and not self.stores_fp8
+        return component == "text_encoder" and self.text_encoder == "gpu_release"
+
     def prepare(self, pipe, device: torch.device) -> None:
         """Apply the storage and offloading mechanisms to freshly loaded modules."""
         for expert in pipe.experts():
