@@ -3,6 +3,7 @@ import pytest
 import torch
 from diffusers import FirstBlockCacheConfig, WanPipeline
 
+from tests.test_pipeline import rel_l2
 from wan_opt.app import compose_config
 from wan_opt.checks import validate_choices
 from wan_opt.errors import WanOptError
@@ -12,11 +13,6 @@ from wan_opt.tiny import build_tiny_components
 
 CALL = dict(prompt="a red fox in the snow", negative_prompt="blurry, static", height=64, width=96, num_frames=9,
             num_inference_steps=8, guidance_scale=4.0, guidance_scale_2=3.0, output_type="np")
-
-
-def rel_l2(a, b) -> float:
-    a, b = torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64)
-    return ((a - b).norm() / b.norm()).item()
 
 
 def generate(speed: SpeedPolicy, **overrides):

@@ -6,6 +6,7 @@ from diffusers import WanPipeline
 from wan_opt.app import compose_config
 from wan_opt.checks import validate_choices
 from wan_opt.errors import WanOptError
+from tests.test_pipeline import rel_l2
 from wan_opt.fp8 import FP8, Fp8Linear, has_fp8_matmul, quantize_linears, quantize_rows, use_fp8_matmul
 from wan_opt.lora import LoraSpec, apply_lora
 from wan_opt.memory import MemoryPolicy
@@ -16,11 +17,6 @@ from wan_opt.tiny import build_tiny_components
 
 CALL = dict(prompt="a red fox in the snow", negative_prompt="blurry, static", height=64, width=96, num_frames=9,
             num_inference_steps=4, guidance_scale=4.0, guidance_scale_2=3.0, output_type="np")
-
-
-def rel_l2(a, b) -> float:
-    a, b = torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64)
-    return ((a - b).norm() / b.norm()).item()
 
 
 def test_per_channel_scales_keep_the_small_weights_a_plain_cast_loses():

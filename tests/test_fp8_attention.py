@@ -10,6 +10,7 @@ pytest.importorskip("triton", reason="the kernel is Triton code")
 
 from diffusers import WanTransformer3DModel  # noqa: E402
 
+from tests.test_pipeline import rel_l2  # noqa: E402
 from wan_opt import fp8_attention as kernel  # noqa: E402
 from wan_opt.app import compose_config  # noqa: E402
 from wan_opt.checks import check_device  # noqa: E402
@@ -28,10 +29,6 @@ def randn(*shape):
 
 def sdpa(q, k, v):
     return torch.nn.functional.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v))).transpose(1, 2)
-
-
-def rel_l2(a, b) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 @pytest.mark.parametrize("tokens, head_dim", [(200, 64), (128, 128), (75, 128)])
