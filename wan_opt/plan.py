@@ -118,9 +118,13 @@ def predict(sizes: ModelSizes, req: Request, mech: Mechanisms, compute_dtype: st
     quantized = sizes.expert_block_linear_params_b
     expert = (quantized * BYTES[mech.weight_dtype] + (sizes.expert_params_b - quantized) * BYTES[compute_dtype]) * 1e9 / GIB
     te = sizes.text_encoder_params_b * 1e9 * BYTES[compute_dtype] / GIB
-    # Per GPU under torchrun: FSDP2 keeps 1/N of the weights (plus one gathered block, in the 0.5 GiB margin
-    # of the activations); a sequence split keeps 1/N of the tokens' activations.
-    expert, te = expert / req.weight_shards, te / req.weight_shards
+    # Per GPU under torchrun: FSDP2 keeps 1/N of the experts (plus one gathered block, in the 0.5 GiB margin
+    # of the activations) and of a text encoder that stays on the GPUs; one that is released or runs on the
+    # CPU is not sharded (wan_opt.parallel.apply), so it comes whole. A sequence split keeps 1/N of the
+    # tokens' activations.
+    expert = expert / req.weight_shards
+    if mech.text_encoder == "gpu":
+        te = te / req.weight_shards
     vae = sizes.vae_params_b * 1e9 * BYTES[vae_dtype] / GIB
     batch = 2 if (req.batched_cfg and req.guided) else 1
     act = ACT_FIXED_GIB + ACT_GIB_PER_TOKEN * tokens(sizes, req) * batch / req.sequence_parallel
