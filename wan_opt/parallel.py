@@ -115,9 +115,25 @@ def apply(pipe, layout: Layout, mesh) -> None:
             config = ContextParallelConfig(ring_degree=layout.ring, ulysses_degree=layout.ulysses, mesh=mesh)
             with _cpu_accelerator_count():
                 expert.enable_parallelism(config=config)
+            _run_split_points_uncompiled(expert)
     if layout.shard and pipe.memory.text_encoder == "gpu":  # a released or CPU encoder is not the GPUs' to share
         _fully_shard(pipe.text_encoder, pipe.text_encoder.encoder.block, mesh)
     pipe.parallel = ParallelState(layout, mesh)
+
+
+def _run_split_points_uncompiled(expert: torch.nn.Module) -> None:
+    """diffusers splits the tokens in a forward hook on the first block (and gathers them after the last
+    layer); the hook's Python inspects the block's signature, which dynamo cannot trace, so a compiled block
+    carrying one fails. That block runs uncompiled: 1 of 40, the other 39 stay compiled."""
+    from diffusers.hooks.context_parallel import ContextParallelGatherHook, ContextParallelSplitHook
+
+    for module in expert.modules():
+        registry = getattr(module, "_diffusers_hook", None)
+        if registry is None or getattr(module, "_compiled_call_impl", None) is None:
+            continue
+        if any(isinstance(hook, (ContextParallelSplitHook, ContextParallelGatherHook))
+               for hook in registry.hooks.values()):
+            module._compiled_call_impl = None  # what nn.Module.compile set; the hooked forward runs eagerly
 
 
 def _fully_shard(module: torch.nn.Module, blocks, mesh) -> None:
