@@ -1,4 +1,5 @@
-"""End to end on one GPU: the full-size Wan 2.2 architectures with random weights through WanOptPipeline.
+"""End to end: the full-size Wan 2.2 architectures with random weights through WanOptPipeline, on one GPU or
+several under torchrun.
 
 Builds every module at full size (both A14B experts, UMT5-XXL, the Wan VAE) under a hardware profile, runs a
 few denoising steps plus the decode at each size, and records seconds per stage, peak GPU memory and whether
@@ -8,7 +9,8 @@ the frames are finite. `--cap-gb` caps the process's GPU memory to emulate a sma
     NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 \
       torchrun --nproc-per-node 8 benchmarks/full_size_e2e.py --profile h100x8 --sizes 1280*720 --steps 2
 
-Under torchrun every rank builds and runs; rank 0 records (its peak memory is one GPU's).
+Under torchrun every rank builds and runs; rank 0 records (its peak memory is one GPU's), in a file named by the
+split (e.g. `_4gpus_cfg2_ulysses2`), and prints the whole record so a log alone keeps it.
 """
 from __future__ import annotations
 
@@ -24,7 +26,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from wan_opt import parallel  # noqa: E402
-from wan_opt.app import apply_plan, compose_config, library_versions, pipeline_from_config  # noqa: E402
+from wan_opt.app import (apply_plan, compose_config, leave_process_group, library_versions,  # noqa: E402
+                         pipeline_from_config)
 from wan_opt.plan import plan_for_config  # noqa: E402
 from wan_opt.request import parse_size  # noqa: E402
 
@@ -57,7 +60,7 @@ def main() -> None:
     if args.cap_gb:
         torch.cuda.set_per_process_memory_fraction(min(1.0, args.cap_gb * GIB / total))
     record = {
-        "command": " ".join(["python", *sys.argv]), "gpu": torch.cuda.get_device_name(0),
+        "command": " ".join([launcher(), *sys.argv]), "gpu": torch.cuda.get_device_name(0),
         "gpu_memory_gib": round(total / GIB, 1), "cap_gb": args.cap_gb, "profile": args.profile,
         "model": args.model, "overrides": args.override, "versions": library_versions(),
         "plan": {"mechanisms": plan.mechanisms, "decided_by": decided, "vram_budget_gb": plan.vram_budget_gb},
@@ -84,14 +87,26 @@ def main() -> None:
                "pixel_std": round(float(frames.std()), 4)}
         record["runs"].append(run)
         print(json.dumps(run), flush=True)
+    leave_process_group()
     if not parallel.is_main_process():
         return
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     name = (f"e2e_{args.model}_{args.profile}" + (f"_cap{args.cap_gb:g}" if args.cap_gb else "")
-            + (f"_{parallel.world_size()}gpus" if parallel.world_size() > 1 else "") + ".json")
+            + (f"_{parallel.world_size()}gpus_{layout_name(pipe.parallel.layout)}" if pipe.parallel else "") + ".json")
     (out_dir / name).write_text(json.dumps(record, indent=2) + "\n")
-    print(f"wrote {out_dir / name}")
+    print(f"wrote {out_dir / name}: {json.dumps(record)}")
+
+
+def launcher() -> str:
+    return f"torchrun --nproc-per-node {parallel.world_size()}" if parallel.world_size() > 1 else "python"
+
+
+def layout_name(layout: parallel.Layout) -> str:
+    """e.g. cfg2_ulysses2, ring2_fsdp: the degrees above one, so runs of one GPU count do not collide."""
+    degrees = [f"{kind}{degree}" for kind, degree in
+               (("cfg", layout.cfg), ("ulysses", layout.ulysses), ("ring", layout.ring)) if degree > 1]
+    return "_".join(degrees + ["fsdp"] * layout.shard)
 
 
 if __name__ == "__main__":

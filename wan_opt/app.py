@@ -237,6 +237,13 @@ def run_job(cfg: DictConfig) -> Path:
     return path
 
 
+def leave_process_group() -> None:
+    """Under torchrun, leave the process group the run joined (NCCL warns of leaked resources otherwise)."""
+    distributed = sys.modules.get("torch.distributed")  # not imported: bad input stopped the run before torch
+    if distributed is not None and distributed.is_initialized():
+        distributed.destroy_process_group()
+
+
 def run(cfg: DictConfig) -> int:
     """The command line's job: one video, or one per line of a prompt file; returns the exit status.
 
@@ -251,6 +258,8 @@ def run(cfg: DictConfig) -> int:
         except WanOptError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
+        finally:
+            leave_process_group()
         return 0
     job = str(HydraConfig.get().job.num) if is_multirun() else ""
     try:
