@@ -69,6 +69,22 @@ def test_the_planner_divides_activations_and_sharded_weights_per_gpu(monkeypatch
     assert sharded.stages["denoise_high_noise"] < split.stages["denoise_high_noise"] - 40  # 7/8 of 54 GB of experts
 
 
+def test_a_released_text_encoder_is_planned_whole_under_fsdp2(monkeypatch):
+    """Measured on 4 H200s (e2e_wan22_t2v_a14b_a100_40gb_cap40_4gpus.json): sharded experts of 13.6 GiB per GPU
+    plus the whole 10.6 GiB encoder while it encodes, 24.7 GiB at peak; only an encoder kept on the GPUs is sharded."""
+    from wan_opt.app import compose_config
+    from wan_opt.plan import plan_for_config
+
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    base = ["model=wan22_t2v_a14b", "size=1280*720", "hardware.memory.host_ram_gb=512", "hardware.parallel.shard=true",
+            "hardware.memory.experts=resident"]
+    released, _ = plan_for_config(compose_config([*base, "hardware.memory.text_encoder=gpu_release"],
+                                                 hardware="a100_40gb"), [])
+    kept, _ = plan_for_config(compose_config([*base, "hardware.memory.text_encoder=gpu"], hardware="a100_40gb"), [])
+    assert released.stages["encode"] == pytest.approx(24.69, rel=0.05)
+    assert kept.stages["encode"] < released.stages["encode"] - 7  # 3/4 of the encoder's 10.6 GiB stays elsewhere
+
+
 # ---------------------------------------------------------------------------------------------- gloo runs
 
 def _free_port() -> int:
@@ -88,6 +104,10 @@ def _worker(rank: int, world: int, port: int, knobs: dict, out: str) -> None:
 
     device = parallel.init("cpu")
     pipe = WanOptPipeline.from_diffusers(WanPipeline(**build_tiny_components(seed=1), boundary_ratio=0.875))
+    knobs = dict(knobs)
+    if knobs.pop("compiled", False):  # the profiles' regional compile, traced by dynamo (no kernels: eager backend)
+        for expert in pipe.experts():
+            expert.compile_repeated_blocks(fullgraph=True, dynamic=False, backend="eager")
     split = plan_layout(world, OmegaConf.merge(PARALLEL, knobs), 2, 3 * 4 * 6, True, "tiny")
     parallel.apply(pipe, split, parallel.build_mesh(split, device))
     frames = pipe(**CALL, generator=torch.Generator().manual_seed(3)).frames
@@ -110,7 +130,8 @@ def single_process_frames():
     {"cfg_parallel": True},                                   # the two branches on two processes
     {"cfg_parallel": False},                                  # Ulysses: the tokens split in two
     {"cfg_parallel": False, "shard": True},                   # Ulysses over FSDP2-sharded experts
-], ids=["cfg-parallel", "ulysses", "ulysses+fsdp2"])
+    {"cfg_parallel": False, "compiled": True},                # Ulysses with regionally compiled blocks
+], ids=["cfg-parallel", "ulysses", "ulysses+fsdp2", "ulysses+compile"])
 def test_two_processes_give_the_single_process_video(knobs, single_process_frames, tmp_path):
     mp.spawn(_worker, args=(2, _free_port(), knobs, str(tmp_path / "frames")), nprocs=2, join=True)
     for rank in range(2):
