@@ -164,6 +164,7 @@ def test_torchrun_writes_one_video_from_rank_0(tmp_path):
     (["prompts=prompts.txt"], "run prompt files and sweeps in a single process"),
     (["hardware.parallel.sequence=ring", "hardware.parallel.cfg_parallel=false"], "Ring attention needs GPUs"),
     (["hardware.parallel.shard=true", "hardware.memory.experts=swap"], "keeps every expert on the GPUs"),
+    (["hardware.speed.compile=full", "hardware.parallel.cfg_parallel=false"], "pass hardware.speed.compile=regional"),
 ])
 def test_what_a_torchrun_group_cannot_do_is_said_before_loading(overrides, message, monkeypatch):
     from wan_opt.app import compose_config

@@ -68,6 +68,9 @@ def check_parallel(cfg: DictConfig) -> None:
     if layout.ring > 1 and cfg.hardware.device != "cuda":
         raise WanOptError("Ring attention needs GPUs (it merges partial attention by log-sum-exp, which only the GPU "
                           "kernels return): pass hardware.parallel.sequence=ulysses.")
+    if layout.sequence > 1 and cfg.hardware.speed.compile == "full":
+        raise WanOptError("hardware.speed.compile=full cannot trace the hooks that split each forward's tokens "
+                          "across GPUs: pass hardware.speed.compile=regional (every block compiled but the first).")
     if layout.shard and cfg.hardware.memory.experts != "resident":
         raise WanOptError("hardware.parallel.shard=true keeps every expert on the GPUs, sharded: drop "
                           f"hardware.memory.experts={cfg.hardware.memory.experts}.")

@@ -124,7 +124,8 @@ def apply(pipe, layout: Layout, mesh) -> None:
 def _run_split_points_uncompiled(expert: torch.nn.Module) -> None:
     """diffusers splits the tokens in a forward hook on the first block (and gathers them after the last
     layer); the hook's Python inspects the block's signature, which dynamo cannot trace, so a compiled block
-    carrying one fails. That block runs uncompiled: 1 of 40, the other 39 stay compiled."""
+    carrying one fails. That block runs uncompiled: 1 of 40, the other 39 stay compiled. (A wholly compiled
+    expert would lose all of it: wan_opt.checks refuses compile=full under a sequence split.)"""
     from diffusers.hooks.context_parallel import ContextParallelGatherHook, ContextParallelSplitHook
 
     for module in expert.modules():
