@@ -2,9 +2,10 @@
 
 A14B's self-attention at 720p x 81 is 75,600 tokens, 40 heads of 128; at 480p x 81, 32,760 tokens. Reports
 TFLOP/s (4 N^2 d per head), milliseconds, and the fp8 kernel's relative L2 against bf16 SDPA, for the kernel
-alone and with the quantisation of Q, K and V before it.
+alone and with the quantisation of Q, K and V before it; with --tiles, also each tile shape the kernel's
+autotuner chooses from, timed one by one.
 
-    python benchmarks/attention_kernels.py --tokens 75600 32760
+    python benchmarks/attention_kernels.py --tokens 75600 32760 --tiles
 """
 from __future__ import annotations
 
@@ -20,6 +21,26 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from wan_opt.app import library_versions  # noqa: E402
 from wan_opt.fp8_attention import fp8_attention, quantize_qkv  # noqa: E402
+
+
+def tile_runs(q, k, v, flop: float, repeat: int) -> list[dict]:
+    """The kernel under each of its autotuner's tile shapes, on operands quantised once."""
+    from wan_opt._fp8_attention_kernel import fp8_attention_kernel
+
+    b, n, h, d = q.shape
+    q8, k8, vt8, qk_scale, v_scale, padded = quantize_qkv(q, k, v)
+    out = torch.empty_like(q)
+    runs = []
+    for config in fp8_attention_kernel.configs:
+        block_m = config.kwargs["BLOCK_M"]
+        launch = lambda: fp8_attention_kernel.fn[(-(-padded // block_m), b * h)](  # noqa: E731
+            q8, k8, vt8, qk_scale, v_scale, out, n, h, padded, out.stride(0), out.stride(1), out.stride(2),
+            HEAD_DIM=d, num_warps=config.num_warps, num_stages=config.num_stages, **config.kwargs)
+        ms = milliseconds(launch, repeat)
+        runs.append({**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages,
+                     "ms": round(ms, 2), "tflops": round(flop / ms / 1e9, 1)})
+        print(json.dumps({"tokens": n, **runs[-1]}), flush=True)
+    return runs
 
 
 def milliseconds(fn, repeat: int) -> float:
@@ -39,6 +60,7 @@ def main() -> None:
     parser.add_argument("--heads", type=int, default=40)
     parser.add_argument("--head-dim", type=int, default=128)
     parser.add_argument("--repeat", type=int, default=10)
+    parser.add_argument("--tiles", action="store_true", help="also time each tile shape of the fp8 kernel")
     parser.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
     args = parser.parse_args()
     record = {"command": " ".join(["python", *sys.argv]), "gpu": torch.cuda.get_device_name(0),
@@ -59,6 +81,8 @@ def main() -> None:
         run["fp8_kernel_ms"] = run["fp8_with_quantisation_ms"] - run["quantisation_ms"]
         for name in ("sdpa_bf16", "fp8_with_quantisation", "fp8_kernel"):
             run[f"{name}_tflops"] = round(flop / run[f"{name}_ms"] / 1e9, 1)
+        if args.tiles:
+            run["fp8_kernel_by_tile"] = tile_runs(q, k, v, flop, args.repeat)
         record["runs"].append(run)
         print(json.dumps(run), flush=True)
     path = Path(args.out) / f"attention_kernels_{record['gpu'].replace(' ', '-')}.json"

@@ -1,6 +1,7 @@
 """The Triton kernel behind wan_opt.fp8_attention (imported only when that attention is used: needs triton)."""
 import os
 
+import torch
 import triton
 import triton.language as tl
 
@@ -8,32 +9,41 @@ import triton.language as tl
 SCALE_BLOCK = tl.constexpr(64)  # query rows per scale (fp8_attention.SCALE_BLOCK); a 128-row tile reads two
 LOG2_P_SCALE = tl.constexpr(8.8)  # P leaves exp2 scaled by 2^8.8 = 446, just under e4m3's largest (448)
 
+# The kernel builds its tensor descriptors (Hopper's TMA copies) itself, in scratch memory that Triton asks
+# this allocator for; the graphs torch.compile builds set the same one.
+triton.set_allocator(lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
+
 
 def _configs():
-    """Tile shapes to try on the GPU once per sequence length; Triton's CPU interpreter gets one."""
+    """Tile shapes to try on the GPU once per sequence length; Triton's CPU interpreter gets one.
+
+    On an H100 at 75,600 tokens (benchmarks/results/attention_kernels_h100.json, by tile) 64 query rows on 4
+    warps with 3 stages were fastest, 779 TFLOP/s: at 105 KB of shared memory two programs share an SM, and one's
+    softmax runs beside the other's MMAs. 128 rows on 8 warps reached 715; 2 or 4 stages, or 64 keys a block,
+    lost 7-22%. The autotuner still tries them all: the best tile may differ on other GPUs and lengths.
+    """
     if os.environ.get("TRITON_INTERPRET") == "1":
         return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64})]
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
-            for m in (64, 128) for n in (64, 128) for w in (4, 8) for s in (2, 3, 4) if not (m == 64 and w == 8)]
+            for (m, n, w) in ((64, 128, 4), (128, 128, 8), (64, 64, 4)) for s in (2, 3, 4)]
 
 
 @triton.jit
-def _key_blocks(acc, l_i, m_i, q, qk_scale, k_base, vt_base, offs_n, offs_d, start, stop, n_ctx, n_pad,
-                HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr):
+def _key_blocks(acc, l_i, m_i, q, qk_scale, k_desc, vt_desc, k_row, vt_row, offs_n, start, stop, n_ctx,
+                BLOCK_N: tl.constexpr, MASKED: tl.constexpr):
     """The online softmax over keys [start, stop); only the last, partly padded block needs MASKED."""
     for start_n in range(start, stop, BLOCK_N):
-        keys = start_n + offs_n
-        k = tl.load(k_base + keys[:, None] * HEAD_DIM + offs_d[None, :])
-        s = tl.dot(q, tl.trans(k))  # raw fp8 scores; scaled below, in the same FMA that subtracts the max
+        k = k_desc.load([k_row + start_n, 0])
+        s = tl.dot(q, k.T)  # raw fp8 scores; scaled below, in the same FMA that subtracts the max
         if MASKED:
-            s = tl.where(keys[None, :] < n_ctx, s, float("-inf"))
+            s = tl.where((start_n + offs_n)[None, :] < n_ctx, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
         # P * 446 straight out of exp2: e4m3's range without a multiply; the factor cancels in acc / l.
         p = tl.math.exp2(s * qk_scale[:, None] - (m_new - LOG2_P_SCALE)[:, None])
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
-        vt = tl.load(vt_base + offs_d[:, None] * n_pad + keys[None, :])
-        acc = tl.dot(p.to(tl.float8e4nv), tl.trans(vt), acc * alpha[:, None])
+        vt = vt_desc.load([vt_row, start_n])
+        acc = tl.dot(p.to(tl.float8e4nv), vt.T, acc * alpha[:, None])
         m_i = m_new
     return acc, l_i, m_i
 
@@ -50,22 +60,26 @@ def fp8_attention_kernel(Q, K, VT, QK_SCALE, V_SCALE, OUT, n_ctx, n_heads, n_pad
     """
     start_m = tl.program_id(0)
     bh = tl.program_id(1)
+    rows = tl.num_programs(1) * n_pad  # Q and K as one (B*H*n_pad, HEAD_DIM) matrix each, VT as (B*H*HEAD_DIM, n_pad)
+    q_desc = tl.make_tensor_descriptor(Q, shape=[rows, HEAD_DIM], strides=[HEAD_DIM, 1], block_shape=[BLOCK_M, HEAD_DIM])
+    k_desc = tl.make_tensor_descriptor(K, shape=[rows, HEAD_DIM], strides=[HEAD_DIM, 1], block_shape=[BLOCK_N, HEAD_DIM])
+    vt_desc = tl.make_tensor_descriptor(VT, shape=[tl.num_programs(1) * HEAD_DIM, n_pad], strides=[n_pad, 1],
+                                        block_shape=[HEAD_DIM, BLOCK_N])
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
 
-    q = tl.load(Q + bh * n_pad * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :])
+    q = q_desc.load([bh * n_pad + start_m * BLOCK_M, 0])
     qk_scale = tl.load(QK_SCALE + bh * (n_pad // SCALE_BLOCK) + offs_m // SCALE_BLOCK)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-    k_base = K + bh * n_pad * HEAD_DIM
-    vt_base = VT + bh * HEAD_DIM * n_pad
+    k_row, vt_row = bh * n_pad, bh * HEAD_DIM
     full = (n_ctx // BLOCK_N) * BLOCK_N
-    acc, l_i, m_i = _key_blocks(acc, l_i, m_i, q, qk_scale, k_base, vt_base, offs_n, offs_d, 0, full, n_ctx, n_pad,
-                                HEAD_DIM, BLOCK_N, False)
-    acc, l_i, m_i = _key_blocks(acc, l_i, m_i, q, qk_scale, k_base, vt_base, offs_n, offs_d, full, n_pad, n_ctx,
-                                n_pad, HEAD_DIM, BLOCK_N, True)
+    acc, l_i, m_i = _key_blocks(acc, l_i, m_i, q, qk_scale, k_desc, vt_desc, k_row, vt_row, offs_n, 0, full, n_ctx,
+                                BLOCK_N, False)
+    acc, l_i, m_i = _key_blocks(acc, l_i, m_i, q, qk_scale, k_desc, vt_desc, k_row, vt_row, offs_n, full, n_pad, n_ctx,
+                                BLOCK_N, True)
 
     v_scale = tl.load(V_SCALE + bh * HEAD_DIM + offs_d)
     out = acc * (v_scale[None, :] / l_i[:, None])

@@ -8,11 +8,12 @@ Before the kernel, in PyTorch:
   multiply per score). The two scales, 1/sqrt(d) and log2(e) make one factor per query block.
 - V is quantised per channel (one scale per head dimension), transposed so that each block of keys is
   contiguous along the reduction, as Hopper's fp8 MMA wants its second operand.
-The kernel is a flash-attention forward: S = Q K^T in fp8 with fp32 accumulation; an online softmax in fp32
-whose exp2 takes the scores' factor and the max in one FMA and yields P * 2^8.8 (P is in [0, 1]; 2^8.8 = 446
-is just under e4m3's largest value, and the factor cancels against the row sums); P V in fp8, accumulated in
-fp32 inside the MMA; the output rescaled by V's channel scales, in bf16. Only the last block of keys, partly
-padding, is masked.
+The kernel is a flash-attention forward whose blocks of Q, K and V^T arrive by Hopper's TMA copies (tensor
+descriptors, so the loop does no address arithmetic): S = Q K^T in fp8 with fp32 accumulation; an online
+softmax in fp32 whose exp2 takes the scores' factor and the max in one FMA and yields P * 2^8.8 (P is in
+[0, 1]; 2^8.8 = 446 is just under e4m3's largest value, and the factor cancels against the row sums); P V in
+fp8, accumulated in fp32 inside the MMA; the output rescaled by V's channel scales, in bf16. Only the last
+block of keys, partly padding, is masked.
 
 Only the self-attention of each block (75,600 tokens at 720p, ~63% of the FLOPs) runs here; the
 cross-attention over 512 text tokens stays on PyTorch's attention.
