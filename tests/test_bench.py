@@ -17,13 +17,14 @@ def test_tiny_smoke_writes_a_report(tmp_path):
     fp8 = "cpu,hardware.memory.weight_dtype=float8_e4m3fn,hardware.speed.fp8_matmul=true"
     fused = "cpu,hardware.speed.fuse_qkv=true"
     unguided = "cpu,guidance=1,guidance_2=1,steps=4"  # as the distilled preset runs: one forward a step
-    runs = [fp8, "cpu", fused, "h100", truncated, unguided]
+    cached = "cpu,hardware.speed.step_cache=first_block"  # its hooks stay on for the reference forward
+    runs = [fp8, "cpu", fused, "h100", truncated, unguided, cached]
     assert main(["--tiny", "--profiles", *runs, "--steps", "3", "--out", str(tmp_path)]) == 0
     [path] = tmp_path.glob("bench_tiny-cpu_*.json")
     report = json.loads(path.read_text())
     # Runs that rewrite the shared experts go last whatever their place on the command line: fusing, then fp8.
-    assert list(report["runs"]) == ["diffusers", "cpu", "h100", truncated, unguided, fused, fp8]
-    lossless = {k: v for k, v in report["runs"].items() if k not in (truncated, fp8, unguided)}
+    assert list(report["runs"]) == ["diffusers", "cpu", "h100", truncated, unguided, cached, fused, fp8]
+    lossless = {k: v for k, v in report["runs"].items() if k not in (truncated, fp8, unguided, cached)}
     for name, run in lossless.items():
         assert len(run["step_seconds"]) == 3 and run["seconds_per_cfg_step"] > 0 and run["speedup"] > 0
         assert {"text_encoding", "vae_decode"} <= set(run["stage_seconds"])

@@ -66,6 +66,18 @@ def test_step_cache_changes_the_result_a_bounded_amount(step_cache):
     assert 0 < rel_l2(cached, full) < 0.5
 
 
+def test_taylorseer_extrapolates_the_output_projection_alone():
+    """Predicted steps skip every block and extrapolate the (small) output of proj_out: what the hooks keep per
+    expert and branch stays a few latent-sized tensors, not two factors of every block's activations."""
+    expert = build_tiny_components(seed=1)["transformer"]
+    expert.enable_cache(SpeedPolicy(step_cache="taylorseer").cache_config())
+    hooked = {name: module._diffusers_hook.get_hook("taylorseer_cache").state_manager._init_kwargs["is_inactive"]
+              for name, module in expert.named_modules()
+              if getattr(module, "_diffusers_hook", None) and "taylorseer_cache" in module._diffusers_hook.hooks}
+    assert {name for name, skipped in hooked.items() if not skipped} == {"proj_out"}
+    assert {name for name, skipped in hooked.items() if skipped} == {f"blocks.{i}" for i in range(len(expert.blocks))}
+
+
 def test_a_tiny_threshold_reuses_nothing():
     full, _ = generate(SpeedPolicy())
     cached, _ = generate(SpeedPolicy(step_cache="first_block", step_cache_threshold=1e-9))
