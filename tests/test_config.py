@@ -158,6 +158,43 @@ def test_compile_caches_go_to_the_configured_folder(tmp_path, monkeypatch):
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "mine")  # the user's own folder wins
 
 
+def test_attention_auto_takes_flashattention3_on_hopper_in_one_process_where_installed():
+    from wan_opt.speed import attention_backend
+
+    assert attention_backend("auto", (9, 0), {"flash3"}) == "_flash_3"
+    assert attention_backend("auto", (9, 0), set()) is None  # diffusers' default: SDPA, cuDNN on Hopper
+    assert attention_backend("auto", (8, 0), {"flash3"}) is None  # built for Hopper only
+    assert attention_backend("auto", (9, 0), {"flash3"}, processes=2) is None  # no context-parallel path
+    assert attention_backend("cudnn", (9, 0), {"flash3"}) == "_native_cudnn"  # a named kernel is kept
+
+
+def test_fp8_attention_takes_sageattention_where_installed_else_ours():
+    from wan_opt.speed import attention_backend
+
+    assert attention_backend("fp8", (9, 0), {"sage"}) == "sage"
+    assert attention_backend("fp8", (8, 9), set()) == "fp8"
+
+
+@pytest.mark.parametrize("choice, message", [("flash3", "flash_attn_3 package"), ("sage", "SageAttention")])
+def test_an_attention_library_asked_for_and_not_installed_is_named(choice, message, monkeypatch):
+    from wan_opt import speed
+    from wan_opt.checks import check_device
+
+    monkeypatch.setattr(speed, "installed_attention", lambda: set())
+    cfg = compose_config([f"hardware.speed.attention={choice}"], hardware="cpu")
+    with pytest.raises(WanOptError, match=f"{message}.*not installed.*attention=auto"):
+        check_device(cfg)
+
+
+def test_flashattention3_off_hopper_is_named(monkeypatch):
+    from wan_opt import speed
+    from wan_opt.checks import check_attention_library
+
+    monkeypatch.setattr(speed, "installed_attention", lambda: {"flash3"})
+    with pytest.raises(WanOptError, match="built for Hopper.*there is no GPU"):
+        check_attention_library("flash3", "cpu")
+
+
 def test_fast_mode_puts_fp8_on_top_of_the_profile_and_a_knob_set_by_hand_still_wins():
     lossless, fast = (compose_config(["model=wan22_t2v_a14b", f"mode={m}"], hardware="h100") for m in ("lossless", "fast"))
     assert lossless == compose_config(["model=wan22_t2v_a14b"], hardware="h100")  # the default mode

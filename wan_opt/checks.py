@@ -35,6 +35,7 @@ def check_device(cfg: DictConfig) -> None:
         raise WanOptError(f"Profile {cfg.hardware.name} needs a CUDA GPU and none is visible: "
                           f"pass hardware=cpu, or run on a machine with a GPU.")
     speed = cfg.hardware.speed
+    check_attention_library(speed.attention, cfg.hardware.device)
     fp8_knobs = [k for k, on in (("fp8_matmul=true", speed.fp8_matmul), ("attention=fp8", speed.attention == "fp8"))
                  if on]
     if fp8_knobs:
@@ -52,6 +53,24 @@ def check_device(cfg: DictConfig) -> None:
         if speed.attention == "fp8" and not triton_available():
             raise WanOptError("hardware.speed.attention=fp8 runs a Triton kernel and triton is not installed: "
                               "pip install triton, or pass hardware.speed.attention=auto.")
+
+
+def check_attention_library(choice: str, device: str) -> None:
+    """An attention kernel from a separately installed library, asked for by name, must be there to run."""
+    import torch
+
+    from wan_opt.speed import OPTIONAL_ATTENTION, installed_attention
+
+    if choice not in OPTIONAL_ATTENTION:
+        return
+    if choice not in installed_attention():
+        raise WanOptError(f"hardware.speed.attention={choice} runs {OPTIONAL_ATTENTION[choice]}, which is not "
+                          f"installed: install it, or pass hardware.speed.attention=auto.")
+    capability = torch.cuda.get_device_capability() if device == "cuda" else None
+    if choice == "flash3" and (capability is None or capability[0] != 9):
+        where = "there is no GPU" if capability is None else f"this GPU is {capability[0]}.{capability[1]}"
+        raise WanOptError(f"hardware.speed.attention=flash3 runs FlashAttention-3, which is built for Hopper "
+                          f"(compute capability 9.0), and {where}: pass hardware.speed.attention=auto.")
 
 
 def check_parallel(cfg: DictConfig) -> None:

@@ -12,13 +12,42 @@ from wan_opt.fp8 import use_fp8_matmul
 
 log = logging.getLogger(__name__)
 
-# Our names for attention kernels -> diffusers' attention-dispatch backends (all inside PyTorch's SDPA).
+# Our names for attention kernels -> diffusers' attention-dispatch backends: PyTorch's SDPA kernels, and two
+# from libraries that install separately (FlashAttention-3's flash_attn_3 package, SageAttention).
 ATTENTION_BACKENDS = {
     "cudnn": "_native_cudnn",
     "flash": "_native_flash",
     "efficient": "_native_efficient",
     "math": "_native_math",
+    "flash3": "_flash_3",
+    "sage": "sage",
 }
+OPTIONAL_ATTENTION = {"flash3": "FlashAttention-3 (the flash_attn_3 package)", "sage": "SageAttention >= 2.1.1"}
+
+
+def installed_attention() -> set[str]:
+    """The optional attention kernels this environment has (the versions diffusers' dispatcher accepts)."""
+    from diffusers.utils import is_flash_attn_3_available, is_sageattention_available, is_sageattention_version
+
+    found = {"flash3"} if is_flash_attn_3_available() else set()
+    if is_sageattention_available() and is_sageattention_version(">=", "2.1.1"):
+        found.add("sage")
+    return found
+
+
+def attention_backend(choice: str, capability: tuple[int, int], installed: set[str], processes: int = 1) -> str | None:
+    """diffusers' backend for an attention choice on a GPU of this compute capability; None keeps diffusers'
+    default (PyTorch's SDPA, which picks cuDNN on Hopper) and "fp8" means wan-opt's Triton kernel.
+
+    auto: FlashAttention-3 where it is installed, on Hopper (the GPUs it is built for), in one process:
+    diffusers has no context-parallel path for it, so runs split over GPUs keep SDPA.
+    fp8: SageAttention (quantised Q K^T and P V, its own kernels per GPU) where it is installed, else ours.
+    """
+    if choice == "auto":
+        return "_flash_3" if "flash3" in installed and capability[0] == 9 and processes == 1 else None
+    if choice == "fp8":
+        return "sage" if "sage" in installed else "fp8"
+    return ATTENTION_BACKENDS[choice]
 
 
 @dataclass
@@ -77,6 +106,12 @@ class SpeedPolicy:
             torch.backends.cudnn.allow_tf32 = self.tf32
         if device.type == "cuda" and self.compile != "none":
             self._use_compile_cache()
+        backend = None
+        if device.type == "cuda":
+            from wan_opt.parallel import world_size
+
+            backend = attention_backend(self.attention, torch.cuda.get_device_capability(device),
+                                        installed_attention(), world_size())
         for expert in experts:
             if self.fp8_matmul:
                 use_fp8_matmul(expert)  # the fp8-stored layers multiply in fp8 instead of dequantising first
@@ -85,15 +120,17 @@ class SpeedPolicy:
                 expert.enable_cache(self.cache_config())
             if device.type != "cuda":
                 continue  # the kernel choices below are CUDA's; on a CPU PyTorch's defaults stand
-            if self.attention == "fp8":
+            if backend == "fp8":
                 from wan_opt.fp8_attention import use_fp8_attention
 
                 use_fp8_attention(expert)
-            elif self.attention != "auto":
-                expert.set_attention_backend(ATTENTION_BACKENDS[self.attention])
+            elif backend is not None:
+                expert.set_attention_backend(backend)
             # The cache hooks decide in Python whether to run a block, and a block's pre-hooks (the overlapped
-            # swap's stream waits) run outside the graph: both break it there.
-            fullgraph = self.step_cache == "none" and not any(block._forward_pre_hooks for block in expert.blocks)
+            # swap's stream waits) run outside the graph: both break it there. So may SageAttention, which
+            # diffusers calls as a plain Python function (FlashAttention-3 it wraps as an op the graph keeps).
+            fullgraph = (self.step_cache == "none" and backend != "sage"
+                         and not any(block._forward_pre_hooks for block in expert.blocks))
             if self.compile == "regional":
                 # One compiled graph per block class, reused by all 40 blocks and both experts.
                 expert.compile_repeated_blocks(fullgraph=fullgraph, dynamic=False, mode=self.compile_mode)
