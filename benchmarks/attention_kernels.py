@@ -1,4 +1,5 @@
-"""Self-attention kernels at Wan's sizes on one GPU: PyTorch's bf16 SDPA (cuDNN on Hopper) against wan-opt's fp8 kernel.
+"""Self-attention kernels at Wan's sizes on one GPU: PyTorch's bf16 SDPA (cuDNN on Hopper) against wan-opt's fp8 kernel
+and, where flash-attn-4 is installed, FlashAttention-4.
 
 A14B's self-attention at 720p x 81 is 75,600 tokens, 40 heads of 128; at 480p x 81, 32,760 tokens. Reports
 TFLOP/s (4 N^2 d per head), milliseconds, and the fp8 kernel's relative L2 against bf16 SDPA, for the kernel
@@ -20,6 +21,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from wan_opt.app import library_versions  # noqa: E402
+from wan_opt.attention import flash4_attention, flash4_available  # noqa: E402
 from wan_opt.fp8_attention import fp8_attention, quantize_qkv  # noqa: E402
 
 
@@ -79,7 +81,13 @@ def main() -> None:
                "quantisation_ms": milliseconds(lambda: quantize_qkv(q, k, v), args.repeat),
                "fp8_rel_l2_vs_sdpa": float((out - reference).norm() / reference.norm())}
         run["fp8_kernel_ms"] = run["fp8_with_quantisation_ms"] - run["quantisation_ms"]
-        for name in ("sdpa_bf16", "fp8_with_quantisation", "fp8_kernel"):
+        names = ["sdpa_bf16", "fp8_with_quantisation", "fp8_kernel"]
+        if flash4_available():  # exact bf16 attention, when flash-attn-4 is installed
+            flash4 = lambda: flash4_attention(q, k, v)  # noqa: E731
+            run["flash4_bf16_ms"] = milliseconds(flash4, args.repeat)
+            run["flash4_rel_l2_vs_sdpa"] = float((flash4().float() - reference).norm() / reference.norm())
+            names.append("flash4_bf16")
+        for name in names:
             run[f"{name}_tflops"] = round(flop / run[f"{name}_ms"] / 1e9, 1)
         if args.tiles:
             run["fp8_kernel_by_tile"] = tile_runs(q, k, v, flop, args.repeat)

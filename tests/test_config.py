@@ -168,6 +168,15 @@ def test_attention_auto_takes_flashattention3_on_hopper_in_one_process_where_ins
     assert attention_backend("cudnn", (9, 0), {"flash3"}) == "_native_cudnn"  # a named kernel is kept
 
 
+def test_attention_auto_prefers_flashattention4_on_hopper():
+    from wan_opt.speed import attention_backend
+
+    assert attention_backend("auto", (9, 0), {"flash4", "flash3"}) == "flash4"
+    assert attention_backend("auto", (9, 0), {"flash4"}, processes=2) == "flash4"  # its processor defers to a split
+    assert attention_backend("auto", (8, 9), {"flash4"}) is None  # measured on Hopper only
+    assert attention_backend("flash4", (10, 0), set()) == "flash4"
+
+
 def test_fp8_attention_takes_sageattention_where_installed_else_ours():
     from wan_opt.speed import attention_backend
 
@@ -175,7 +184,8 @@ def test_fp8_attention_takes_sageattention_where_installed_else_ours():
     assert attention_backend("fp8", (8, 9), set()) == "fp8"
 
 
-@pytest.mark.parametrize("choice, message", [("flash3", "flash_attn_3 package"), ("sage", "SageAttention")])
+@pytest.mark.parametrize("choice, message", [("flash4", "flash-attn-4 package"), ("flash3", "flash_attn_3 package"),
+                                             ("sage", "SageAttention")])
 def test_an_attention_library_asked_for_and_not_installed_is_named(choice, message, monkeypatch):
     from wan_opt import speed
     from wan_opt.checks import check_device

@@ -12,6 +12,7 @@ from diffusers import WanTransformer3DModel  # noqa: E402
 
 from tests.test_pipeline import rel_l2  # noqa: E402
 from wan_opt import fp8_attention as kernel  # noqa: E402
+from wan_opt.attention import use_self_attention  # noqa: E402
 from wan_opt.app import compose_config  # noqa: E402
 from wan_opt.checks import check_device  # noqa: E402
 from wan_opt.errors import WanOptError  # noqa: E402
@@ -68,7 +69,7 @@ def test_the_processor_runs_the_self_attention_only():
     x, t, ctx = randn(1, 16, 3, 8, 12), torch.tensor([700.0], device=DEVICE), randn(1, 16, 32)
     with torch.no_grad():
         reference = model(x, t, ctx, return_dict=False)[0]
-        assert kernel.use_fp8_attention(model) == 2
+        assert use_self_attention(model, kernel.Fp8SelfAttnProcessor) == 2
         assert isinstance(model.blocks[0].attn1.processor, kernel.Fp8SelfAttnProcessor)
         calls = []
         original = kernel.fp8_attention
@@ -113,3 +114,29 @@ def test_every_tile_shape_compiles_for_hopper_without_a_gpu():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     done = subprocess.run([sys.executable, "-c", HOPPER_COMPILE], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
+
+
+def test_the_flashattention4_processor_hands_the_kernel_what_sdpa_would_get(monkeypatch):
+    """On a CPU the kernel is stood in for by SDPA: the processor's projections, norms, rotary embedding and
+    layout are diffusers', so the forward equals diffusers' own; cross-attention never reaches the kernel."""
+    from wan_opt import attention
+
+    config = dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=64, in_channels=16,
+                  out_channels=16, text_dim=32, freq_dim=32, ffn_dim=64, num_layers=2, cross_attn_norm=True,
+                  qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024)
+    torch.manual_seed(3)
+    model = WanTransformer3DModel(**config).eval()
+    x, t, ctx = torch.randn(1, 16, 3, 8, 12), torch.tensor([700.0]), torch.randn(1, 16, 32)
+    calls = []
+
+    def stand_in(q, k, v):
+        calls.append(q.shape)
+        return torch.nn.functional.scaled_dot_product_attention(*(a.transpose(1, 2) for a in (q, k, v))).transpose(1, 2)
+
+    monkeypatch.setattr(attention, "flash4_attention", stand_in)
+    with torch.no_grad():
+        reference = model(x, t, ctx, return_dict=False)[0]
+        assert attention.use_self_attention(model, attention.processor_for("flash4")) == 2
+        out = model(x, t, ctx, return_dict=False)[0]
+    assert calls == [(1, 72, 2, 64)] * 2
+    assert rel_l2(out, reference) < 1e-5

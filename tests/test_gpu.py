@@ -93,6 +93,20 @@ def test_fp8_attention_kernel_matches_sdpa_eager_and_compiled():
     assert rel_l2(eager, reference) < 0.08 and rel_l2(compiled, reference) < 0.08
 
 
+def test_flashattention4_matches_sdpa_eager_and_compiled():
+    from wan_opt.attention import flash4_attention, flash4_available
+
+    if not flash4_available() or torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("needs flash-attn-4 and a Hopper or newer GPU")
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(2, 1000, 4, 128, device="cuda", dtype=torch.bfloat16, generator=gen) for _ in range(3))
+    reference = torch.nn.functional.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v)))
+    reference = reference.transpose(1, 2).float().cpu().numpy()
+    eager = flash4_attention(q, k, v).float().cpu().numpy()
+    compiled = torch.compile(lambda *a: flash4_attention(*a) * 1.0, fullgraph=True)(q, k, v).float().cpu().numpy()
+    assert rel_l2(eager, reference) < 0.01 and rel_l2(compiled, reference) < 0.01
+
+
 FP32 = dict(weight_dtype="float32", compute_dtype="float32", text_encoder="gpu")
 
 

@@ -4,6 +4,7 @@ run.py only adds the detected profile to the command line and hands Hydra's conf
 """
 from __future__ import annotations
 
+import importlib.metadata
 import logging
 import platform
 import re
@@ -126,9 +127,15 @@ def library_versions() -> dict[str, str]:
 
     import wan_opt
 
-    return {"wan_opt": wan_opt.__version__, "python": platform.python_version(), "torch": torch.__version__,
-            "cuda": str(torch.version.cuda), "diffusers": diffusers.__version__,
-            "transformers": transformers.__version__, "hydra": hydra.__version__}
+    versions = {"wan_opt": wan_opt.__version__, "python": platform.python_version(), "torch": torch.__version__,
+                "cuda": str(torch.version.cuda), "diffusers": diffusers.__version__,
+                "transformers": transformers.__version__, "hydra": hydra.__version__}
+    for package in ("flash-attn-4", "flash_attn_3", "sageattention"):  # attention kernels used where installed
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return versions
 
 
 def gpu_record(device) -> dict | None:

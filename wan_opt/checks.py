@@ -67,10 +67,13 @@ def check_attention_library(choice: str, device: str) -> None:
         raise WanOptError(f"hardware.speed.attention={choice} runs {OPTIONAL_ATTENTION[choice]}, which is not "
                           f"installed: install it, or pass hardware.speed.attention=auto.")
     capability = torch.cuda.get_device_capability() if device == "cuda" else None
-    if choice == "flash3" and (capability is None or capability[0] != 9):
+    built_for = {"flash3": ((9,), "Hopper (compute capability 9.0)"),
+                 "flash4": ((9, 10, 11, 12), "Hopper and Blackwell (compute capability 9.0 and up)")}
+    if choice in built_for and (capability is None or capability[0] not in built_for[choice][0]):
         where = "there is no GPU" if capability is None else f"this GPU is {capability[0]}.{capability[1]}"
-        raise WanOptError(f"hardware.speed.attention=flash3 runs FlashAttention-3, which is built for Hopper "
-                          f"(compute capability 9.0), and {where}: pass hardware.speed.attention=auto.")
+        raise WanOptError(f"hardware.speed.attention={choice} runs {OPTIONAL_ATTENTION[choice].split(' (')[0]}, "
+                          f"which is built for {built_for[choice][1]}, and {where}: pass "
+                          f"hardware.speed.attention=auto.")
 
 
 def check_parallel(cfg: DictConfig) -> None:

@@ -61,7 +61,7 @@ class SpeedConfig:
     """Kernel and scheduling choices that change speed, not what is kept in memory."""
 
     _target_: str = "wan_opt.speed.SpeedPolicy"
-    attention: str = "auto"  # auto | cudnn | flash | efficient | math | flash3 | sage | fp8 (Ada/Hopper)
+    attention: str = "auto"  # auto | cudnn | flash | efficient | math | flash4 | flash3 | sage | fp8 (Ada/Hopper)
     compile: str = "none"  # none | regional | full
     compile_mode: Optional[str] = None  # torch.compile mode; null is torch's default
     compile_cache_dir: str = "~/.cache/wan-opt/inductor"  # kept across processes: later runs skip most compiling
@@ -161,7 +161,7 @@ CHOICES = {
     "hardware.memory.weight_dtype": ("bfloat16", "float16", "float32", "float8_e4m3fn"),
     "hardware.memory.compute_dtype": ("bfloat16", "float16", "float32"),
     "hardware.memory.vae_dtype": ("bfloat16", "float16", "float32"),
-    "hardware.speed.attention": ("auto", "cudnn", "flash", "efficient", "math", "flash3", "sage", "fp8"),
+    "hardware.speed.attention": ("auto", "cudnn", "flash", "efficient", "math", "flash4", "flash3", "sage", "fp8"),
     "hardware.speed.compile": ("none", "regional", "full"),
     "hardware.speed.cfg": ("sequential", "batched"),
     "hardware.speed.step_cache": ("none", "first_block", "taylorseer"),

@@ -24,8 +24,8 @@ import importlib.util
 import math
 
 import torch
-from diffusers.models.transformers.transformer_wan import WanAttnProcessor, _get_qkv_projections
 
+from wan_opt.attention import SelfAttnProcessor
 from wan_opt.fp8 import quantize_rows
 
 SCALE_BLOCK = 64  # query tokens per scale (the kernel's SCALE_BLOCK)
@@ -78,35 +78,10 @@ def fp8_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -
     return out
 
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Wan's rotary embedding on interleaved pairs, as diffusers' WanAttnProcessor applies it."""
-    x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
-    cos, sin = cos[..., 0::2], sin[..., 1::2]
-    return torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2).type_as(x)
+class Fp8SelfAttnProcessor(SelfAttnProcessor):
+    """The self-attention on the fp8 kernel."""
 
+    head_dims = HEAD_DIMS
 
-class Fp8SelfAttnProcessor(WanAttnProcessor):
-    """diffusers' Wan attention processor with the self-attention on the fp8 kernel.
-
-    Cross-attention, image conditioning and context parallelism (whose split attention the kernel does
-    not do) go to diffusers' processor unchanged.
-    """
-
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
-        if (encoder_hidden_states is not None or attention_mask is not None or self._parallel_config is not None
-                or attn.add_k_proj is not None or hidden_states.shape[-1] // attn.heads not in HEAD_DIMS):
-            return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb)
-        query, key, value = _get_qkv_projections(attn, hidden_states, None)
-        query, key = attn.norm_q(query), attn.norm_k(key)
-        query, key, value = (t.unflatten(2, (attn.heads, -1)) for t in (query, key, value))
-        if rotary_emb is not None:
-            query, key = _rotate(query, *rotary_emb), _rotate(key, *rotary_emb)
-        out = fp8_attention(query, key, value).flatten(2, 3).type_as(query)
-        return attn.to_out[1](attn.to_out[0](out))
-
-
-def use_fp8_attention(expert: torch.nn.Module) -> int:
-    """Give each block's self-attention the fp8 processor; returns how many."""
-    for block in expert.blocks:
-        block.attn1.set_processor(Fp8SelfAttnProcessor())
-    return len(expert.blocks)
+    def attend(self, query, key, value):
+        return fp8_attention(query, key, value)

@@ -1,0 +1,91 @@
+"""Self-attention on kernels diffusers' dispatcher does not have: wan-opt's fp8 kernel and FlashAttention-4.
+
+Each is a processor for diffusers' Wan attention that computes the projections, norms and rotary embedding as
+diffusers does and hands Q, K and V, (B, N, H, D), to its kernel. Cross-attention (512 text tokens, ~1% of the
+FLOPs), image conditioning and context parallelism (whose split attention these kernels do not do) go to
+diffusers' processor unchanged.
+
+FlashAttention-4 (the flash-attn-4 package: CuTe DSL kernels, Hopper and Blackwell) is exact bf16 attention.
+On an H100 it ran at 682 TFLOP/s against cuDNN's 571 at A14B's 720p shape (75,600 tokens, 40 heads of 128) and
+702 against 596 at 480p, within 0.3% relative L2 of SDPA (benchmarks/results/attention_kernels_h100_flash4.json).
+torch.compile cannot trace its Python launcher, so it runs as a custom op whose output is shaped like Q.
+"""
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+from diffusers.models.transformers.transformer_wan import WanAttnProcessor, _get_qkv_projections
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Wan's rotary embedding on interleaved pairs, as diffusers' WanAttnProcessor applies it."""
+    x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
+    cos, sin = cos[..., 0::2], sin[..., 1::2]
+    return torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2).type_as(x)
+
+
+class SelfAttnProcessor(WanAttnProcessor):
+    """diffusers' Wan attention processor with the self-attention on `attend`."""
+
+    head_dims: tuple[int, ...] | None = None  # the head dimensions the kernel takes; None: any
+
+    def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
+        head_dim = hidden_states.shape[-1] // attn.heads
+        if (encoder_hidden_states is not None or attention_mask is not None or self._parallel_config is not None
+                or attn.add_k_proj is not None or (self.head_dims is not None and head_dim not in self.head_dims)):
+            return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb)
+        query, key, value = _get_qkv_projections(attn, hidden_states, None)
+        query, key = attn.norm_q(query), attn.norm_k(key)
+        query, key, value = (t.unflatten(2, (attn.heads, -1)) for t in (query, key, value))
+        if rotary_emb is not None:
+            query, key = _rotate(query, *rotary_emb), _rotate(key, *rotary_emb)
+        out = self.attend(query, key, value).flatten(2, 3).type_as(query)
+        return attn.to_out[1](attn.to_out[0](out))
+
+
+def processor_for(kernel: str) -> type[SelfAttnProcessor]:
+    """The processor of one of wan-opt's kernels: "fp8" or "flash4"."""
+    if kernel == "fp8":
+        from wan_opt.fp8_attention import Fp8SelfAttnProcessor
+
+        return Fp8SelfAttnProcessor
+    return Flash4SelfAttnProcessor
+
+
+def use_self_attention(expert: torch.nn.Module, processor: type[SelfAttnProcessor]) -> int:
+    """Give each block's self-attention `processor`; returns how many."""
+    for block in expert.blocks:
+        block.attn1.set_processor(processor())
+    return len(expert.blocks)
+
+
+def flash4_available() -> bool:
+    try:
+        return importlib.util.find_spec("flash_attn.cute") is not None
+    except (ImportError, ValueError):  # a flash_attn without the cute kernels
+        return False
+
+
+@torch.library.custom_op("wan_opt::flash4_attention", mutates_args=())
+def flash4_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """Softmax attention of (B, N, H, D) tensors on FlashAttention-4, returned as (B, N, H, D)."""
+    from flash_attn.cute import flash_attn_func
+
+    out = flash_attn_func(query, key, value)
+    return (out[0] if isinstance(out, tuple) else out).contiguous()  # (out, lse) in some releases
+
+
+@flash4_attention.register_fake
+def _(query, key, value):
+    return torch.empty_like(query)
+
+
+class Flash4SelfAttnProcessor(SelfAttnProcessor):
+    head_dims = (64, 96, 128, 192, 256)  # within FlashAttention-4's range on Hopper, multiples of its alignment
+
+    def attend(self, query, key, value):
+        return flash4_attention(query, key, value)
