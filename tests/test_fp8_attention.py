@@ -140,3 +140,15 @@ def test_the_flashattention4_processor_hands_the_kernel_what_sdpa_would_get(monk
         out = model(x, t, ctx, return_dict=False)[0]
     assert calls == [(1, 72, 2, 64)] * 2
     assert rel_l2(out, reference) < 1e-5
+
+
+def test_the_flashattention4_op_has_a_shape_for_compile_without_the_library():
+    """torch.compile traces the custom op through its fake implementation: the output is shaped like Q."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from wan_opt.attention import flash4_attention
+
+    with FakeTensorMode():
+        q = torch.empty(2, 72, 4, 64, dtype=torch.bfloat16)
+        out = flash4_attention(q, torch.empty_like(q), torch.empty_like(q))
+    assert out.shape == q.shape and out.dtype == q.dtype
