@@ -12,8 +12,8 @@ from diffusers import WanTransformer3DModel  # noqa: E402
 
 from tests.test_pipeline import rel_l2  # noqa: E402
 from wan_opt import fp8_attention as kernel  # noqa: E402
-from wan_opt.attention import use_self_attention  # noqa: E402
 from wan_opt.app import compose_config  # noqa: E402
+from wan_opt.attention import use_self_attention  # noqa: E402
 from wan_opt.checks import check_device  # noqa: E402
 from wan_opt.errors import WanOptError  # noqa: E402
 from wan_opt.fp8 import has_fp8_matmul  # noqa: E402
@@ -129,11 +129,7 @@ def test_the_flashattention4_processor_hands_the_kernel_what_sdpa_would_get(monk
     x, t, ctx = torch.randn(1, 16, 3, 8, 12), torch.tensor([700.0]), torch.randn(1, 16, 32)
     calls = []
 
-    def stand_in(q, k, v):
-        calls.append(q.shape)
-        return torch.nn.functional.scaled_dot_product_attention(*(a.transpose(1, 2) for a in (q, k, v))).transpose(1, 2)
-
-    monkeypatch.setattr(attention, "flash4_attention", stand_in)
+    monkeypatch.setattr(attention, "flash4_attention", lambda q, k, v: calls.append(q.shape) or sdpa(q, k, v))
     with torch.no_grad():
         reference = model(x, t, ctx, return_dict=False)[0]
         assert attention.use_self_attention(model, attention.processor_for("flash4")) == 2

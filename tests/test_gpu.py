@@ -76,21 +76,26 @@ def test_fp8_matmul_on_tensor_cores_stays_close_to_bf16():
     assert ((out - reference).norm() / reference.norm()).item() < 0.08
 
 
+def errors_against_sdpa(kernel) -> tuple[float, float]:
+    """Relative L2 from PyTorch's SDPA of `kernel` on (B, N, H, D) bf16 tensors, run alone and inside a compiled
+    graph (as the profiles run it), on a length that leaves a partly masked last block of keys."""
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(2, 1000, 4, 128, device="cuda", dtype=torch.bfloat16, generator=gen) for _ in range(3))
+    reference = torch.nn.functional.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v)))
+    reference = reference.transpose(1, 2).float().cpu().numpy()
+    eager = kernel(q, k, v).float().cpu().numpy()
+    compiled = torch.compile(lambda *a: kernel(*a) * 1.0, fullgraph=True, dynamic=False)(q, k, v)
+    return rel_l2(eager, reference), rel_l2(compiled.float().cpu().numpy(), reference)
+
+
 def test_fp8_attention_kernel_matches_sdpa_eager_and_compiled():
-    """The TMA-fed kernel inside a compiled graph (as the fast profile runs it) and alone, on a length that
-    leaves a partly masked last block of keys."""
     from wan_opt.fp8 import has_fp8_matmul
     from wan_opt.fp8_attention import fp8_attention
 
     if not has_fp8_matmul(torch.cuda.get_device_capability()):
         pytest.skip("needs fp8 tensor cores (Ada or Hopper)")
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    q, k, v = (torch.randn(2, 1000, 4, 128, device="cuda", dtype=torch.bfloat16, generator=gen) for _ in range(3))
-    reference = torch.nn.functional.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v)))
-    reference = reference.transpose(1, 2).float().cpu().numpy()
-    eager = fp8_attention(q, k, v).float().cpu().numpy()
-    compiled = torch.compile(fp8_attention, fullgraph=True, dynamic=False)(q, k, v).float().cpu().numpy()
-    assert rel_l2(eager, reference) < 0.08 and rel_l2(compiled, reference) < 0.08
+    eager, compiled = errors_against_sdpa(fp8_attention)
+    assert eager < 0.08 and compiled < 0.08
 
 
 def test_flashattention4_matches_sdpa_eager_and_compiled():
@@ -98,13 +103,8 @@ def test_flashattention4_matches_sdpa_eager_and_compiled():
 
     if not flash4_available() or torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("needs flash-attn-4 and a Hopper or newer GPU")
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    q, k, v = (torch.randn(2, 1000, 4, 128, device="cuda", dtype=torch.bfloat16, generator=gen) for _ in range(3))
-    reference = torch.nn.functional.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v)))
-    reference = reference.transpose(1, 2).float().cpu().numpy()
-    eager = flash4_attention(q, k, v).float().cpu().numpy()
-    compiled = torch.compile(lambda *a: flash4_attention(*a) * 1.0, fullgraph=True)(q, k, v).float().cpu().numpy()
-    assert rel_l2(eager, reference) < 0.01 and rel_l2(compiled, reference) < 0.01
+    eager, compiled = errors_against_sdpa(flash4_attention)
+    assert eager < 0.01 and compiled < 0.01
 
 
 FP32 = dict(weight_dtype="float32", compute_dtype="float32", text_encoder="gpu")
