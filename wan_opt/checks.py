@@ -63,15 +63,16 @@ def check_attention_library(choice: str, device: str) -> None:
 
     if choice not in OPTIONAL_ATTENTION:
         return
+    kernel, package = OPTIONAL_ATTENTION[choice]
     if choice not in installed_attention():
-        raise WanOptError(f"hardware.speed.attention={choice} runs {OPTIONAL_ATTENTION[choice]}, which is not "
+        raise WanOptError(f"hardware.speed.attention={choice} runs {kernel} ({package}), which is not "
                           f"installed: install it, or pass hardware.speed.attention=auto.")
     capability = torch.cuda.get_device_capability() if device == "cuda" else None
     built_for = {"flash3": ((9,), "Hopper (compute capability 9.0)"),
                  "flash4": ((9, 10, 11, 12), "Hopper and Blackwell (compute capability 9.0 and up)")}
     if choice in built_for and (capability is None or capability[0] not in built_for[choice][0]):
         where = "there is no GPU" if capability is None else f"this GPU is {capability[0]}.{capability[1]}"
-        raise WanOptError(f"hardware.speed.attention={choice} runs {OPTIONAL_ATTENTION[choice].split(' (')[0]}, "
+        raise WanOptError(f"hardware.speed.attention={choice} runs {kernel}, "
                           f"which is built for {built_for[choice][1]}, and {where}: pass "
                           f"hardware.speed.attention=auto.")
 

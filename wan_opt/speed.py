@@ -23,8 +23,10 @@ ATTENTION_BACKENDS = {
     "flash3": "_flash_3",
     "sage": "sage",
 }
-OPTIONAL_ATTENTION = {"flash4": "FlashAttention-4 (the flash-attn-4 package)",
-                      "flash3": "FlashAttention-3 (the flash_attn_3 package)", "sage": "SageAttention >= 2.1.1"}
+# choice -> (the kernel's name, what to install for it)
+OPTIONAL_ATTENTION = {"flash4": ("FlashAttention-4", "the flash-attn-4 package"),
+                      "flash3": ("FlashAttention-3", "the flash_attn_3 package"),
+                      "sage": ("SageAttention", "sageattention >= 2.1.1")}
 
 
 def installed_attention() -> set[str]:
