@@ -1,10 +1,11 @@
-"""Self-attention kernels at Wan's sizes on one GPU: PyTorch's bf16 SDPA (cuDNN on Hopper) against wan-opt's fp8 kernel
+"""Self-attention kernels at Wan's sizes on one GPU: PyTorch's bf16 SDPA (cuDNN on Hopper) against wan-opt's fp8 kernels
 and, where flash-attn-4 is installed, FlashAttention-4.
 
 A14B's self-attention at 720p x 81 is 75,600 tokens, 40 heads of 128; at 480p x 81, 32,760 tokens. Reports
-TFLOP/s (4 N^2 d per head), milliseconds, and the fp8 kernel's relative L2 against bf16 SDPA, for the kernel
-alone and with the quantisation of Q, K and V before it; with --tiles, also each tile shape the kernel's
-autotuner chooses from, timed one by one.
+TFLOP/s (4 N^2 d per head), milliseconds, and relative L2 against bf16 SDPA: for the fp8 attention as wan-opt
+runs it (on Hopper the warp-specialised kernel) alone and with the quantisation of Q, K and V before it, and for
+the Triton kernel (the one Ada and other head dimensions get); with --tiles, also each tile shape the Triton
+kernel's autotuner chooses from, timed one by one.
 
     python benchmarks/attention_kernels.py --tokens 75600 32760 --tiles
 """
@@ -22,7 +23,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from wan_opt.app import library_versions  # noqa: E402
 from wan_opt.attention import flash4_attention, flash4_available  # noqa: E402
-from wan_opt.fp8_attention import fp8_attention, quantize_qkv  # noqa: E402
+from wan_opt.fp8_attention import fp8_attention, hopper_kernel_available, quantize_qkv  # noqa: E402
 
 
 def tile_runs(q, k, v, flop: float, repeat: int) -> list[dict]:
@@ -75,13 +76,20 @@ def main() -> None:
         sdpa = lambda: F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v)))  # noqa: E731
         reference = sdpa().transpose(1, 2).float()
         out = fp8_attention(q, k, v).float()
-        run = {"tokens": n, "heads": args.heads, "head_dim": args.head_dim,
+        hopper = args.head_dim == 128 and hopper_kernel_available(q.device)
+        run = {"tokens": n, "heads": args.heads, "head_dim": args.head_dim, "fp8_kernel": "hopper" if hopper else "triton",
                "sdpa_bf16_ms": milliseconds(sdpa, args.repeat),
                "fp8_with_quantisation_ms": milliseconds(lambda: fp8_attention(q, k, v), args.repeat),
-               "quantisation_ms": milliseconds(lambda: quantize_qkv(q, k, v), args.repeat),
+               "quantisation_ms": milliseconds(lambda: quantize_qkv(q, k, v, hopper), args.repeat),
                "fp8_rel_l2_vs_sdpa": float((out - reference).norm() / reference.norm())}
         run["fp8_kernel_ms"] = run["fp8_with_quantisation_ms"] - run["quantisation_ms"]
         names = ["sdpa_bf16", "fp8_with_quantisation", "fp8_kernel"]
+        if hopper:  # the Triton kernel on the same inputs, for comparison
+            triton_kernel = lambda: fp8_attention(q, k, v, hopper=False)  # noqa: E731
+            run["fp8_triton_kernel_ms"] = (milliseconds(triton_kernel, args.repeat)
+                                           - milliseconds(lambda: quantize_qkv(q, k, v), args.repeat))
+            run["fp8_triton_rel_l2_vs_sdpa"] = float((triton_kernel().float() - reference).norm() / reference.norm())
+            names.append("fp8_triton_kernel")
         if flash4_available():  # exact bf16 attention, when flash-attn-4 is installed
             flash4 = lambda: flash4_attention(q, k, v)  # noqa: E731
             run["flash4_bf16_ms"] = milliseconds(flash4, args.repeat)

@@ -82,6 +82,28 @@ def test_the_processor_runs_the_self_attention_only():
     assert 0 < rel_l2(out, reference) < 0.1
 
 
+def test_values_in_mma_key_order_meet_p_as_the_hopper_kernel_relabels_it():
+    """The Hopper kernel hands the S accumulator's registers to the P V MMA as they are. Per the PTX ISA's wgmma
+    layouts, in every 32 columns the register a thread holds at (h, a, b) is accumulator column
+    16h + 8a + 2t + b and operand column 16h + 4t + 2a + b (t: the thread's lane in its quad); V^T in
+    mma_key_order must pair each operand column with the key of the accumulator column it came from."""
+    torch.manual_seed(4)
+    keys, head_dim = 96, 8
+    p, vt = torch.rand(5, keys, dtype=torch.float64), torch.randn(head_dim, keys, dtype=torch.float64)
+    operand = torch.empty_like(p)
+    for base in range(0, keys, 32):
+        for h, a, b, t in ((h, a, b, t) for h in (0, 1) for a in (0, 1) for b in (0, 1) for t in range(4)):
+            operand[:, base + 16 * h + 4 * t + 2 * a + b] = p[:, base + 16 * h + 8 * a + 2 * t + b]
+    assert not torch.equal(operand, p)
+    assert torch.allclose(operand @ kernel.mma_key_order(vt).T, p @ vt.T)
+
+
+def test_the_hopper_kernel_is_chosen_only_where_it_runs():
+    assert not kernel.hopper_kernel_available(torch.device("cpu"))
+    if DEVICE == "cpu":
+        assert not kernel.Fp8SelfAttnProcessor().hopper
+
+
 def test_fp8_attention_without_fp8_tensor_cores_is_named():
     cfg = compose_config(["hardware.speed.attention=fp8"], hardware="cpu")
     with pytest.raises(WanOptError, match="attention=fp8 needs fp8 tensor cores"):
@@ -102,6 +124,38 @@ for config in fp8_attention_kernel.configs:
                             options=dict(num_warps=config.num_warps, num_stages=config.num_stages))
     assert "e4m3.e4m3" in kernel.asm["ptx"], "the MMAs are not on fp8 operands"
 """
+
+
+GLUON_COMPILE = """
+import torch, triton
+from triton.backends.compiler import GPUTarget
+from triton.experimental.gluon._runtime import GluonASTSource
+from triton.runtime.jit import mangle_type
+from wan_opt import _fp8_attention_gluon as hopper
+q, vt = torch.empty(1, 2, 256, 128, dtype=torch.float8_e4m3fn), torch.empty(1, 2, 128, 256, dtype=torch.float8_e4m3fn)
+types = dict(zip(["q_desc", "k_desc", "vt_desc"], map(mangle_type, hopper.descriptors(q, q, vt))))
+types.update(QK_SCALE="*fp32", V_SCALE="*fp32", OUT="*bf16", n_ctx="i32", n_heads="i32", n_pad="i32", stride_ob="i32",
+             stride_on="i32", stride_oh="i32", HEAD_DIM="constexpr", BLOCK_N="constexpr", STAGES="constexpr",
+             CONSUMER_REGS="constexpr")
+constants = dict(HEAD_DIM=128, BLOCK_N=hopper.BLOCK_N, STAGES=hopper.STAGES, CONSUMER_REGS=hopper.CONSUMER_REGS)
+kernel = triton.compile(GluonASTSource(hopper.fp8_attention_hopper_kernel, types, constants),
+                        target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, maxnreg=168))
+assert "e4m3.e4m3" in kernel.asm["ptx"], "the MMAs are not on fp8 operands"
+"""
+
+
+def test_the_hopper_kernel_compiles_without_a_gpu():
+    """Gluon has no CPU interpreter: compiling for sm_90 checks its layouts, among them that P's relabelling and
+    the exponentials' split move no data (assert_trivial), before a GPU run."""
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton.backends.nvidia", reason="needs Triton's CUDA backend (ptxas ships with it)")
+    pytest.importorskip("triton.experimental.gluon.language.nvidia.hopper", reason="needs a Triton with Gluon")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", GLUON_COMPILE], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
 
 
 def test_every_tile_shape_compiles_for_hopper_without_a_gpu():

@@ -98,6 +98,19 @@ def test_fp8_attention_kernel_matches_sdpa_eager_and_compiled():
     assert eager < 0.08 and compiled < 0.08
 
 
+def test_the_hopper_fp8_kernel_matches_sdpa_and_the_triton_kernel():
+    from wan_opt.fp8_attention import fp8_attention, hopper_kernel_available
+
+    if not hopper_kernel_available(torch.device("cuda")):
+        pytest.skip("needs a Hopper GPU and a Triton with Gluon")
+    eager, compiled = errors_against_sdpa(lambda *a: fp8_attention(*a, hopper=True))
+    assert eager < 0.08 and compiled < 0.08
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    q, k, v = (torch.randn(1, 4000, 2, 128, device="cuda", dtype=torch.bfloat16, generator=gen) for _ in range(3))
+    assert rel_l2(fp8_attention(q, k, v, hopper=True).float().cpu().numpy(),
+                  fp8_attention(q, k, v, hopper=False).float().cpu().numpy()) < 0.02
+
+
 def test_flashattention4_matches_sdpa_eager_and_compiled():
     from wan_opt.attention import flash4_attention, flash4_available
 

@@ -15,6 +15,13 @@ softmax in fp32 whose exp2 takes the scores' factor and the max in one FMA and y
 fp8, accumulated in fp32 inside the MMA; the output rescaled by V's channel scales, in bf16. Only the last
 block of keys, partly padding, is masked.
 
+Two kernels compute this. On Hopper (sm_90) with head dimension 128, a warp-specialised one written in Gluon
+(_fp8_attention_gluon.py: a loader warp, two consumer warpgroups, the next block's MMA in flight during each
+softmax); elsewhere (Ada, other head dimensions, Triton's CPU interpreter) the Triton one
+(_fp8_attention_kernel.py). On an H100 at 75,600 tokens the Hopper kernel ran 855-859 TFLOP/s against the
+Triton kernel's 778 in the same process (benchmarks/results/attention_kernels_h100.json has the run the README
+cites). Torch.compile cannot trace a Gluon launch, so the Hopper kernel runs as a custom op.
+
 Only the self-attention of each block (75,600 tokens at 720p, ~63% of the FLOPs) runs here; the
 cross-attention over 512 text tokens stays on PyTorch's attention.
 """
@@ -45,9 +52,17 @@ def _block_scales(x: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tens
     return q.view(b, h, n, d), scale.view(b, h, n // block)
 
 
-def quantize_qkv(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor):
+def mma_key_order(x: torch.Tensor) -> torch.Tensor:
+    """The last dimension (keys) in the order the Hopper kernel's P V MMA reads them: within every 32 keys,
+    key 16h + 8a + 2t + b goes to 16h + 4t + 2a + b (the kernel relabels P's registers this way instead of
+    moving them; see _fp8_attention_gluon._as_mma_operand)."""
+    return x.unflatten(-1, (-1, 2, 2, 4, 2)).transpose(-3, -2).flatten(-5)
+
+
+def quantize_qkv(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, hopper: bool = False):
     """Queries, keys and values as diffusers passes them, (B, N, H, D), to the kernel's fp8 operands:
-    Q, K, V^T in e4m3, the factor from fp8 scores to log2-domain logits per query block, V's channel scales."""
+    Q, K, V^T in e4m3, the factor from fp8 scores to log2-domain logits per query block, V's channel scales.
+    hopper: V^T's keys in mma_key_order, as the Hopper kernel reads them."""
     n, d = query.shape[1], query.shape[-1]
     padded = math.ceil(n / PAD) * PAD
     q, k, v = (torch.nn.functional.pad(t.transpose(1, 2), (0, 0, 0, padded - n)) for t in (query, key, value))
@@ -56,13 +71,41 @@ def quantize_qkv(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor):
     k8, k_scale = _block_scales(k, padded)  # the whole sequence is one block: one scale per head
     qk_scale = q_scale * k_scale * (LOG2E / math.sqrt(d))
     # A channel of V is one row; the kernel reads the operands as contiguous.
-    vt8, v_scale = quantize_rows(v.transpose(2, 3).contiguous().view(-1, padded))
+    vt = mma_key_order(v.transpose(2, 3)) if hopper else v.transpose(2, 3)
+    vt8, v_scale = quantize_rows(vt.contiguous().view(-1, padded))
     b, h = v.shape[:2]
     return q8, k8, vt8.view(b, h, d, padded), qk_scale, v_scale.view(b, h, d), padded
 
 
-def fp8_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-    """Softmax attention of (B, N, H, D) tensors (no mask, no dropout), returned as (B, N, H, D)."""
+def hopper_kernel_available(device: torch.device) -> bool:
+    """Whether the warp-specialised kernel runs here: a Hopper GPU (sm_90) and a Triton with Gluon's Hopper ops."""
+    if device.type != "cuda" or torch.cuda.get_device_capability(device) != (9, 0):
+        return False
+    try:
+        from triton.experimental.gluon.language.nvidia import hopper
+    except ImportError:
+        return False
+    return hasattr(hopper, "warpgroup_mma")
+
+
+@torch.library.custom_op("wan_opt::fp8_attention_hopper", mutates_args=())
+def _hopper(q8: torch.Tensor, k8: torch.Tensor, vt8: torch.Tensor, qk_scale: torch.Tensor, v_scale: torch.Tensor,
+            query: torch.Tensor) -> torch.Tensor:
+    from wan_opt._fp8_attention_gluon import fp8_attention_hopper
+
+    return fp8_attention_hopper(q8, k8, vt8, qk_scale, v_scale, torch.empty_like(query), query.shape[1])
+
+
+@_hopper.register_fake
+def _(q8, k8, vt8, qk_scale, v_scale, query):
+    return torch.empty_like(query)
+
+
+def fp8_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                  hopper: bool | None = None) -> torch.Tensor:
+    """Softmax attention of (B, N, H, D) tensors (no mask, no dropout), returned as (B, N, H, D).
+    hopper: the warp-specialised kernel (head dimension 128, sm_90) or the Triton one; None: the first where
+    it runs."""
     import triton
 
     from wan_opt._fp8_attention_kernel import fp8_attention_kernel
@@ -70,7 +113,11 @@ def fp8_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -
     b, n, h, d = query.shape
     if d not in HEAD_DIMS:
         raise ValueError(f"the fp8 attention kernel takes head dimensions {HEAD_DIMS}, not {d}")
-    q8, k8, vt8, qk_scale, v_scale, padded = quantize_qkv(query, key, value)
+    if hopper is None:
+        hopper = d == 128 and hopper_kernel_available(query.device)
+    q8, k8, vt8, qk_scale, v_scale, padded = quantize_qkv(query, key, value, hopper)
+    if hopper:
+        return _hopper(q8, k8, vt8, qk_scale, v_scale, query)
     out = torch.empty_like(query)
     grid = lambda meta: (triton.cdiv(padded, meta["BLOCK_M"]), b * h)  # noqa: E731  the tile is autotuned
     fp8_attention_kernel[grid](q8, k8, vt8, qk_scale, v_scale, out, n, h, padded,
@@ -79,9 +126,13 @@ def fp8_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -
 
 
 class Fp8SelfAttnProcessor(SelfAttnProcessor):
-    """The self-attention on the fp8 kernel."""
+    """The self-attention on the fp8 kernel; which kernel is settled here, once, for compiled graphs to keep."""
 
     head_dims = HEAD_DIMS
 
+    def __init__(self):
+        super().__init__()
+        self.hopper = torch.cuda.is_available() and hopper_kernel_available(torch.device("cuda"))
+
     def attend(self, query, key, value):
-        return fp8_attention(query, key, value)
+        return fp8_attention(query, key, value, self.hopper and query.shape[-1] == 128)

@@ -1,0 +1,235 @@
+"""wan_opt.fp8_attention's kernel for Hopper: warp-specialised, in Gluon (Triton's explicit dialect).
+
+The arithmetic of _fp8_attention_kernel.py on the same operands (quantize_qkv's, with V^T's keys in MMA order),
+laid out the way FlashAttention-3 lays out Hopper. The Triton kernel runs each program's loads, MMAs and softmax
+as one stream of instructions; here warps do one thing each:
+
+- a loader warp streams blocks of K and V^T by TMA through a ring of shared-memory stages, each guarded by a
+  "ready" and an "empty" mbarrier;
+- two consumer warpgroups, 64 query rows each, share every block (half the L2 traffic of two 64-row programs).
+  Each issues the next block's S = Q K^T before it computes this block's exponentials, so that the tensor cores
+  work while it does.
+
+What the instruction stream needed (each found in ptxas' output, SASS, before any timing):
+- P goes from the S accumulator's registers to the P V operand's without a shuffle: see _as_mma_operand.
+- No warp shuffle while an MMA is in flight: ptxas put the wait for the MMA before the first shuffle after it,
+  and with it the softmax the MMA was meant to overlap. The row max (the one cross-thread step) comes before the
+  next MMA is issued; the row sums stay per thread until the end.
+- Row reductions as trees: a plain reduction over a thread's 64 values is one dependent chain.
+- Half the exponentials on the FMA units: one MUFU exponential per score is the softmax's busiest unit.
+"""
+import triton
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
+from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+# Triton 3.6 (PyTorch 2.11's) names the TMA load async_copy_global_to_shared; later releases async_load.
+_tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
+
+# Globals a kernel reads must be constexpr.
+SCALE_BLOCK = gl.constexpr(64)  # query rows per scale (fp8_attention.SCALE_BLOCK): one consumer's rows, one factor
+LOG2_P_SCALE = gl.constexpr(8.8)  # P leaves exp2 scaled by 2^8.8 = 446, just under e4m3's largest (448)
+ROWS = gl.constexpr(64)  # query rows per consumer warpgroup: one wgmma's M
+BLOCK_N = 128  # keys per block: two blocks of scores (the one in use, the next in flight) fill the registers
+STAGES = 3  # K/V^T blocks in flight; 2 starved the consumers
+CONSUMER_REGS = 240  # two consumers at 240 and the loader's warpgroup at 24 fill the register file
+
+
+@gluon.jit
+def _loader(q_desc, k_desc, vt_desc, q_smem, k_bufs, vt_bufs, ready, empty, q_bar, q_row, k_row, vt_row, n_blocks):
+    stages: gl.constexpr = k_bufs.type.shape[0]
+    block_n: gl.constexpr = k_bufs.type.shape[1]
+    mbarrier.expect(q_bar, 2 * q_desc.block_type.nbytes)
+    _tma_load(q_desc, [q_row, 0], q_bar, q_smem.index(0))
+    _tma_load(q_desc, [q_row + ROWS, 0], q_bar, q_smem.index(1))
+    for j in range(n_blocks):
+        stage = j % stages
+        mbarrier.wait(empty.index(stage), ((j // stages) & 1) ^ 1)  # a new barrier reads as its previous phase done
+        bar = ready.index(stage)
+        mbarrier.expect(bar, k_desc.block_type.nbytes + vt_desc.block_type.nbytes)
+        _tma_load(k_desc, [k_row + j * block_n, 0], bar, k_bufs.index(stage))
+        _tma_load(vt_desc, [vt_row, j * block_n], bar, vt_bufs.index(stage))
+
+
+@gluon.jit
+def _as_mma_operand(p, p_layout: gl.constexpr):
+    """P from the S accumulator's registers to the A operand's of P V, without moving a byte.
+
+    In every 32 columns a thread of the accumulator holds columns 16h + 8a + 2t + b (t its lane in a quad; h, a,
+    b in {0, 1}) where the fp8 operand wants 16h + 4t + 2a + b. Keys may be summed in any order, so P is
+    relabelled rather than moved, and V^T arrives with its keys in the same order (quantize_qkv's mma_key_order).
+    """
+    rows: gl.constexpr = p.shape[0]
+    cols: gl.constexpr = p.shape[1]
+    p = gl.permute(gl.reshape(p, [rows, cols // 32, 2, 2, 4, 2]), [0, 1, 2, 4, 3, 5])
+    return gl.convert_layout(gl.reshape(p, [rows, cols]).to(gl.float8e4nv), p_layout, assert_trivial=True)
+
+
+@gluon.constexpr_function
+def _halvings_to_quad(cols):
+    return (cols // 8).bit_length() - 1
+
+
+@gluon.jit
+def _fold(x, MAX: gl.constexpr):
+    """Each row's max or sum over one thread's columns, as a tree: [rows, cols] in the accumulator's layout ->
+    [rows, 8], the 8 columns a quad of threads holds (one register, four lanes)."""
+    for _ in gl.static_range(_halvings_to_quad(x.shape[1])):  # each halving pairs two registers of a thread
+        x = gl.reshape(x, [x.shape[0], 2, x.shape[1] // 2])
+        if MAX:
+            x = gl.max(x, 1)
+        else:
+            x = gl.sum(x, 1)
+    return x
+
+
+@gluon.jit
+def _exp2_fma(x):
+    """2^x for x <= 8.8 on the FMA units: a Cody-Waite split and a degree-2 minimax polynomial, within 0.18%
+    (e4m3 rounds P to 3%)."""
+    x = gl.maximum(x, -127.0)  # masked scores are -inf
+    t = x + 12582912.0  # 1.5 * 2^23: x rounded to an integer, in t's low mantissa bits
+    f = x - (t - 12582912.0)  # in [-0.5, 0.5]
+    p = gl.fma(gl.fma(f, 0.23842952, 0.70345056), f, 1.0004433)
+    return (p.to(gl.int32, bitcast=True) + (t.to(gl.int32, bitcast=True) << 23)).to(gl.float32, bitcast=True)
+
+
+@gluon.jit
+def _exp2(x):
+    """2^x, the even columns on the MUFU and the odd ones on the FMA units (each column is one register)."""
+    rows: gl.constexpr = x.shape[0]
+    cols: gl.constexpr = x.shape[1]
+    even, odd = gl.split(gl.reshape(x, [rows, cols // 2, 2]))
+    y = gl.reshape(gl.join(gl.exp2(even), _exp2_fma(odd)), [rows, cols])
+    return gl.convert_layout(y, x.type.layout, assert_trivial=True)
+
+
+@gluon.jit
+def _block(q, k_next, vt, ready_next, ready_phase, s, acc, m_i, l_i, qk_scale, limit, p_layout: gl.constexpr,
+           HAS_NEXT: gl.constexpr, MASKED: gl.constexpr):
+    """One block of keys whose scores s are in registers: the max, the next block's scores issued, the
+    exponentials while the tensor cores compute them, then P V. Returns the next block's scores."""
+    if MASKED:
+        cols = gl.arange(0, s.shape[1], gl.SliceLayout(0, s.type.layout))
+        s = gl.where((cols < limit)[None, :], s, float("-inf"))
+    m_new = gl.maximum(m_i, gl.convert_layout(gl.max(_fold(s, True), 1), m_i.type.layout) * qk_scale)
+    alpha = gl.exp2(m_i - m_new)
+    acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, acc.type.layout))[:, None]
+    s_next = s
+    if HAS_NEXT:
+        mbarrier.wait(ready_next, ready_phase)
+        s_next = warpgroup_mma(q, k_next.permute((1, 0)), gl.zeros_like(s), use_acc=False, is_async=True)
+    p = _exp2(s * qk_scale - (m_new - LOG2_P_SCALE)[:, None])
+    l_i = l_i * gl.convert_layout(alpha, gl.SliceLayout(1, l_i.type.layout))[:, None] + _fold(p, False)
+    acc = warpgroup_mma(_as_mma_operand(p, p_layout), vt.permute((1, 0)), acc, is_async=True)
+    acc, s_next = warpgroup_mma_wait(0, deps=[acc, s_next])
+    return s_next, acc, m_new, l_i
+
+
+@gluon.jit
+def _consumer(q_smem, k_bufs, vt_bufs, ready, empty, q_bar, QK_SCALE, V_SCALE, OUT, index, m0, bh, n_ctx, n_pad,
+              n_heads, n_blocks, stride_ob, stride_on, stride_oh):
+    stages: gl.constexpr = k_bufs.type.shape[0]
+    block_n: gl.constexpr = k_bufs.type.shape[1]
+    head_dim: gl.constexpr = k_bufs.type.shape[2]
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, block_n, 32])
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, head_dim, 32])
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=4)
+
+    row0 = m0 + index * ROWS
+    q = q_smem.index(index)
+    qk_scale = gl.load(QK_SCALE + bh * (n_pad // SCALE_BLOCK) + row0 // SCALE_BLOCK)
+    m_i = gl.full([ROWS], float("-inf"), gl.float32, gl.SliceLayout(1, s_layout))
+    acc = gl.zeros([ROWS, head_dim], gl.float32, o_layout)
+    s = gl.zeros([ROWS, block_n], gl.float32, s_layout)
+    l_i = gl.zeros_like(_fold(s, False))
+    mbarrier.wait(q_bar, 0)
+    mbarrier.wait(ready.index(0), 0)
+    s = warpgroup_mma(q, k_bufs.index(0).permute((1, 0)), s, use_acc=False, is_async=True)
+    s = warpgroup_mma_wait(0, deps=[s])
+    for j in range(n_blocks - 1):
+        stage = j % stages
+        nxt = (j + 1) % stages
+        s, acc, m_i, l_i = _block(q, k_bufs.index(nxt), vt_bufs.index(stage), ready.index(nxt),
+                                  ((j + 1) // stages) & 1, s, acc, m_i, l_i, qk_scale, 0, p_layout, True, False)
+        mbarrier.arrive(empty.index(stage), count=1)
+    last = n_blocks - 1  # partly padding: masked
+    stage = last % stages
+    s, acc, m_i, l_i = _block(q, k_bufs.index(stage), vt_bufs.index(stage), ready.index(stage), 0, s, acc, m_i,
+                              l_i, qk_scale, n_ctx - last * block_n, p_layout, False, True)
+    mbarrier.arrive(empty.index(stage), count=1)
+
+    offs_m = row0 + gl.arange(0, ROWS, gl.SliceLayout(1, o_layout))
+    offs_d = gl.arange(0, head_dim, gl.SliceLayout(0, o_layout))
+    v_scale = gl.load(V_SCALE + bh * head_dim + offs_d)
+    l_o = gl.convert_layout(gl.sum(l_i, 1), gl.SliceLayout(1, o_layout))
+    out = acc * (v_scale[None, :] / l_o[:, None])
+    pointers = (OUT + (bh // n_heads) * stride_ob + offs_m[:, None] * stride_on + (bh % n_heads) * stride_oh
+                + offs_d[None, :])
+    gl.store(pointers, out.to(OUT.dtype.element_ty), mask=(offs_m < n_ctx)[:, None])
+
+
+# A partition is a function; the two consumers differ only in which 64 rows they take.
+@gluon.jit
+def _consumer_0(q_smem, k_bufs, vt_bufs, ready, empty, q_bar, QK_SCALE, V_SCALE, OUT, m0, bh, n_ctx, n_pad, n_heads,
+                n_blocks, stride_ob, stride_on, stride_oh):
+    _consumer(q_smem, k_bufs, vt_bufs, ready, empty, q_bar, QK_SCALE, V_SCALE, OUT, 0, m0, bh, n_ctx, n_pad, n_heads,
+              n_blocks, stride_ob, stride_on, stride_oh)
+
+
+@gluon.jit
+def _consumer_1(q_smem, k_bufs, vt_bufs, ready, empty, q_bar, QK_SCALE, V_SCALE, OUT, m0, bh, n_ctx, n_pad, n_heads,
+                n_blocks, stride_ob, stride_on, stride_oh):
+    _consumer(q_smem, k_bufs, vt_bufs, ready, empty, q_bar, QK_SCALE, V_SCALE, OUT, 1, m0, bh, n_ctx, n_pad, n_heads,
+              n_blocks, stride_ob, stride_on, stride_oh)
+
+
+@gluon.jit
+def fp8_attention_hopper_kernel(q_desc, k_desc, vt_desc, QK_SCALE, V_SCALE, OUT, n_ctx, n_heads, n_pad, stride_ob,
+                                stride_on, stride_oh, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr,
+                                STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr):
+    """One program: 128 queries of one (batch, head) against every key."""
+    m0 = gl.program_id(0) * 2 * ROWS
+    bh = gl.program_id(1)
+    n_blocks = gl.cdiv(n_ctx, BLOCK_N)
+    q_smem = gl.allocate_shared_memory(gl.float8e4nv, [2, ROWS, HEAD_DIM], q_desc.layout)
+    k_bufs = gl.allocate_shared_memory(gl.float8e4nv, [STAGES, BLOCK_N, HEAD_DIM], k_desc.layout)
+    vt_bufs = gl.allocate_shared_memory(gl.float8e4nv, [STAGES, HEAD_DIM, BLOCK_N], vt_desc.layout)
+    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(STAGES):
+        mbarrier.init(ready.index(i), count=1)
+        mbarrier.init(empty.index(i), count=2)  # both consumers release a stage
+    mbarrier.init(q_bar, count=1)
+    consumer_args = (q_smem, k_bufs, vt_bufs, ready, empty, q_bar, QK_SCALE, V_SCALE, OUT, m0, bh, n_ctx, n_pad,
+                     n_heads, n_blocks, stride_ob, stride_on, stride_oh)
+    loader_args = (q_desc, k_desc, vt_desc, q_smem, k_bufs, vt_bufs, ready, empty, q_bar, bh * n_pad + m0,
+                   bh * n_pad, bh * HEAD_DIM, n_blocks)
+    gl.warp_specialize([(_consumer_0, consumer_args), (_consumer_1, consumer_args), (_loader, loader_args)],
+                       [4, 1], [CONSUMER_REGS, 24])
+
+
+def descriptors(q8, k8, vt8):
+    """TMA descriptors of the (B, H, n_pad, D) Q and K and the (B, H, D, n_pad) V^T, as 2-D matrices."""
+    d, n_pad = q8.shape[-1], q8.shape[-2]
+    fp8 = gl.float8e4nv
+    layout = gl.NVMMASharedLayout.get_default_for
+    return (TensorDescriptor.from_tensor(q8.view(-1, d), [ROWS.value, d], layout([ROWS.value, d], fp8)),
+            TensorDescriptor.from_tensor(k8.view(-1, d), [BLOCK_N, d], layout([BLOCK_N, d], fp8)),
+            TensorDescriptor.from_tensor(vt8.view(-1, n_pad), [d, BLOCK_N], layout([d, BLOCK_N], fp8)))
+
+
+def fp8_attention_hopper(q8, k8, vt8, qk_scale, v_scale, out, n_ctx: int):
+    """Run on quantize_qkv(..., mma_key_order=True)'s operands into out, (B, N, H, D); returns out."""
+    b, h, n_pad, d = q8.shape
+    grid = (triton.cdiv(n_pad, 2 * ROWS.value), b * h)
+    # 12 warps (two consumer warpgroups, the loader's) at launch: at most 168 registers a thread; then the
+    # consumers take CONSUMER_REGS and the loader 24.
+    fp8_attention_hopper_kernel[grid](*descriptors(q8, k8, vt8), qk_scale, v_scale, out, n_ctx, h, n_pad,
+                                      out.stride(0), out.stride(1), out.stride(2), HEAD_DIM=d, BLOCK_N=BLOCK_N,
+                                      STAGES=STAGES, CONSUMER_REGS=CONSUMER_REGS, num_warps=4, maxnreg=168)
+    return out
