@@ -7,6 +7,10 @@ has names.
 
     python benchmarks/profile_forward.py --size 832*480 --frames 81
     python benchmarks/profile_forward.py --size 1280*720 --speed compile=regional attention=fp8
+    python benchmarks/profile_forward.py --size 1280*720 --fp8-weights --speed compile=regional attention=fp8 fp8_matmul=true
+
+--fp8-weights stores the blocks' linear layers in e4m3 before the wan-opt run, as mode=fast does (fp8_matmul
+acts on those layers only).
 """
 from __future__ import annotations
 
@@ -21,6 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from wan_opt.app import library_versions  # noqa: E402
 from wan_opt.arch import DIT_CONFIGS, build_random_expert  # noqa: E402
+from wan_opt.fp8 import quantize_linears  # noqa: E402
 from wan_opt.request import parse_size  # noqa: E402
 from wan_opt.speed import SpeedPolicy  # noqa: E402
 
@@ -67,6 +72,7 @@ def main() -> None:
     parser.add_argument("--frames", type=int, default=81)
     parser.add_argument("--speed", nargs="*", default=["compile=regional"],
                         help="SpeedPolicy fields for the wan-opt run, e.g. compile=regional attention=fp8")
+    parser.add_argument("--fp8-weights", action="store_true", help="the blocks' linears in e4m3, as mode=fast stores them")
     parser.add_argument("--top", type=int, default=25)
     parser.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
     args = parser.parse_args()
@@ -83,8 +89,12 @@ def main() -> None:
               "versions": library_versions(), "size": args.size, "frames": args.frames,
               "runs": [profile(expert, inputs, "diffusers (eager, SDPA)", args.top)]}
     fields = dict(item.split("=", 1) for item in args.speed)
+    if args.fp8_weights:
+        for block in expert.blocks:
+            quantize_linears(block, work_device=device)
     SpeedPolicy(**fields).apply([expert], device)
-    record["runs"].append(profile(expert, inputs, "wan-opt " + " ".join(args.speed), args.top))
+    label = "wan-opt " + " ".join(args.speed) + (" (fp8 weights)" if args.fp8_weights else "")
+    record["runs"].append(profile(expert, inputs, label, args.top))
     name = f"profile_forward_{record['gpu'].replace(' ', '-')}_{args.size.replace('*', 'x')}x{args.frames}.json"
     path = Path(args.out) / name
     path.parent.mkdir(parents=True, exist_ok=True)
