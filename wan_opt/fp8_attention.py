@@ -77,15 +77,20 @@ def quantize_qkv(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, ho
     return q8, k8, vt8.view(b, h, d, padded), qk_scale, v_scale.view(b, h, d), padded
 
 
+GLUON_TRITON = (3, 6)  # Gluon's API moves between releases: the kernel is built and run on 3.6, compiled on 3.9
+
+
 def hopper_kernel_available(device: torch.device) -> bool:
     """Whether the warp-specialised kernel runs here: a Hopper GPU (sm_90) and a Triton with Gluon's Hopper ops."""
     if device.type != "cuda" or torch.cuda.get_device_capability(device) != (9, 0):
         return False
     try:
+        import triton
         from triton.experimental.gluon.language.nvidia import hopper
     except ImportError:
         return False
-    return hasattr(hopper, "warpgroup_mma")
+    release = tuple(int(part) for part in triton.__version__.split(".")[:2])
+    return release >= GLUON_TRITON and hasattr(hopper, "warpgroup_mma")
 
 
 @torch.library.custom_op("wan_opt::fp8_attention_hopper", mutates_args=())
