@@ -101,3 +101,69 @@ def test_the_passes_of_a_request_are_known_before_it_runs():
     assert plain.forwards_per_step(4, 1.0, 1.0) == [1] * 4  # the distilled preset: no guidance
     truncated = WanOptPipeline.from_diffusers(pipe, speed=SpeedPolicy(cfg_truncation=0.25))
     assert truncated.forwards_per_step(8, 4.0, 3.0) == [2] * 6 + [1] * 2  # the low-noise tail loses its branch
+
+
+def block_runs(pipe: WanOptPipeline) -> list[int]:
+    """Counts, per expert, of the forwards that ran its blocks (a skipped step does not reach their layers)."""
+    counts = [0 for _ in pipe.experts()]
+    for index, expert in enumerate(pipe.experts()):
+        expert.blocks[-1].ffn.register_forward_hook(lambda *_, index=index: counts.__setitem__(index, counts[index] + 1))
+    return counts
+
+
+def magcache_pipe(ratios_file, **knobs) -> WanOptPipeline:
+    pipe = WanPipeline(**build_tiny_components(seed=1), boundary_ratio=0.875)
+    return WanOptPipeline.from_diffusers(pipe, speed=SpeedPolicy(step_cache="magcache",
+                                                                 step_cache_ratios=str(ratios_file), **knobs))
+
+
+def test_magcache_calibrates_each_expert_then_skips_steps_with_its_ratios(tmp_path):
+    import json
+
+    ratios_file = tmp_path / "ratios.json"
+    full, _ = generate(SpeedPolicy())
+    calibrating = magcache_pipe(ratios_file, step_cache_threshold=0.5)
+    runs = block_runs(calibrating)
+    first = calibrating(**CALL, generator=torch.Generator().manual_seed(5)).frames
+    steps = [label for _, _, label in (calibrating.step_plan(i, t, 8, 4.0, 3.0)
+                                       for i, t in enumerate(calibrating.scheduler.timesteps))]
+    written = json.loads(ratios_file.read_text())
+    assert written["steps"] == {"high_noise": steps.count("high_noise"), "low_noise": steps.count("low_noise")}
+    assert rel_l2(first, full) < 1e-6 and runs == [2 * steps.count("high_noise"), 2 * steps.count("low_noise")]
+
+    cached_pipe = magcache_pipe(ratios_file, step_cache_threshold=0.5)
+    runs = block_runs(cached_pipe)
+    cached = cached_pipe(**CALL, generator=torch.Generator().manual_seed(5)).frames
+    assert sum(runs) < 2 * CALL["num_inference_steps"]  # some steps reused the blocks' residual
+    assert 0 < rel_l2(cached, full) < 0.5
+    again = cached_pipe(**CALL, generator=torch.Generator().manual_seed(5)).frames  # state is reset per call
+    assert rel_l2(again, cached) < 1e-6
+
+
+def test_magcache_stretches_the_ratios_to_each_experts_steps(tmp_path):
+    import json
+
+    ratios_file = tmp_path / "ratios.json"
+    ratios_file.write_text(json.dumps({"ratios": {"high_noise": [1.0, 0.99], "low_noise": [1.0, 0.98, 0.97, 0.96]}}))
+    pipe = magcache_pipe(ratios_file)
+    plan = [pipe.step_plan(i, t, 8, 4.0, 3.0) for i, t in enumerate(pipe.scheduler.timesteps)]
+    pipe.speed.begin_request(plan)
+    for expert, label in ((pipe.transformer, "high_noise"), (pipe.transformer_2, "low_noise")):
+        config = expert.blocks[0]._diffusers_hook.get_hook("mag_cache_leader_block_hook").config
+        steps = sum(1 for _, _, step_label in plan if step_label == label)
+        assert not config.calibrate and config.num_inference_steps == steps and len(config.mag_ratios) == steps
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ([], "needs hardware.speed.step_cache_ratios"),
+    (["hardware.speed.step_cache_ratios=/no/such/folder/r.json"], "does not exist"),
+    (["hardware.speed.step_cache_ratios={bad}"], "is not a MagCache ratios file"),
+    (["hardware.speed.step_cache_ratios={new}", "hardware.speed.cfg_truncation=0.25"], "use one of the two"),
+])
+def test_magcache_input_errors_are_sentences(overrides, message, tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"ratios": {"high_noise": [1.0]}}')  # no list for the low-noise expert
+    overrides = [o.format(bad=bad, new=tmp_path / "new.json") for o in overrides]
+    with pytest.raises(WanOptError, match=message):
+        validate_choices(compose_config(["model=tiny", "hardware.speed.step_cache=magcache", *overrides],
+                                        hardware="cpu"))

@@ -26,6 +26,22 @@ def validate_choices(cfg: DictConfig) -> None:
                           "set hardware.memory.weight_dtype=float8_e4m3fn too.")
     if speed.step_cache_threshold <= 0 or speed.step_cache_interval < 1:
         raise WanOptError("hardware.speed.step_cache_threshold must be above 0 and step_cache_interval at least 1.")
+    if speed.step_cache == "magcache":
+        check_magcache(cfg)
+
+
+def check_magcache(cfg: DictConfig) -> None:
+    from wan_opt import magcache
+
+    import diffusers.hooks
+
+    if not hasattr(diffusers.hooks, "MagCacheConfig"):
+        raise WanOptError("hardware.speed.step_cache=magcache needs a diffusers with MagCache "
+                          "(diffusers.hooks.MagCacheConfig): upgrade diffusers, or pick another step_cache.")
+    if cfg.hardware.speed.cfg_truncation > 0:
+        raise WanOptError("hardware.speed.step_cache=magcache counts the steps of each branch, and cfg_truncation "
+                          "drops the unconditional branch from the last steps: use one of the two.")
+    magcache.check(cfg.hardware.speed.step_cache_ratios, cfg.model.boundary)
 
 
 def check_device(cfg: DictConfig) -> None:

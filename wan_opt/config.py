@@ -71,9 +71,10 @@ class SpeedConfig:
     fp8_matmul: bool = False  # fp8 tensor-core GEMMs on fp8-stored weights (Ada, Hopper); changes the result a little
     # Fewer forwards (each changes the result a little; the benchmark reports by how much):
     cfg_truncation: float = 0.0  # fraction of the last steps that skip the unconditional pass (low-noise expert only)
-    step_cache: str = "none"  # none | first_block | taylorseer: diffusers' cache hooks reuse work across steps
-    step_cache_threshold: float = 0.05  # first_block: recompute when the first block's residual changes more
-    step_cache_interval: int = 4  # taylorseer: full forwards every this many steps, extrapolated in between
+    step_cache: str = "none"  # none | first_block | taylorseer | magcache: diffusers' cache hooks reuse work across steps
+    step_cache_threshold: float = 0.05  # first_block, magcache: recompute when the predicted change is above this
+    step_cache_interval: int = 4  # taylorseer, magcache: a full forward at least every this many steps
+    step_cache_ratios: str = ""  # magcache: JSON of calibrated ratios; a run without the file yet writes it
 
 
 @dataclass
@@ -164,7 +165,7 @@ CHOICES = {
     "hardware.speed.attention": ("auto", "cudnn", "flash", "efficient", "math", "flash4", "flash3", "sage", "fp8"),
     "hardware.speed.compile": ("none", "regional", "full"),
     "hardware.speed.cfg": ("sequential", "batched"),
-    "hardware.speed.step_cache": ("none", "first_block", "taylorseer"),
+    "hardware.speed.step_cache": ("none", "first_block", "taylorseer", "magcache"),
     "hardware.parallel.sequence": ("ulysses", "ring"),
     "model.family": ("t2v_a14b", "ti2v_5b", "tiny"),
     "model.solver": ("unipc",),

@@ -208,9 +208,11 @@ class WanOptPipeline:
         for expert in self.experts():
             if expert.is_cache_enabled:
                 expert._reset_stateful_cache()  # nothing cached by an earlier call leaks into this one
+        plan = [self.step_plan(i, t, len(timesteps), guidance_scale, guidance_scale_2) for i, t in enumerate(timesteps)]
+        self.speed.begin_request(plan)
         for i, t in enumerate(timesteps):
             step_start = time.perf_counter()
-            expert, guidance, label = self.step_plan(i, t, len(timesteps), guidance_scale, guidance_scale_2)
+            expert, guidance, label = plan[i]
             self.memory.activate_expert(self, expert)
             timestep = self._timestep_input(t, latents)
             where = {"step_index": i, "sigma": float(self.scheduler.sigmas[i]), "num_inference_steps": len(timesteps)}
@@ -221,6 +223,7 @@ class WanOptPipeline:
             seconds[f"denoise_{label}"] = seconds.get(f"denoise_{label}", 0.0) + step_seconds[-1]
             if on_step is not None:
                 on_step(i, len(timesteps), label, step_seconds[-1])
+        self.speed.end_request(plan)
 
         if output_type == "latent":
             return WanOptOutput(latents, seconds, step_seconds)

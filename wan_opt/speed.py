@@ -78,6 +78,7 @@ class SpeedPolicy:
     step_cache: str = "none"
     step_cache_threshold: float = 0.05
     step_cache_interval: int = 4
+    step_cache_ratios: str = ""
 
     @property
     def batched_cfg(self) -> bool:
@@ -99,12 +100,31 @@ class SpeedPolicy:
 
         if self.step_cache == "first_block":
             return FirstBlockCacheConfig(threshold=self.step_cache_threshold)
+        if self.step_cache == "magcache":
+            from wan_opt import magcache
+
+            return magcache.config(self.step_cache_threshold, self.step_cache_interval)
         if self.step_cache == "taylorseer":
             # The lite variant: on predicted steps every block is skipped and only the output projection's
             # result is extrapolated. Extrapolating each block's attention and feed-forward instead keeps two
             # Taylor factors of a full activation per module: 80 GB per expert and branch at 480p.
             return TaylorSeerCacheConfig(cache_interval=self.step_cache_interval, use_lite_mode=True)
         return None
+
+    def begin_request(self, plan) -> None:
+        """Per-request settings of the step cache: MagCache's steps and ratios for each expert (`plan`: the
+        expert, guidance and label of each step)."""
+        if self.step_cache == "magcache":
+            from wan_opt import magcache
+
+            magcache.begin(self.step_cache_ratios, plan)
+
+    def end_request(self, plan) -> None:
+        """After a request: a calibrating MagCache run writes the ratios it measured."""
+        if self.step_cache == "magcache":
+            from wan_opt import magcache
+
+            magcache.end(self.step_cache_ratios, plan)
 
     def fuse(self, experts) -> None:
         """Rewrite the weights before the memory policy takes them over (fp8 storage quantizes the fused ones)."""
