@@ -128,11 +128,16 @@ FP32 = dict(weight_dtype="float32", compute_dtype="float32", text_encoder="gpu")
     dict(fuse_qkv=True),
     dict(step_cache="first_block", step_cache_threshold=0.5),
     dict(step_cache="taylorseer", step_cache_interval=2),
+    dict(step_cache="magcache", step_cache_ratios="{tmp_path}/{run}.json"),  # calibrating: every step computed
     dict(cfg_truncation=0.5),
-], ids=["plain", "fuse_qkv", "first_block", "taylorseer", "cfg_truncation"])
+], ids=["plain", "fuse_qkv", "first_block", "taylorseer", "magcache", "cfg_truncation"])
 def test_regional_compile_keeps_each_speed_knobs_result(knobs, tmp_path):
-    eager = run(MemoryPolicy(**FP32), SpeedPolicy(**knobs))
-    compiled = run(MemoryPolicy(**FP32), SpeedPolicy(compile="regional", compile_cache_dir=str(tmp_path), **knobs))
+    def knobs_of(name: str) -> dict:  # a MagCache run writes its ratios: each run its own file
+        return {k: v.format(tmp_path=tmp_path, run=name) if isinstance(v, str) else v for k, v in knobs.items()}
+
+    eager = run(MemoryPolicy(**FP32), SpeedPolicy(**knobs_of("eager")))
+    compiled = run(MemoryPolicy(**FP32), SpeedPolicy(compile="regional", compile_cache_dir=str(tmp_path),
+                                                     **knobs_of("compiled")))
     assert np.isfinite(compiled).all() and rel_l2(compiled, eager) < 1e-3
 
 

@@ -20,6 +20,7 @@ import torch
 from wan_opt.errors import WanOptError
 
 LEADER_HOOK = "mag_cache_leader_block_hook"  # the hook diffusers puts on the first block; it holds the state
+BLOCK_HOOK = "mag_cache_block_hook"  # the hook on every other block
 CONTEXTS = ("cond", "cond_uncond", "uncond")  # whichever branch the calibrating run computed, the first found
 log = logging.getLogger(__name__)
 
@@ -64,6 +65,16 @@ def check(path: str, boundary: float | None) -> None:
     elif not file.parent.is_dir():
         raise WanOptError(f"hardware.speed.step_cache_ratios={path}: the folder {file.parent} does not exist, so "
                           f"the calibrated ratios could not be written there.")
+
+
+def compile_blocks(expert: torch.nn.Module, mode: str | None) -> None:
+    """Regional compilation under the hooks. diffusers keeps each block's MagCache hook out of compiled graphs,
+    and with it the block it wraps: compiling the blocks from outside would run them eagerly. So each block's
+    own forward, the one its hook calls on a computed step, is compiled instead (one graph for all blocks)."""
+    for block in expert.blocks:
+        registry = block._diffusers_hook
+        hook = registry.get_hook(LEADER_HOOK) or registry.get_hook(BLOCK_HOOK)
+        hook.fn_ref.original_forward = torch.compile(hook.fn_ref.original_forward, dynamic=False, mode=mode)
 
 
 def _hook_config(expert: torch.nn.Module):

@@ -165,7 +165,11 @@ class SpeedPolicy:
             # diffusers calls as a plain Python function (FlashAttention-3 it wraps as an op the graph keeps).
             fullgraph = (self.step_cache == "none" and backend != "sage"
                          and not any(block._forward_pre_hooks for block in expert.blocks))
-            if self.compile == "regional":
+            if self.compile == "regional" and self.step_cache == "magcache":
+                from wan_opt import magcache
+
+                magcache.compile_blocks(expert, self.compile_mode)
+            elif self.compile == "regional":
                 # One compiled graph per block class, reused by all 40 blocks and both experts.
                 expert.compile_repeated_blocks(fullgraph=fullgraph, dynamic=False, mode=self.compile_mode)
             elif self.compile == "full":
