@@ -72,6 +72,7 @@ def compile_blocks(expert: torch.nn.Module, mode: str | None) -> None:
     and with it the block it wraps: compiling the blocks from outside would run them eagerly. So each block's
     own forward, the one its hook calls on a computed step, is compiled instead (one graph for all blocks)."""
     for block in expert.blocks:
+        block._compiled_call_impl = None  # a whole-block compile from before the hooks would run them in its graph
         registry = block._diffusers_hook
         hook = registry.get_hook(LEADER_HOOK) or registry.get_hook(BLOCK_HOOK)
         hook.fn_ref.original_forward = torch.compile(hook.fn_ref.original_forward, dynamic=False, mode=mode)
