@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from wan_opt.errors import WanOptError
+from wan_opt.parallel import is_main_process
 
 LEADER_HOOK = "mag_cache_leader_block_hook"  # the hook diffusers puts on the first block; it holds the state
 BLOCK_HOOK = "mag_cache_block_hook"  # the hook on every other block
@@ -111,8 +112,8 @@ def measured(expert: torch.nn.Module) -> list[float]:
 def end(path: str, plan: list[tuple[torch.nn.Module, float, str]]) -> None:
     """After a calibrating request: write the ratios, unless an expert ran fewer than 2 steps (no ratio then)."""
     experts = {label: expert for expert, _, label in plan}
-    if not all(_hook_config(expert).calibrate for expert in experts.values()):
-        return
+    if not is_main_process() or not all(_hook_config(expert).calibrate for expert in experts.values()):
+        return  # one process writes; the skipping decisions use the ratios alone, so every rank makes the same
     ratios = {label: measured(expert) for label, expert in experts.items()}
     if any(len(values) < 2 for values in ratios.values()):
         return
