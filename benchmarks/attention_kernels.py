@@ -23,7 +23,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from wan_opt.app import library_versions  # noqa: E402
 from wan_opt.attention import flash4_attention, flash4_available  # noqa: E402
-from wan_opt.fp8_attention import fp8_attention, hopper_kernel_available, quantize_qkv  # noqa: E402
+from wan_opt.fp8_attention import (HOPPER_HEAD_DIM, fp8_attention, hopper_kernel_available,  # noqa: E402
+                                   quantize_qkv)
 
 
 def tile_runs(q, k, v, flop: float, repeat: int) -> list[dict]:
@@ -76,7 +77,7 @@ def main() -> None:
         sdpa = lambda: F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v)))  # noqa: E731
         reference = sdpa().transpose(1, 2).float()
         out = fp8_attention(q, k, v).float()
-        hopper = args.head_dim == 128 and hopper_kernel_available(q.device)
+        hopper = args.head_dim == HOPPER_HEAD_DIM and hopper_kernel_available(q.device)
         run = {"tokens": n, "heads": args.heads, "head_dim": args.head_dim, "fp8_kernel": "hopper" if hopper else "triton",
                "sdpa_bf16_ms": milliseconds(sdpa, args.repeat),
                "fp8_with_quantisation_ms": milliseconds(lambda: fp8_attention(q, k, v), args.repeat),

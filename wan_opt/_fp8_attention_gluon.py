@@ -58,7 +58,7 @@ def _as_mma_operand(p, p_layout: gl.constexpr):
 
     In every 32 columns a thread of the accumulator holds columns 16h + 8a + 2t + b (t its lane in a quad; h, a,
     b in {0, 1}) where the fp8 operand wants 16h + 4t + 2a + b. Keys may be summed in any order, so P is
-    relabelled rather than moved, and V^T arrives with its keys in the same order (quantize_qkv's mma_key_order).
+    relabelled rather than moved, and V^T arrives with its keys in the same order (fp8_attention.mma_key_order).
     """
     rows: gl.constexpr = p.shape[0]
     cols: gl.constexpr = p.shape[1]
@@ -224,7 +224,7 @@ def descriptors(q8, k8, vt8):
 
 
 def fp8_attention_hopper(q8, k8, vt8, qk_scale, v_scale, out, n_ctx: int):
-    """Run on quantize_qkv(..., mma_key_order=True)'s operands into out, (B, N, H, D); returns out."""
+    """Run on quantize_qkv(..., hopper=True)'s operands into out, (B, N, H, D); returns out."""
     b, h, n_pad, d = q8.shape
     grid = (triton.cdiv(n_pad, 2 * ROWS.value), b * h)
     # 12 warps (two consumer warpgroups, the loader's) at launch: at most 168 registers a thread; then the

@@ -39,6 +39,7 @@ SCALE_BLOCK = 64  # query tokens per scale (the kernel's SCALE_BLOCK)
 PAD = 128  # sequences are padded to the largest tile, so that every tile shape the kernel tries divides them
 LOG2E = math.log2(math.e)  # the kernel's softmax runs on exp2
 HEAD_DIMS = (64, 128)  # A14B and TI2V-5B use 128; the kernel's tile shapes need a power of two >= 16
+HOPPER_HEAD_DIM = 128  # the one head dimension the Hopper kernel is built and tested for
 
 
 def triton_available() -> bool:
@@ -109,8 +110,8 @@ def _(q8, k8, vt8, qk_scale, v_scale, query):
 def fp8_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                   hopper: bool | None = None) -> torch.Tensor:
     """Softmax attention of (B, N, H, D) tensors (no mask, no dropout), returned as (B, N, H, D).
-    hopper: the warp-specialised kernel (head dimension 128, sm_90) or the Triton one; None: the first where
-    it runs."""
+    hopper: the warp-specialised kernel (sm_90) or the Triton one; None: the first where it runs. Other head
+    dimensions than HOPPER_HEAD_DIM always take the Triton kernel."""
     import triton
 
     from wan_opt._fp8_attention_kernel import fp8_attention_kernel
@@ -119,7 +120,8 @@ def fp8_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     if d not in HEAD_DIMS:
         raise ValueError(f"the fp8 attention kernel takes head dimensions {HEAD_DIMS}, not {d}")
     if hopper is None:
-        hopper = d == 128 and hopper_kernel_available(query.device)
+        hopper = hopper_kernel_available(query.device)
+    hopper = hopper and d == HOPPER_HEAD_DIM
     q8, k8, vt8, qk_scale, v_scale, padded = quantize_qkv(query, key, value, hopper)
     if hopper:
         return _hopper(q8, k8, vt8, qk_scale, v_scale, query)
@@ -140,4 +142,4 @@ class Fp8SelfAttnProcessor(SelfAttnProcessor):
         self.hopper = torch.cuda.is_available() and hopper_kernel_available(torch.device("cuda"))
 
     def attend(self, query, key, value):
-        return fp8_attention(query, key, value, self.hopper and query.shape[-1] == 128)
+        return fp8_attention(query, key, value, self.hopper)

@@ -79,8 +79,9 @@ def compile_blocks(expert: torch.nn.Module, mode: str | None) -> None:
         hook.fn_ref.original_forward = torch.compile(hook.fn_ref.original_forward, dynamic=False, mode=mode)
 
 
-def _hook_config(expert: torch.nn.Module):
-    return expert.blocks[0]._diffusers_hook.get_hook(LEADER_HOOK).config
+def _leader(expert: torch.nn.Module):
+    """The expert's MagCache hook on its first block: it holds the config and the state of every branch."""
+    return expert.blocks[0]._diffusers_hook.get_hook(LEADER_HOOK)
 
 
 def begin(path: str, plan: list[tuple[torch.nn.Module, float, str]]) -> None:
@@ -93,26 +94,26 @@ def begin(path: str, plan: list[tuple[torch.nn.Module, float, str]]) -> None:
     file = Path(path).expanduser()
     ratios = load(file, tuple(experts)) if file.exists() else None
     for label, expert in experts.items():
-        hook = _hook_config(expert)
-        hook.calibrate = ratios is None
-        if hook.calibrate:
+        settings = _leader(expert).config
+        settings.calibrate = ratios is None
+        if settings.calibrate:
             # diffusers drops its measurements once the step count is reached: one more keeps them to be read.
-            hook.num_inference_steps = steps[label] + 1
+            settings.num_inference_steps = steps[label] + 1
         else:
-            hook.num_inference_steps = steps[label]
-            hook.mag_ratios = MagCacheConfig(mag_ratios=ratios[label], num_inference_steps=steps[label]).mag_ratios
+            settings.num_inference_steps = steps[label]
+            settings.mag_ratios = MagCacheConfig(mag_ratios=ratios[label], num_inference_steps=steps[label]).mag_ratios
 
 
 def measured(expert: torch.nn.Module) -> list[float]:
     """The ratios the expert's hook measured in the request that just ran."""
-    states = expert.blocks[0]._diffusers_hook.get_hook(LEADER_HOOK).state_manager._state_cache
+    states = _leader(expert).state_manager._state_cache
     return next((list(states[name].calibration_ratios) for name in CONTEXTS if name in states), [])
 
 
 def end(path: str, plan: list[tuple[torch.nn.Module, float, str]]) -> None:
     """After a calibrating request: write the ratios, unless an expert ran fewer than 2 steps (no ratio then)."""
     experts = {label: expert for expert, _, label in plan}
-    if not is_main_process() or not all(_hook_config(expert).calibrate for expert in experts.values()):
+    if not is_main_process() or not all(_leader(expert).config.calibrate for expert in experts.values()):
         return  # one process writes; the skipping decisions use the ratios alone, so every rank makes the same
     ratios = {label: measured(expert) for label, expert in experts.items()}
     if any(len(values) < 2 for values in ratios.values()):
