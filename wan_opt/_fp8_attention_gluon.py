@@ -16,7 +16,9 @@ What the instruction stream needed (each found in ptxas' output, SASS, before an
   and with it the softmax the MMA was meant to overlap. The row max (the one cross-thread step) comes before the
   next MMA is issued; the row sums stay per thread until the end.
 - Row reductions as trees: a plain reduction over a thread's 64 values is one dependent chain.
-- Half the exponentials on the FMA units: one MUFU exponential per score is the softmax's busiest unit.
+- Half the exponentials on the FMA units: one MUFU exponential per score is the softmax's busiest unit. That
+  half runs in f16, two values an instruction (the MUFU takes one f16 at a time, so its half stays fp32), and P
+  stays in f16 through its row sums to the fp8 conversion: 10% fewer instructions a block than fp32, 4% faster.
 """
 import triton
 from triton.experimental import gluon
@@ -85,23 +87,37 @@ def _fold(x, MAX: gl.constexpr):
 
 
 @gluon.jit
-def _exp2_fma(x):
-    """2^x for x <= 8.8 on the FMA units: a Cody-Waite split and a degree-2 minimax polynomial, within 0.18%
-    (e4m3 rounds P to 3%)."""
-    x = gl.maximum(x, -127.0)  # masked scores are -inf
-    t = x + 12582912.0  # 1.5 * 2^23: x rounded to an integer, in t's low mantissa bits
-    f = x - (t - 12582912.0)  # in [-0.5, 0.5]
-    p = gl.fma(gl.fma(f, 0.23842952, 0.70345056), f, 1.0004433)
-    return (p.to(gl.int32, bitcast=True) + (t.to(gl.int32, bitcast=True) << 23)).to(gl.float32, bitcast=True)
+def _pow2_f16x2(t):
+    """2^n as f16, from t = 1551 + n in f16 (n in [-15, 15]): t's low five mantissa bits hold n + 15, the
+    exponent field 2^n needs; n = -15 gives 0. Two halves per 32-bit register, one shift and one mask for both."""
+    return gl.inline_asm_elementwise("{ .reg .b32 r; shl.b32 r, $1, 10; and.b32 $0, r, 0x7C007C00; }", "=r,r", [t],
+                                     dtype=gl.float16, is_pure=True, pack=2)
+
+
+@gluon.jit
+def _exp2_f16x2(x):
+    """2^x for x <= 8.8 on the FMA units in f16, two values an instruction: a Cody-Waite split and a degree-2
+    minimax polynomial, within 0.6% (e4m3 rounds P to 6%). Below 2^-14.5 it gives 0, as e4m3 does below 2^-10."""
+    h = gl.maximum(x.to(gl.float16), gl.full(x.shape, -15.0, gl.float16, x.type.layout))  # masked scores are -inf
+    c = gl.full(x.shape, 1551.0, gl.float16, x.type.layout)  # 1.5 * 2^10 + 15: h rounded to an integer n, plus 15
+    t = h + c
+    f = h - (t - c)  # in [-0.5, 0.5]
+    k2 = gl.full(x.shape, 0.23842952, gl.float16, x.type.layout)
+    k1 = gl.full(x.shape, 0.70345056, gl.float16, x.type.layout)
+    k0 = gl.full(x.shape, 1.0004433, gl.float16, x.type.layout)
+    return gl.fma(gl.fma(f, k2, k1), f, k0) * _pow2_f16x2(t)
 
 
 @gluon.jit
 def _exp2(x):
-    """2^x, the even columns on the MUFU and the odd ones on the FMA units (each column is one register)."""
+    """2^x in f16: in every 16 columns, the first 8 on the MUFU (fp32) and the next 8 on the FMA units (f16x2).
+    A thread holds two adjacent columns of each 8, so each half keeps its pairs for packed instructions."""
     rows: gl.constexpr = x.shape[0]
     cols: gl.constexpr = x.shape[1]
-    even, odd = gl.split(gl.reshape(x, [rows, cols // 2, 2]))
-    y = gl.reshape(gl.join(gl.exp2(even), _exp2_fma(odd)), [rows, cols])
+    mufu, fma = gl.split(gl.permute(gl.reshape(x, [rows, cols // 16, 2, 8]), [0, 1, 3, 2]))
+    mufu = gl.exp2(mufu).to(gl.float16)
+    y = gl.join(mufu, gl.convert_layout(_exp2_f16x2(fma), mufu.type.layout, assert_trivial=True))
+    y = gl.reshape(gl.permute(y, [0, 1, 3, 2]), [rows, cols])
     return gl.convert_layout(y, x.type.layout, assert_trivial=True)
 
 
@@ -121,7 +137,7 @@ def _block(q, k_next, vt, ready_next, ready_phase, s, acc, m_i, l_i, qk_scale, l
         mbarrier.wait(ready_next, ready_phase)
         s_next = warpgroup_mma(q, k_next.permute((1, 0)), gl.zeros_like(s), use_acc=False, is_async=True)
     p = _exp2(s * qk_scale - (m_new - LOG2_P_SCALE)[:, None])
-    l_i = l_i * gl.convert_layout(alpha, gl.SliceLayout(1, l_i.type.layout))[:, None] + _fold(p, False)
+    l_i = l_i * gl.convert_layout(alpha, gl.SliceLayout(1, l_i.type.layout))[:, None] + _fold(p, False).to(gl.float32)
     acc = warpgroup_mma(_as_mma_operand(p, p_layout), vt.permute((1, 0)), acc, is_async=True)
     acc, s_next = warpgroup_mma_wait(0, deps=[acc, s_next])
     return s_next, acc, m_new, l_i

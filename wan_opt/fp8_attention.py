@@ -18,8 +18,8 @@ block of keys, partly padding, is masked.
 Two kernels compute this. On Hopper (sm_90) with head dimension 128, a warp-specialised one written in Gluon
 (_fp8_attention_gluon.py: a loader warp, two consumer warpgroups, the next block's MMA in flight during each
 softmax); elsewhere (Ada, other head dimensions, Triton's CPU interpreter) the Triton one
-(_fp8_attention_kernel.py). On an H100 at 75,600 tokens the Hopper kernel ran at 877 TFLOP/s against the
-Triton kernel's 805 and cuDNN's bf16 572, in one process (benchmarks/results/attention_kernels_h100_fp8_hopper.json).
+(_fp8_attention_kernel.py). On an H100 at 75,600 tokens the Hopper kernel ran at 911 TFLOP/s against the
+Triton kernel's 789 and cuDNN's bf16 568, in one process (benchmarks/results/attention_kernels_h100_fp8_hopper.json).
 torch.compile cannot trace a Gluon launch, so the Hopper kernel runs as a custom op.
 
 Only the self-attention of each block (75,600 tokens at 720p, ~63% of the FLOPs) runs here; the
