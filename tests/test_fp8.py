@@ -114,3 +114,65 @@ def test_the_planner_counts_fp8_for_the_block_linears_only():
                  for w in ("bfloat16", "float8_e4m3fn"))
     saved = bf16.stages["encode"] - fp8.stages["encode"]  # both experts, resident
     assert saved == pytest.approx(2 * sizes.expert_block_linear_params_b * 1e9 * (BYTES["bfloat16"] - 1) / GIB, abs=0.02)
+
+
+@pytest.mark.parametrize("input_gelu", [False, True])
+def test_the_quantisation_kernel_scales_each_row_as_quantize_rows_does(input_gelu):
+    """The Triton kernel's arithmetic before its e4m3 cast, in Triton's interpreter without a GPU (its cast there
+    rounds some values at a power of two down a binade, unlike the GPU's): written to a float32 buffer."""
+    pytest.importorskip("triton", reason="the kernel is Triton code")
+    import triton
+
+    from wan_opt._fp8_quant_kernel import quantize_rows_kernel
+    from wan_opt.fp8 import gelu
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(0)
+    x = torch.randn(7, 300, device=device) * torch.logspace(-3, 2, 7, device=device).unsqueeze(1)
+    x[3] = 0.0  # an all-zero row
+    scaled = torch.empty_like(x)
+    scale = torch.empty(7, 1, device=device)
+    quantize_rows_kernel[(7,)](x, scaled, scale, 300, x.stride(0), GELU=input_gelu,
+                               BLOCK=triton.next_power_of_2(300))
+    reference, reference_scale = quantize_rows(gelu(x) if input_gelu else x)
+    assert torch.allclose(scale, reference_scale, rtol=1e-5, atol=0)
+    expected = ((gelu(x) if input_gelu else x).float() / reference_scale).clamp(-448, 448)
+    assert torch.allclose(scaled, expected, rtol=1e-4, atol=1e-4)
+    assert scaled.abs().amax(dim=1).tolist() == pytest.approx([448.0] * 3 + [0.0] + [448.0] * 3, rel=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_the_quantisation_op_matches_quantize_rows_on_the_gpu():
+    from wan_opt.fp8 import gelu, quantize_activations
+
+    torch.manual_seed(0)
+    x = torch.randn(300, 5120, device="cuda", dtype=torch.bfloat16) * 4
+    for input_gelu in (False, True):
+        q, scale = quantize_activations(x, input_gelu)
+        # the kernel computes in float32 (GELU included) before rounding to e4m3
+        reference, reference_scale = quantize_rows(gelu(x.float()) if input_gelu else x)
+        assert torch.allclose(scale, reference_scale, rtol=1e-5)
+        # a value at a rounding tie may land on either side: one e4m3 step at most, rarely
+        differ = q.float() != reference.float()
+        assert differ.float().mean() < 1e-3
+        assert torch.allclose(q.float(), reference.float(), rtol=0.13, atol=2.0**-9)  # e4m3's smallest step
+
+
+def test_fp8_matmul_moves_the_feed_forward_gelu_into_the_output_layer():
+    """use_fp8_matmul folds GELU(proj(x)) -> output into proj(x) -> output(GELU(.)): the same arithmetic."""
+    torch.manual_seed(0)
+    expert = build_tiny_components(seed=0)["transformer"]
+    for block in expert.blocks:
+        quantize_linears(block)
+    for layer in expert.modules():
+        if isinstance(layer, Fp8Linear):
+            layer.fp8_matmul = True
+    inputs = (torch.randn(1, 16, 3, 8, 8), torch.tensor([500.0]), torch.randn(1, 12, expert.config.text_dim))
+    with torch.no_grad():
+        before = expert(*inputs, return_dict=False)[0]
+        use_fp8_matmul(expert)
+        after = expert(*inputs, return_dict=False)[0]
+    ffns = [block.ffn for block in expert.blocks]
+    assert all(isinstance(ff.net[0], Fp8Linear) and ff.net[2].input_gelu for ff in ffns)
+    assert torch.equal(before, after)
