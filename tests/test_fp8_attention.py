@@ -202,3 +202,24 @@ def test_the_flashattention4_op_has_a_shape_for_compile_without_the_library():
         q = torch.empty(2, 72, 4, 64, dtype=torch.bfloat16)
         out = flash4_attention(q, torch.empty_like(q), torch.empty_like(q))
     assert out.shape == q.shape and out.dtype == q.dtype
+
+
+@pytest.mark.parametrize("hopper", [False, True])
+def test_the_quantisation_kernels_match_the_pytorch_quantisation(hopper):
+    """quantize_qkv's Triton kernels (a GPU's path) against its PyTorch arithmetic, on tokens that fill part of
+    the last tile and keys with an offset to smooth away. Their values before the e4m3 cast (float32 buffers: the
+    interpreter's cast differs from the GPU's at powers of two), rounded by PyTorch, must match."""
+    from wan_opt._fp8_qkv_kernel import launch
+    from wan_opt.fp8 import FP8
+
+    torch.manual_seed(3)
+    q, k, v = (randn(2, 200, 3, 64) for _ in range(3))
+    k = k + 5.0
+    padded = 256
+    ours = launch(q, k, v, padded, hopper, dtype=torch.float32)
+    reference = kernel._quantize_qkv(q.float(), k.float(), v.float(), padded, hopper)  # the kernels compute in fp32
+    for name, got, want in zip(("q8", "k8", "vt8"), ours[:3], reference[:3]):
+        same = (got.to(FP8).float() == want.float()).float().mean().item()
+        assert same > 0.995, name  # a value at a rounding tie may land on either side
+    for got, want in zip(ours[3:], reference[3:]):
+        assert torch.allclose(got, want.float(), rtol=1e-3)

@@ -63,19 +63,32 @@ def mma_key_order(x: torch.Tensor) -> torch.Tensor:
 def quantize_qkv(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, hopper: bool = False):
     """Queries, keys and values as diffusers passes them, (B, N, H, D), to the kernel's fp8 operands:
     Q, K, V^T in e4m3, the factor from fp8 scores to log2-domain logits per query block, V's channel scales.
-    hopper: V^T's keys in mma_key_order, as the Hopper kernel reads them."""
+    hopper: V^T's keys in mma_key_order, as the Hopper kernel reads them. On a GPU, Triton kernels
+    (_fp8_qkv_kernel.py) compute what _quantize_qkv computes here."""
     n, d = query.shape[1], query.shape[-1]
     padded = math.ceil(n / PAD) * PAD
+    if query.is_cuda:
+        from wan_opt._fp8_qkv_kernel import quantize_qkv_op
+
+        q8, k8, vt8, q_scale, k_scale, v_scale = quantize_qkv_op(query, key, value, padded, hopper)
+    else:
+        q8, k8, vt8, q_scale, k_scale, v_scale = _quantize_qkv(query, key, value, padded, hopper)
+    return q8, k8, vt8, q_scale * k_scale * (LOG2E / math.sqrt(d)), v_scale, padded
+
+
+def _quantize_qkv(query, key, value, padded: int, hopper: bool):
+    """In PyTorch: Q, K, V^T in e4m3 and the scales of Q's blocks (B, H, padded / 64), of K (B, H, 1) and of
+    V's channels (B, H, D)."""
+    n, d = query.shape[1], query.shape[-1]
+    key = key - key.mean(dim=1, keepdim=True)  # smoothing, before the padding (padded keys are masked)
     q, k, v = (torch.nn.functional.pad(t.transpose(1, 2), (0, 0, 0, padded - n)) for t in (query, key, value))
-    k = k - k[:, :, :n].mean(dim=2, keepdim=True)  # smoothing; the padded keys are masked in the kernel
     q8, q_scale = _block_scales(q, SCALE_BLOCK)
     k8, k_scale = _block_scales(k, padded)  # the whole sequence is one block: one scale per head
-    qk_scale = q_scale * k_scale * (LOG2E / math.sqrt(d))
     # A channel of V is one row; the kernel reads the operands as contiguous.
     vt = mma_key_order(v.transpose(2, 3)) if hopper else v.transpose(2, 3)
     vt8, v_scale = quantize_rows(vt.contiguous().view(-1, padded))
     b, h = v.shape[:2]
-    return q8, k8, vt8.view(b, h, d, padded), qk_scale, v_scale.view(b, h, d), padded
+    return q8, k8, vt8.view(b, h, d, padded), q_scale, k_scale, v_scale.view(b, h, d)
 
 
 GLUON_TRITON = (3, 6)  # Gluon's API moves between releases: the kernel is built and run on 3.6, compiled on 3.9
