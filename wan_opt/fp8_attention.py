@@ -1,6 +1,6 @@
 """Self-attention on fp8 tensor cores: a Triton kernel with per-block scales, in the spirit of SageAttention.
 
-Before the kernel, in PyTorch:
+Before the kernel (in two Triton kernels on a GPU, _fp8_qkv_kernel.py; in PyTorch elsewhere):
 - K is smoothed: its mean over the tokens is subtracted, per head. Every query's scores then shift by one
   constant, which softmax ignores, and the outliers that the mean carries no longer set K's fp8 scale.
 - Q is quantised to e4m3 per block of 64 tokens, the smoothed K per head (one scale each: without its
@@ -18,8 +18,8 @@ block of keys, partly padding, is masked.
 Two kernels compute this. On Hopper (sm_90) with head dimension 128, a warp-specialised one written in Gluon
 (_fp8_attention_gluon.py: a loader warp, two consumer warpgroups, the next block's MMA in flight during each
 softmax); elsewhere (Ada, other head dimensions, Triton's CPU interpreter) the Triton one
-(_fp8_attention_kernel.py). On an H100 at 75,600 tokens the Hopper kernel ran at 911 TFLOP/s against the
-Triton kernel's 789 and cuDNN's bf16 568, in one process (benchmarks/results/attention_kernels_h100_fp8_hopper.json).
+(_fp8_attention_kernel.py). On an H100 at 75,600 tokens the Hopper kernel ran at 902 TFLOP/s against the
+Triton kernel's 786 and cuDNN's bf16 565, in one process (benchmarks/results/attention_kernels_h100_fp8_hopper.json).
 torch.compile cannot trace a Gluon launch, so the Hopper kernel runs as a custom op.
 
 Only the self-attention of each block (75,600 tokens at 720p, ~63% of the FLOPs) runs here; the
