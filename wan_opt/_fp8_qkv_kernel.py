@@ -13,8 +13,10 @@ import torch
 import triton
 import triton.language as tl
 
-FP8_MAX = tl.constexpr(448.0)  # e4m3's largest value (wan_opt.fp8.FP8_MAX)
-MIN_SCALE = tl.constexpr(1e-12)  # wan_opt.fp8.MIN_SCALE: an all-zero block must not divide by zero
+from wan_opt import fp8
+
+FP8_MAX = tl.constexpr(fp8.FP8_MAX)  # Globals a kernel reads must be constexpr.
+MIN_SCALE = tl.constexpr(fp8.MIN_SCALE)
 CHUNK = 1024  # tokens per statistics program: 74 x 40 heads of them at 720p
 TILE = 128  # tokens per quantisation program: fp8_attention.PAD, two query scale blocks
 
@@ -83,8 +85,6 @@ def launch(query, key, value, n_pad: int, mma_order: bool, dtype: torch.dtype = 
     """quantize_qkv's operands, in `dtype` (e4m3; float32 shows the tests the values before rounding): Q, K, V^T
     and the scales of Q's 64-token blocks (B, H, n_pad / 64), of K (B, H, 1) and of V's channels (B, H, D).
     wrap: torch.library.wrap_triton, for torch.compile to trace the launches."""
-    from wan_opt.fp8 import FP8_MAX as MAX, MIN_SCALE as MIN
-
     wrap = wrap or (lambda kernel: kernel)
     b, n, h, d = query.shape
     if query.stride(-1) != 1 or key.stride() != query.stride() or value.stride() != query.stride():
@@ -95,8 +95,8 @@ def launch(query, key, value, n_pad: int, mma_order: bool, dtype: torch.dtype = 
     wrap(kv_stats_kernel)[(chunks, b * h)](key, value, stats, n, h, chunks, *strides, CHUNK=CHUNK, D=d)
     k_mean = stats[:, :, 0].sum(1) / n
     k_amax = torch.maximum(stats[:, :, 1].amax(1) - k_mean, k_mean - stats[:, :, 2].amin(1)).amax(1)
-    k_scale = (k_amax / MAX).clamp(min=MIN)
-    v_scale = (stats[:, :, 3].amax(1) / MAX).clamp(min=MIN)
+    k_scale = (k_amax / fp8.FP8_MAX).clamp(min=fp8.MIN_SCALE)
+    v_scale = (stats[:, :, 3].amax(1) / fp8.FP8_MAX).clamp(min=fp8.MIN_SCALE)
     q8 = torch.empty(b, h, n_pad, d, dtype=dtype, device=query.device)
     k8 = torch.empty_like(q8)
     vt8 = torch.empty(b, h, d, n_pad, dtype=dtype, device=query.device)

@@ -9,8 +9,10 @@ import torch
 import triton
 import triton.language as tl
 
-FP8_MAX = tl.constexpr(448.0)  # e4m3's largest value (wan_opt.fp8.FP8_MAX)
-MIN_SCALE = tl.constexpr(1e-12)  # wan_opt.fp8.MIN_SCALE: an all-zero row must not divide by zero
+from wan_opt import fp8
+
+FP8_MAX = tl.constexpr(fp8.FP8_MAX)  # Globals a kernel reads must be constexpr.
+MIN_SCALE = tl.constexpr(fp8.MIN_SCALE)
 
 
 @triton.jit
