@@ -24,6 +24,7 @@ import torch.nn.functional as F
 FP8 = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8).max  # 448
 MIN_SCALE = 1e-12  # an all-zero row or channel must not divide by zero
+WIDEST_KERNEL_ROW = 16384  # the quantisation kernel holds a row in registers: Wan's widest is 14,336 (TI2V-5B)
 
 
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -39,7 +40,7 @@ def gelu(x: torch.Tensor) -> torch.Tensor:
 
 def quantize_activations(rows: torch.Tensor, input_gelu: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """quantize_rows of `rows` (or of their GELU): on a GPU in one Triton kernel, elsewhere in PyTorch."""
-    if rows.is_cuda:
+    if rows.is_cuda and rows.shape[1] <= WIDEST_KERNEL_ROW:
         from wan_opt._fp8_quant_kernel import quantize_rows_op
 
         return quantize_rows_op(rows, input_gelu)
