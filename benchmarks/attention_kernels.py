@@ -23,8 +23,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from wan_opt.app import library_versions  # noqa: E402
 from wan_opt.attention import flash4_attention, flash4_available  # noqa: E402
-from wan_opt.fp8_attention import (HOPPER_HEAD_DIM, PAD, _quantize_qkv, fp8_attention,  # noqa: E402
-                                   hopper_kernel_available, quantize_qkv)
+from wan_opt.fp8_attention import (HOPPER_HEAD_DIM, _quantize_qkv, fp8_attention,  # noqa: E402
+                                   hopper_kernel_available, padded_length, quantize_qkv)
 
 
 def tile_runs(q, k, v, flop: float, repeat: int) -> list[dict]:
@@ -84,7 +84,7 @@ def main() -> None:
                "quantisation_ms": milliseconds(lambda: quantize_qkv(q, k, v, hopper), args.repeat),
                # the same arithmetic in eager PyTorch (what a CPU runs; on a GPU, Triton kernels do it)
                "quantisation_pytorch_ms": milliseconds(
-                   lambda: _quantize_qkv(q, k, v, -(-n // PAD) * PAD, hopper), args.repeat),
+                   lambda: _quantize_qkv(q, k, v, padded_length(n), hopper), args.repeat),
                "fp8_rel_l2_vs_sdpa": float((out - reference).norm() / reference.norm())}
         run["fp8_kernel_ms"] = run["fp8_with_quantisation_ms"] - run["quantisation_ms"]
         names = ["sdpa_bf16", "fp8_with_quantisation", "fp8_kernel"]

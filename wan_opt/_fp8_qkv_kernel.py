@@ -95,8 +95,8 @@ def launch(query, key, value, n_pad: int, mma_order: bool, dtype: torch.dtype = 
     wrap(kv_stats_kernel)[(chunks, b * h)](key, value, stats, n, h, chunks, *strides, CHUNK=CHUNK, D=d)
     k_mean = stats[:, :, 0].sum(1) / n
     k_amax = torch.maximum(stats[:, :, 1].amax(1) - k_mean, k_mean - stats[:, :, 2].amin(1)).amax(1)
-    k_scale = (k_amax / fp8.FP8_MAX).clamp(min=fp8.MIN_SCALE)
-    v_scale = (stats[:, :, 3].amax(1) / fp8.FP8_MAX).clamp(min=fp8.MIN_SCALE)
+    k_scale = fp8.scale_for(k_amax)
+    v_scale = fp8.scale_for(stats[:, :, 3].amax(1))
     q8 = torch.empty(b, h, n_pad, d, dtype=dtype, device=query.device)
     k8 = torch.empty_like(q8)
     vt8 = torch.empty(b, h, d, n_pad, dtype=dtype, device=query.device)

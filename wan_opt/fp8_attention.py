@@ -53,6 +53,11 @@ def _block_scales(x: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tens
     return q.view(b, h, n, d), scale.view(b, h, n // block)
 
 
+def padded_length(tokens: int) -> int:
+    """The sequence length the kernels run on: `tokens` rounded up to a multiple of PAD."""
+    return math.ceil(tokens / PAD) * PAD
+
+
 def mma_key_order(x: torch.Tensor) -> torch.Tensor:
     """The last dimension (keys) in the order the Hopper kernel's P V MMA reads them: within every 32 keys,
     key 16h + 8a + 2t + b goes to 16h + 4t + 2a + b (the kernel relabels P's registers this way instead of
@@ -66,7 +71,7 @@ def quantize_qkv(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, ho
     hopper: V^T's keys in mma_key_order, as the Hopper kernel reads them. On a GPU, Triton kernels
     (_fp8_qkv_kernel.py) compute what _quantize_qkv computes here."""
     n, d = query.shape[1], query.shape[-1]
-    padded = math.ceil(n / PAD) * PAD
+    padded = padded_length(n)
     if query.is_cuda:
         from wan_opt._fp8_qkv_kernel import quantize_qkv_op
 
