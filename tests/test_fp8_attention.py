@@ -144,30 +144,45 @@ assert "e4m3.e4m3" in kernel.asm["ptx"], "the MMAs are not on fp8 operands"
 """
 
 
-def test_the_hopper_kernel_compiles_without_a_gpu():
-    """Gluon has no CPU interpreter: compiling for sm_90 checks its layouts, among them that P's relabelling and
-    the exponentials' split move no data (assert_trivial), before a GPU run."""
+NORM_ROPE_COMPILE = """
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from wan_opt._qk_norm_rope_kernel import qk_norm_rope_kernel
+types = dict(Q="*bf16", K="*bf16", WQ="*bf16", WK="*bf16", COS="*fp32", SIN="*fp32", QO="*bf16", KO="*bf16",
+             n_tokens="i32", stride_qb="i64", stride_qn="i32", stride_kb="i64", stride_kn="i32", stride_c="i32",
+             eps="fp32", HEADS="constexpr", HEAD_DIM="constexpr", BLOCK_H="constexpr")
+triton.compile(ASTSource(qk_norm_rope_kernel, types, dict(HEADS=40, HEAD_DIM=128, BLOCK_H=64)),
+               target=GPUTarget("cuda", 90, 32), options=dict(num_warps=8))
+"""
+
+
+def compile_for_hopper(script: str):
+    """Run a script that compiles kernels for sm_90, in a fresh process without Triton's CPU interpreter."""
     import os
     import subprocess
     import sys
 
     pytest.importorskip("triton.backends.nvidia", reason="needs Triton's CUDA backend (ptxas ships with it)")
-    pytest.importorskip("triton.experimental.gluon.language.nvidia.hopper", reason="needs a Triton with Gluon")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, "-c", GLUON_COMPILE], env=env, capture_output=True, text=True, timeout=600)
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
+
+
+def test_the_hopper_kernel_compiles_without_a_gpu():
+    """Gluon has no CPU interpreter: compiling for sm_90 checks its layouts, among them that P's relabelling and
+    the exponentials' split move no data (assert_trivial), before a GPU run."""
+    pytest.importorskip("triton.experimental.gluon.language.nvidia.hopper", reason="needs a Triton with Gluon")
+    compile_for_hopper(GLUON_COMPILE)
 
 
 def test_every_tile_shape_compiles_for_hopper_without_a_gpu():
     """What the interpreter lets pass but the compiler refuses (types, globals) fails here, before a GPU run."""
-    import os
-    import subprocess
-    import sys
+    compile_for_hopper(HOPPER_COMPILE)
 
-    pytest.importorskip("triton.backends.nvidia", reason="needs Triton's CUDA backend (ptxas ships with it)")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, "-c", HOPPER_COMPILE], env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
+
+def test_the_norm_and_rotary_kernel_compiles_without_a_gpu():
+    compile_for_hopper(NORM_ROPE_COMPILE)
 
 
 def test_the_flashattention4_processor_hands_the_kernel_what_sdpa_would_get(monkeypatch):
@@ -223,3 +238,33 @@ def test_the_quantisation_kernels_match_the_pytorch_quantisation(hopper):
         assert same > 0.995, name  # a value at a rounding tie may land on either side
     for got, want in zip(ours[3:], reference[3:]):
         assert torch.allclose(got, want.float(), rtol=1e-3)
+
+
+@pytest.mark.parametrize("heads, head_dim, fused", [(3, 64, False), (5, 128, True)])
+def test_the_norm_and_rotary_kernel_matches_diffusers_arithmetic(heads, head_dim, fused):
+    """The fp8 and FlashAttention-4 processors' Q and K: one kernel's RMSNorm over all heads and rotary embedding
+    against diffusers' modules on the same rows (strided, as a fused QKV projection leaves them, or not)."""
+    from types import SimpleNamespace
+
+    from diffusers.models.transformers.transformer_wan import WanRotaryPosEmbed
+
+    from wan_opt._qk_norm_rope_kernel import launch
+    from wan_opt.attention import norm_and_rotate
+
+    torch.manual_seed(0)
+    cos, sin = WanRotaryPosEmbed(head_dim, (1, 2, 2), max_seq_len=32)(torch.zeros(2, 4, 3, 8, 6))
+    tokens, width = cos.shape[1], heads * head_dim
+    norms = [torch.nn.RMSNorm(width, eps=1e-6) for _ in range(2)]
+    for norm in norms:
+        torch.nn.init.normal_(norm.weight, 1.0, 0.3)
+    if fused:
+        query, key, _ = randn(2, tokens, 3 * width).split(width, dim=-1)
+    else:
+        query, key = randn(2, tokens, width), randn(2, tokens, width)
+    attn = SimpleNamespace(heads=heads, norm_q=norms[0], norm_k=norms[1])
+    with torch.no_grad():
+        want = norm_and_rotate(attn, query.float().cpu(), key.float().cpu(), (cos, sin))  # diffusers' path
+        got = launch(query, key, *(n.weight.to(DEVICE) for n in norms), cos.to(DEVICE), sin.to(DEVICE), 1e-6, heads)
+    for expected, actual in zip(want, got):
+        assert actual.shape == (2, tokens, width) and actual.is_contiguous()
+        assert rel_l2(actual.float().cpu().unflatten(2, (heads, -1)), expected) < (1e-2 if DEVICE == "cuda" else 1e-5)

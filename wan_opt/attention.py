@@ -1,9 +1,10 @@
 """Self-attention on kernels diffusers' dispatcher does not have: wan-opt's fp8 kernel and FlashAttention-4.
 
 Each is a processor for diffusers' Wan attention that computes the projections, norms and rotary embedding as
-diffusers does and hands Q, K and V, (B, N, H, D), to its kernel. Cross-attention (512 text tokens, ~1% of the
-FLOPs), image conditioning and context parallelism (whose split attention these kernels do not do) go to
-diffusers' processor unchanged.
+diffusers does and hands Q, K and V, (B, N, H, D), to its kernel; on a GPU the norms and the rotary embedding
+of Q and K run as one Triton kernel (norm_and_rotate). Cross-attention (512 text tokens, ~1% of the FLOPs),
+image conditioning and context parallelism (whose split attention these kernels do not do) go to diffusers'
+processor unchanged.
 
 FlashAttention-4 (the flash-attn-4 package: CuTe DSL kernels, Hopper and Blackwell) is exact bf16 attention.
 On an H100 it ran at 682 TFLOP/s against cuDNN's 571 at A14B's 720p shape (75,600 tokens, 40 heads of 128) and
@@ -25,6 +26,25 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     return torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2).type_as(x)
 
 
+def norm_and_rotate(attn, query: torch.Tensor, key: torch.Tensor, rotary_emb) -> tuple[torch.Tensor, torch.Tensor]:
+    """Wan's RMSNorm of Q and K over all heads, then the rotary embedding of each head: (B, N, H * D) ->
+    (B, N, H, D). On a GPU one Triton kernel does both (_qk_norm_rope_kernel.py); elsewhere, and for norms or
+    angles it does not take, diffusers' own modules and arithmetic."""
+    norms = (attn.norm_q, attn.norm_k)
+    if (query.is_cuda and rotary_emb is not None and query.shape[-1] % attn.heads == 0
+            and all(type(n) is torch.nn.RMSNorm and n.weight is not None for n in norms)):
+        from wan_opt._qk_norm_rope_kernel import qk_norm_rope_op
+
+        eps = attn.norm_q.eps if attn.norm_q.eps is not None else torch.finfo(query.dtype).eps
+        query, key = qk_norm_rope_op(query, key, attn.norm_q.weight, attn.norm_k.weight, *rotary_emb, eps,
+                                     attn.heads)
+        return query.unflatten(2, (attn.heads, -1)), key.unflatten(2, (attn.heads, -1))
+    query, key = (norm(t).unflatten(2, (attn.heads, -1)) for norm, t in zip(norms, (query, key)))
+    if rotary_emb is not None:
+        query, key = _rotate(query, *rotary_emb), _rotate(key, *rotary_emb)
+    return query, key
+
+
 class SelfAttnProcessor(WanAttnProcessor):
     """diffusers' Wan attention processor with the self-attention on `attend`."""
 
@@ -39,11 +59,8 @@ class SelfAttnProcessor(WanAttnProcessor):
                 or attn.add_k_proj is not None or (self.head_dims is not None and head_dim not in self.head_dims)):
             return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb)
         query, key, value = _get_qkv_projections(attn, hidden_states, None)
-        query, key = attn.norm_q(query), attn.norm_k(key)
-        query, key, value = (t.unflatten(2, (attn.heads, -1)) for t in (query, key, value))
-        if rotary_emb is not None:
-            query, key = _rotate(query, *rotary_emb), _rotate(key, *rotary_emb)
-        out = self.attend(query, key, value).flatten(2, 3).type_as(query)
+        query, key = norm_and_rotate(attn, query, key, rotary_emb)
+        out = self.attend(query, key, value.unflatten(2, (attn.heads, -1))).flatten(2, 3).type_as(query)
         return attn.to_out[1](attn.to_out[0](out))
 
 
