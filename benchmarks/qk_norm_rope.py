@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import types
 from pathlib import Path
 
 import torch
@@ -20,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from attention_kernels import milliseconds  # noqa: E402  (this folder)
 
 from wan_opt.app import library_versions  # noqa: E402
-from wan_opt.attention import _rotate  # noqa: E402
+from wan_opt.attention import norm_and_rotate_as_diffusers  # noqa: E402
 
 LATENTS = {75600: (21, 90, 160), 32760: (21, 60, 104)}  # 720p and 480p x 81 frames, before the 1x2x2 patches
 
@@ -38,9 +39,10 @@ def run(tokens: int, heads: int, head_dim: int, repeat: int) -> dict:
         torch.nn.init.normal_(norm.weight, 1.0, 0.3)
     query, key = (torch.randn(1, tokens, width, device="cuda") for _ in range(2))
 
+    attn = types.SimpleNamespace(heads=heads, norm_q=norms[0], norm_k=norms[1])
+
     def diffusers_arithmetic(q, k):
-        q, k = (norm(t).unflatten(2, (heads, -1)) for norm, t in zip(norms, (q, k)))
-        return _rotate(q, cos, sin), _rotate(k, cos, sin)
+        return norm_and_rotate_as_diffusers(attn, q, k, (cos, sin))
 
     def kernel(q, k):
         out = qk_norm_rope_op(q, k, norms[0].weight, norms[1].weight, cos, sin, 1e-6, heads)

@@ -249,7 +249,7 @@ def test_the_norm_and_rotary_kernel_matches_diffusers_arithmetic(heads, head_dim
     from diffusers.models.transformers.transformer_wan import WanRotaryPosEmbed
 
     from wan_opt._qk_norm_rope_kernel import launch
-    from wan_opt.attention import norm_and_rotate
+    from wan_opt.attention import norm_and_rotate_as_diffusers
 
     torch.manual_seed(0)
     cos, sin = WanRotaryPosEmbed(head_dim, (1, 2, 2), max_seq_len=32)(torch.zeros(2, 4, 3, 8, 6))
@@ -263,7 +263,7 @@ def test_the_norm_and_rotary_kernel_matches_diffusers_arithmetic(heads, head_dim
         query, key = randn(2, tokens, width), randn(2, tokens, width)
     attn = SimpleNamespace(heads=heads, norm_q=norms[0], norm_k=norms[1])
     with torch.no_grad():
-        want = norm_and_rotate(attn, query.float().cpu(), key.float().cpu(), (cos, sin))  # diffusers' path
+        want = norm_and_rotate_as_diffusers(attn, query.float().cpu(), key.float().cpu(), (cos, sin))
         got = launch(query, key, *(n.weight.to(DEVICE) for n in norms), cos.to(DEVICE), sin.to(DEVICE), 1e-6, heads)
     for expected, actual in zip(want, got):
         assert actual.shape == (2, tokens, width) and actual.is_contiguous()

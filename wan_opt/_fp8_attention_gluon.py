@@ -12,9 +12,11 @@ as one stream of instructions; here warps do one thing each:
 
 What the instruction stream needed (each found in ptxas' output, SASS, before any timing):
 - P goes from the S accumulator's registers to the P V operand's without a shuffle: see _as_mma_operand.
-- No warp shuffle while an MMA is in flight: ptxas put the wait for the MMA before the first shuffle after it,
-  and with it the softmax the MMA was meant to overlap. The row max (the one cross-thread step) comes before the
-  next MMA is issued; the row sums stay per thread until the end.
+- The row max (the one cross-thread step: shuffles) comes before the next MMA is issued: ptxas schedules a
+  shuffle ahead of an MMA's issue, whatever the source order. The row sums stay per thread until the end.
+  (Overlapping the softmax with P V as well, FlashAttention-3's order, also needs a loop body without branches,
+  since ptxas waits for every MMA where control flow joins, and P carried as packed f16 pairs; it measured
+  slower on an H100.)
 - Row reductions as trees: a plain reduction over a thread's 64 values is one dependent chain.
 - Half the exponentials on the FMA units: one MUFU exponential per score is the softmax's busiest unit. That
   half runs in f16, two values an instruction (the MUFU takes one f16 at a time, so its half stays fp32), and P

@@ -29,17 +29,22 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
 def norm_and_rotate(attn, query: torch.Tensor, key: torch.Tensor, rotary_emb) -> tuple[torch.Tensor, torch.Tensor]:
     """Wan's RMSNorm of Q and K over all heads, then the rotary embedding of each head: (B, N, H * D) ->
     (B, N, H, D). On a GPU one Triton kernel does both (_qk_norm_rope_kernel.py); elsewhere, and for norms or
-    angles it does not take, diffusers' own modules and arithmetic."""
-    norms = (attn.norm_q, attn.norm_k)
-    if (query.is_cuda and rotary_emb is not None and query.shape[-1] % attn.heads == 0
-            and all(type(n) is torch.nn.RMSNorm and n.weight is not None for n in norms)):
+    angles it does not take, diffusers' own modules and arithmetic (norm_and_rotate_as_diffusers)."""
+    norm_q, norm_k = attn.norm_q, attn.norm_k
+    if (query.is_cuda and rotary_emb is not None and query.shape[-1] % attn.heads == 0 and norm_q.eps == norm_k.eps
+            and all(type(n) is torch.nn.RMSNorm and n.weight is not None for n in (norm_q, norm_k))):
         from wan_opt._qk_norm_rope_kernel import qk_norm_rope_op
 
-        eps = attn.norm_q.eps if attn.norm_q.eps is not None else torch.finfo(query.dtype).eps
-        query, key = qk_norm_rope_op(query, key, attn.norm_q.weight, attn.norm_k.weight, *rotary_emb, eps,
-                                     attn.heads)
+        eps = norm_q.eps if norm_q.eps is not None else torch.finfo(query.dtype).eps
+        query, key = qk_norm_rope_op(query, key, norm_q.weight, norm_k.weight, *rotary_emb, eps, attn.heads)
         return query.unflatten(2, (attn.heads, -1)), key.unflatten(2, (attn.heads, -1))
-    query, key = (norm(t).unflatten(2, (attn.heads, -1)) for norm, t in zip(norms, (query, key)))
+    return norm_and_rotate_as_diffusers(attn, query, key, rotary_emb)
+
+
+def norm_and_rotate_as_diffusers(attn, query: torch.Tensor, key: torch.Tensor,
+                                 rotary_emb) -> tuple[torch.Tensor, torch.Tensor]:
+    """norm_and_rotate in diffusers' modules and arithmetic, on any device."""
+    query, key = (norm(t).unflatten(2, (attn.heads, -1)) for norm, t in zip((attn.norm_q, attn.norm_k), (query, key)))
     if rotary_emb is not None:
         query, key = _rotate(query, *rotary_emb), _rotate(key, *rotary_emb)
     return query, key
