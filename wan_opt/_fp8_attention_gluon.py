@@ -21,6 +21,10 @@ What the instruction stream needed (each found in ptxas' output, SASS, before an
 - Half the exponentials on the FMA units: one MUFU exponential per score is the softmax's busiest unit. That
   half runs in f16, two values an instruction (the MUFU takes one f16 at a time, so its half stays fp32), and P
   stays in f16 through its row sums to the fp8 conversion: 10% fewer instructions a block than fp32, 4% faster.
+
+At A14B's 720p shape the kernel runs at the H100's 700 W limit (benchmarks/attention_power.py): the clock falls to
+what the power allows, so a change is faster only if it spends less energy a block. Moving more exponentials to
+the MUFU (all of them, or three in four) cut instructions but measured slower in the same process.
 """
 import triton
 from triton.experimental import gluon
