@@ -14,7 +14,8 @@ def test_a14b_flops_match_the_baseline_arithmetic():
 
 def test_tiny_smoke_writes_a_report(tmp_path):
     truncated = "cpu,hardware.speed.cfg_truncation=0.5"
-    fp8 = "cpu,hardware.memory.weight_dtype=float8_e4m3fn,hardware.speed.fp8_matmul=true"
+    # fp8 on the fused weights: the experts are shared, so every fp8 run after a fusing one is fused too
+    fp8 = "cpu,hardware.memory.weight_dtype=float8_e4m3fn,hardware.speed.fp8_matmul=true,hardware.speed.fuse_qkv=true"
     fused = "cpu,hardware.speed.fuse_qkv=true"
     unguided = "cpu,guidance=1,guidance_2=1,steps=4"  # as the distilled preset runs: one forward a step
     cached = "cpu,hardware.speed.step_cache=first_block"  # its hooks stay on for the reference forward
@@ -47,6 +48,25 @@ def test_tiny_smoke_writes_a_report(tmp_path):
     path.with_suffix(".md").unlink()
     assert main(["--replot", str(path)]) == 0  # chart and table again from the report alone
     assert chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.with_suffix(".md").read_text() == table
+
+
+@pytest.mark.parametrize("profiles, says", [
+    (["nosuch"], "Could not find 'hardware/nosuch': choose one of a100_40gb,"),
+    (["cpu,model=nosuch"], "Could not find 'model/nosuch': choose one of tiny,"),
+    (["cpu,hardware.speed.nokey=1"], "Could not override 'hardware.speed.nokey': check the setting's name"),
+    (["cpu,hardware.speed.attention=bogus"], "hardware.speed.attention=bogus is not one of"),
+    # fusing QKV rewrites the shared experts, and fp8 storage too: no order gives both runs what they ask
+    (["cpu,hardware.memory.weight_dtype=float8_e4m3fn", "cpu,hardware.speed.fuse_qkv=true"],
+     "cannot be unfused: benchmark them in separate commands."),
+])
+def test_bad_profiles_get_one_sentence_before_anything_is_built(profiles, says, tmp_path, capsys, monkeypatch):
+    import wan_opt.bench as bench
+
+    monkeypatch.setattr(bench, "build", lambda *a: pytest.fail("built before the profiles were checked"))
+    assert main(["--tiny", "--profiles", *profiles, "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and says in err and "Traceback" not in err and len(err.splitlines()) == 1
+    assert not any(tmp_path.iterdir())
 
 
 def test_no_decode_compares_latents_and_skips_the_vae(tmp_path):

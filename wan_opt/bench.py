@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from wan_opt.errors import WanOptError
 from wan_opt.request import parse_size
 from wan_opt.video import new_figure, write_figure, write_json
 
@@ -115,27 +116,50 @@ def run_configs(args) -> dict:
     `h100,hardware.speed.cfg_truncation=0.25`, or `h100,model=wan22_t2v_a14b_lightning` for the distilled
     preset's guidance and step count (the weights stay the benchmark's: a fused LoRA costs no time). Runs
     that rewrite the shared experts in place go last: those that fuse QKV, then those that store them in fp8.
+    Rewrites cannot be undone, so runs that need the experts in states no order reaches are refused.
     """
-    configs = {}
-    for spec in args.profiles:
-        profile, *own = spec.split(",")
-        configs[spec] = run_config(args, own, profile)
+    configs = {spec: run_config(args, spec.split(",")[1:], spec.split(",")[0]) for spec in args.profiles}
 
-    def rewrites(cfg) -> int:  # 0: leaves the weights alone; 1: fuses QKV; 2: quantizes to fp8
+    def rewrites(cfg) -> int:  # 0: leaves the weights alone; 1: fuses QKV; 2: quantizes to fp8; 3: both
         return 2 * cfg.hardware.memory.weight_dtype.startswith("float8") + bool(cfg.hardware.speed.fuse_qkv)
 
+    states = {rewrites(cfg): spec for spec, cfg in configs.items()}
+    if 2 in states and (1 in states or 3 in states):
+        fused = states.get(1, states.get(3))
+        raise WanOptError(f"--profiles: {states[2]} stores unfused fp8 weights and {fused} fuses QKV, and the runs "
+                          "share the experts, which cannot be unfused: benchmark them in separate commands.")
     return dict(sorted(configs.items(), key=lambda item: rewrites(item[1])))
 
 
 def run_config(args, overrides: list[str], profile: str = "cpu"):
     """One run's composed config: the benchmarked model unless the run names another, checked."""
+    from hydra.errors import HydraException, MissingConfigException
+
     from wan_opt.app import compose_config
     from wan_opt.checks import validate_choices
 
     model = [] if any(o.startswith("model=") for o in overrides) else ["model=tiny" if args.tiny else "model=wan22_t2v_a14b"]
-    cfg = compose_config([*model, *args.override, *overrides], hardware=profile)
+    try:
+        cfg = compose_config([*model, *args.override, *overrides], hardware=profile)
+    except MissingConfigException as error:
+        raise WanOptError(missing_config_sentence(str(error))) from None
+    except HydraException as error:  # Hydra's first line says what; the rest is its grammar's help
+        raise WanOptError(f"{str(error).splitlines()[0].rstrip('.')}: check the setting's name and value.") from None
     validate_choices(cfg)
     return cfg
+
+
+def missing_config_sentence(message: str) -> str:
+    """Hydra's "Could not find 'hardware/nosuch'" message, without its search path: what it found instead."""
+    lines = message.splitlines()
+    found = lines[0].split(": ", 1)[-1]
+    starts = [i for i, line in enumerate(lines) if line.startswith("Available options")]
+    choices = []
+    for line in lines[starts[0] + 1:] if starts else []:
+        if not line.startswith("\t"):
+            break
+        choices.append(line.strip())
+    return f"{found}: choose one of {', '.join(choices)}." if choices else f"{found}."
 
 
 def guidance_of(cfg) -> tuple[float, float]:
@@ -205,7 +229,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.tiny:
         args.size, args.frames, args.warmup = "96*64", 9, 0
     device = torch.device("cpu" if args.tiny else "cuda")
-    configs = {"diffusers": run_config(args, []), **run_configs(args)}
+    try:
+        configs = {"diffusers": run_config(args, []), **run_configs(args)}
+    except WanOptError as error:  # before anything is built: one sentence, no traceback
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     torch.manual_seed(0)
     pipe, dit = build(args, device)
     width, height = parse_size(args.size)
