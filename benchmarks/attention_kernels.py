@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from wan_opt.app import library_versions  # noqa: E402
+from gpu_report import gpu_file_name, gpu_report, write_report  # noqa: E402  (this folder)
 from wan_opt.attention import flash4_attention, flash4_available  # noqa: E402
 from wan_opt.fp8_attention import (HOPPER_HEAD_DIM, _quantize_qkv, fp8_attention,  # noqa: E402
                                    hopper_kernel_available, padded_length, quantize_qkv)
@@ -67,8 +67,7 @@ def main() -> None:
     parser.add_argument("--tiles", action="store_true", help="also time each tile shape of the fp8 kernel")
     parser.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
     args = parser.parse_args()
-    record = {"command": " ".join(["python", *sys.argv]), "gpu": torch.cuda.get_device_name(0),
-              "versions": library_versions(), "runs": []}
+    record = gpu_report(runs=[])
     for n in args.tokens:
         gen = torch.Generator(device="cuda").manual_seed(0)
         q, k, v = (torch.randn(1, n, args.heads, args.head_dim, device="cuda", dtype=torch.bfloat16, generator=gen)
@@ -105,10 +104,7 @@ def main() -> None:
             run["fp8_kernel_by_tile"] = tile_runs(q, k, v, flop, args.repeat)
         record["runs"].append(run)
         print(json.dumps(run), flush=True)
-    path = Path(args.out) / f"attention_kernels_{record['gpu'].replace(' ', '-')}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(record, indent=2) + "\n")
-    print(f"wrote {path}")
+    write_report(record, Path(args.out) / gpu_file_name("attention_kernels", record))
 
 
 if __name__ == "__main__":

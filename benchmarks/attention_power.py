@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from wan_opt.app import library_versions  # noqa: E402
+from gpu_report import gpu_file_name, gpu_report, write_report  # noqa: E402  (this folder)
 from wan_opt.attention import flash4_attention, flash4_available  # noqa: E402
 from wan_opt.fp8_attention import fp8_attention  # noqa: E402
 
@@ -91,10 +91,8 @@ def main() -> None:
     args = parser.parse_args()
     pynvml.nvmlInit()
     handle = pynvml.nvmlDeviceGetHandleByIndex(0)
-    record = {"command": " ".join(["python", *sys.argv]), "gpu": torch.cuda.get_device_name(0),
-              "power_limit_w": pynvml.nvmlDeviceGetEnforcedPowerLimit(handle) / 1000,
-              "max_sm_mhz": pynvml.nvmlDeviceGetMaxClockInfo(handle, pynvml.NVML_CLOCK_SM),
-              "versions": library_versions(), "runs": []}
+    record = gpu_report(power_limit_w=pynvml.nvmlDeviceGetEnforcedPowerLimit(handle) / 1000,
+                        max_sm_mhz=pynvml.nvmlDeviceGetMaxClockInfo(handle, pynvml.NVML_CLOCK_SM), runs=[])
     for n in args.tokens:
         flop = 4 * n * n * args.head_dim * args.heads
         gen = torch.Generator(device="cuda").manual_seed(0)
@@ -111,10 +109,7 @@ def main() -> None:
                 record["runs"].append(run)
                 print(json.dumps(run), flush=True)
     pynvml.nvmlShutdown()
-    path = Path(args.out) / f"attention_power_{record['gpu'].replace(' ', '-')}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(record, indent=2) + "\n")
-    print(f"wrote {path}")
+    write_report(record, Path(args.out) / gpu_file_name("attention_power", record))
 
 
 if __name__ == "__main__":

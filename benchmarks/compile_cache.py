@@ -88,12 +88,9 @@ def main() -> None:
         print(json.dumps(one_process(args)))
         return
 
-    import torch
+    from gpu_report import gpu_report, write_report  # (this folder)
 
-    from wan_opt.app import library_versions
-
-    record = {"command": " ".join(["python", *sys.argv]), "gpu": torch.cuda.get_device_name(0),
-              "profile": args.profile, "size": args.size, "frames": args.frames, "versions": library_versions()}
+    record = gpu_report(profile=args.profile, size=args.size, frames=args.frames)
     with tempfile.TemporaryDirectory(prefix="wan-opt-inductor-") as cache:
         base = [sys.executable, __file__, "--child", "--cache-dir", cache, "--profile", args.profile,
                 "--size", args.size, "--frames", str(args.frames)]
@@ -105,11 +102,7 @@ def main() -> None:
                 sys.exit(f"the {name} process failed:\n{done.stderr[-4000:]}")
             record[name] = json.loads(done.stdout.strip().splitlines()[-1])
             print(name, record[name], flush=True)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"compile_cache_{args.profile}_{args.size.replace('*', 'x')}x{args.frames}.json"
-    path.write_text(json.dumps(record, indent=2) + "\n")
-    print(f"wrote {path}")
+    write_report(record, Path(args.out) / f"compile_cache_{args.profile}_{args.size.replace('*', 'x')}x{args.frames}.json")
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from wan_opt.app import library_versions  # noqa: E402
+from gpu_report import gpu_file_name, gpu_report, write_report  # noqa: E402  (this folder)
 from wan_opt.arch import DIT_CONFIGS, build_random_expert  # noqa: E402
 from wan_opt.fp8 import quantize_linears  # noqa: E402
 from wan_opt.request import parse_size  # noqa: E402
@@ -85,9 +85,8 @@ def main() -> None:
     inputs = (torch.randn(1, 16, latent_frames, height // 8, width // 8, device=device, generator=gen, dtype=torch.bfloat16),
               torch.full((1,), 900.0, device=device),
               torch.randn(1, 512, DIT_CONFIGS["t2v_a14b"]["text_dim"], device=device, generator=gen, dtype=torch.bfloat16))
-    record = {"command": " ".join(["python", *sys.argv]), "gpu": torch.cuda.get_device_name(0),
-              "versions": library_versions(), "size": args.size, "frames": args.frames,
-              "runs": [profile(expert, inputs, "diffusers (eager, SDPA)", args.top)]}
+    record = gpu_report(size=args.size, frames=args.frames,
+                        runs=[profile(expert, inputs, "diffusers (eager, SDPA)", args.top)])
     fields = dict(item.split("=", 1) for item in args.speed)
     if args.fp8_weights:
         for block in expert.blocks:
@@ -95,11 +94,8 @@ def main() -> None:
     SpeedPolicy(**fields).apply([expert], device)
     label = "wan-opt " + " ".join(args.speed) + (" (fp8 weights)" if args.fp8_weights else "")
     record["runs"].append(profile(expert, inputs, label, args.top))
-    name = f"profile_forward_{record['gpu'].replace(' ', '-')}_{args.size.replace('*', 'x')}x{args.frames}.json"
-    path = Path(args.out) / name
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(record, indent=2) + "\n")
-    print(f"wrote {path}")
+    size = f"_{args.size.replace('*', 'x')}x{args.frames}"
+    write_report(record, Path(args.out) / gpu_file_name("profile_forward", record, size))
 
 
 if __name__ == "__main__":

@@ -19,8 +19,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from attention_kernels import milliseconds  # noqa: E402  (this folder)
+from gpu_report import gpu_report, write_report  # noqa: E402  (this folder)
 
-from wan_opt.app import library_versions  # noqa: E402
 from wan_opt.attention import norm_and_rotate_as_diffusers  # noqa: E402
 
 LATENTS = {75600: (21, 90, 160), 32760: (21, 60, 104)}  # 720p and 480p x 81 frames, before the 1x2x2 patches
@@ -79,11 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         print("qk_norm_rope.py times GPU kernels: run it on a machine with a CUDA GPU.", file=sys.stderr)
         return 2
     runs = [run(tokens, args.heads, args.head_dim, args.repeat) for tokens in args.tokens]
-    report = {"command": "python " + " ".join(sys.argv), "gpu": torch.cuda.get_device_name(),
-              "versions": library_versions(), "runs": runs}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
-    print(f"wrote {args.out}")
+    write_report(gpu_report(runs=runs), args.out)
     return 0
 
 
