@@ -118,7 +118,10 @@ def run_configs(args) -> dict:
     that rewrite the shared experts in place go last: those that fuse QKV, then those that store them in fp8.
     Rewrites cannot be undone, so runs that need the experts in states no order reaches are refused.
     """
-    configs = {spec: run_config(args, spec.split(",")[1:], spec.split(",")[0]) for spec in args.profiles}
+    configs = {}
+    for spec in args.profiles:
+        profile, *own = spec.split(",")
+        configs[spec] = run_config(args, own, profile)
 
     def rewrites(cfg) -> int:  # 0: leaves the weights alone; 1: fuses QKV; 2: quantizes to fp8; 3: both
         return 2 * cfg.hardware.memory.weight_dtype.startswith("float8") + bool(cfg.hardware.speed.fuse_qkv)
