@@ -23,8 +23,14 @@ What the instruction stream needed (each found in ptxas' output, SASS, before an
   stays in f16 through its row sums to the fp8 conversion: 10% fewer instructions a block than fp32, 4% faster.
 
 At A14B's 720p shape the kernel runs at the H100's 700 W limit (benchmarks/attention_power.py): the clock falls to
-what the power allows, so a change is faster only if it spends less energy a block. Moving more exponentials to
-the MUFU (all of them, or three in four) cut instructions but measured slower in the same process.
+what the power allows, so a change is faster only if it spends less energy a block. Measured against this kernel
+in the same process, and not taken:
+- more exponentials on the MUFU (all of them, or three in four): fewer instructions, slower;
+- Q K^T in int8, SageAttention's choice: the integer MMA draws less power (60-90 MHz more clock at 700 W), but
+  each integer score takes one more instruction to become a float, and the kernel ran 3-4% slower;
+- Q read from registers rather than shared memory: 30 MHz more clock, the same speed;
+- scores accumulated in f16 (half the registers, packed softmax arithmetic): Triton 3.6 unpacks an f16
+  accumulator before waiting for its MMA, and ptxas then serialises every MMA of the kernel.
 """
 import triton
 from triton.experimental import gluon
