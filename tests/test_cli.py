@@ -108,11 +108,22 @@ def test_an_unwritable_output_directory_is_rejected(tmp_path):
     assert result.returncode == 2 and "Cannot write to the output directory" in result.stderr
 
 
-@pytest.mark.parametrize("args, message", [(["hardware=h1000"], "h1000"), (["model=wan99"], "wan99"),
-                                           (["hardware.memroy.experts=swap"], "memroy")])
-def test_unknown_names_are_hydra_errors_without_a_traceback(args, message):
-    result = run("prompt=a fox", *args)
-    assert result.returncode != 0 and message in result.stderr and "Traceback" not in result.stderr
+@pytest.mark.parametrize("args, message", [
+    (["hardware=h1000"], "Could not find 'hardware/h1000': choose one of a100_40gb,"),
+    (["model=wan99"], "Could not find 'model/wan99': choose one of tiny,"),
+    (["hardware.memroy.experts=swap"], "There is no setting 'hardware.memroy'"),
+    (["seed=abc"], "seed=abc is not valid"),
+    (["prompt=a (red) fox"], "quote a value"),
+    (["-m", "seed=1,abc"], "seed=abc is not valid"),
+])
+def test_a_config_hydra_cannot_compose_is_one_sentence(tmp_path, args, message):
+    flags, overrides = [a for a in args if a.startswith("-")], [a for a in args if not a.startswith("-")]
+    result = run(*flags, "prompt=a fox", "model=tiny", *overrides, f"hydra.run.dir={tmp_path}",
+                 f"hydra.sweep.dir={tmp_path}")
+    assert result.returncode == 2
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert lines == [lines[0]] and lines[0].startswith("error: ") and message in lines[0], result.stderr
+    assert not videos(tmp_path)
 
 
 def test_a_prompt_file_is_one_batch_with_one_loaded_model(tmp_path):

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from wan_opt.errors import WanOptError
+from wan_opt.errors import WanOptError, config_error_sentence
 from wan_opt.request import parse_size
 from wan_opt.video import new_figure, write_figure, write_json
 
@@ -136,7 +136,7 @@ def run_configs(args) -> dict:
 
 def run_config(args, overrides: list[str], profile: str = "cpu"):
     """One run's composed config: the benchmarked model unless the run names another, checked."""
-    from hydra.errors import HydraException, MissingConfigException
+    from hydra.errors import HydraException
 
     from wan_opt.app import compose_config
     from wan_opt.checks import validate_choices
@@ -144,25 +144,10 @@ def run_config(args, overrides: list[str], profile: str = "cpu"):
     model = [] if any(o.startswith("model=") for o in overrides) else ["model=tiny" if args.tiny else "model=wan22_t2v_a14b"]
     try:
         cfg = compose_config([*model, *args.override, *overrides], hardware=profile)
-    except MissingConfigException as error:
-        raise WanOptError(missing_config_sentence(str(error))) from None
-    except HydraException as error:  # Hydra's first line says what; the rest is its grammar's help
-        raise WanOptError(f"{str(error).splitlines()[0].rstrip('.')}: check the setting's name and value.") from None
+    except HydraException as error:
+        raise WanOptError(config_error_sentence(error)) from None
     validate_choices(cfg)
     return cfg
-
-
-def missing_config_sentence(message: str) -> str:
-    """Hydra's "Could not find 'hardware/nosuch'" message, without its search path: what it found instead."""
-    lines = message.splitlines()
-    found = lines[0].split(": ", 1)[-1]
-    starts = [i for i, line in enumerate(lines) if line.startswith("Available options")]
-    choices = []
-    for line in lines[starts[0] + 1:] if starts else []:
-        if not line.startswith("\t"):
-            break
-        choices.append(line.strip())
-    return f"{found}: choose one of {', '.join(choices)}." if choices else f"{found}."
 
 
 def guidance_of(cfg) -> tuple[float, float]:

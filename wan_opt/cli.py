@@ -11,6 +11,7 @@ from omegaconf import DictConfig
 
 from wan_opt.app import run, with_detected_hardware
 from wan_opt.config import CONF_DIR
+from wan_opt.errors import config_error_sentence
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
@@ -26,10 +27,20 @@ _SILENT_RANK = ["hydra.run.dir=.", "hydra.output_subdir=null", "hydra/job_loggin
 
 
 def main() -> None:
+    from hydra.errors import ConfigCompositionException, OverrideParseException
+
     sys.argv = with_detected_hardware(sys.argv)
     if int(os.environ.get("RANK", 0)) > 0:
         sys.argv += _SILENT_RANK
-    _main()
+    wants_traceback = os.environ.get("HYDRA_FULL_ERROR") == "1"
+    os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra raises a config error instead of printing it: one sentence below
+    try:
+        _main()
+    except (ConfigCompositionException, OverrideParseException) as error:
+        if wants_traceback:
+            raise
+        print(f"error: {config_error_sentence(error)}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,36 @@
-"""The one exception type for mistakes a user can make: printed as one sentence, never as a traceback."""
+"""The one exception type for mistakes a user can make, printed as one sentence and never as a traceback, and
+the sentence for a config that Hydra cannot compose."""
 
 
 class WanOptError(Exception):
     """Bad input or an environment problem the user can fix; the message says what to do."""
+
+
+def config_error_sentence(error: Exception) -> str:
+    """Hydra's error for a config it cannot compose, as one sentence. Hydra's own text runs to several lines
+    (its search path, its grammar's help) and, for an unknown setting, suggests appending it with `+`, which the
+    schema then refuses anyway."""
+    from hydra.errors import MissingConfigException, OverrideParseException
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ValidationError
+
+    lines = str(error).splitlines()
+    cause = error.__cause__
+    if isinstance(error, MissingConfigException):  # "In 'config': Could not find 'hardware/h1000'", then choices
+        found = lines[0].split(": ", 1)[-1]
+        starts = [i for i, line in enumerate(lines) if line.startswith("Available options")]
+        choices = []
+        for line in lines[starts[0] + 1:] if starts else []:
+            if not line.startswith("\t"):
+                break
+            choices.append(line.strip())
+        return f"{found}: choose one of {', '.join(choices)}." if choices else f"{found}."
+    if isinstance(error, OverrideParseException):
+        return (f"Could not read an override ({lines[0]}): quote a value with spaces or brackets inside it, "
+                f"e.g. 'prompt=\"a fox (red)\"'.")
+    if isinstance(cause, (ConfigAttributeError, ConfigKeyError)):
+        return (f"There is no setting '{cause.full_key}': check its name "
+                "(`python run.py --cfg job` prints every setting).")
+    if isinstance(cause, ValidationError):  # "Error merging override seed=abc"
+        override = lines[0].removeprefix("Error merging override ")
+        return f"{override} is not valid: {str(cause).splitlines()[0].rstrip('.')}."
+    return f"{lines[0].rstrip('.')}: check the setting's name and value."
