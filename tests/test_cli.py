@@ -53,6 +53,13 @@ def test_detected_profile_is_recorded_as_a_hydra_choice():
     assert "hardware=a100_40gb" in hydra_cfg["overrides"]["task"]
 
 
+def test_help_shows_how_to_run_and_every_profile():
+    result = run("--help")
+    assert result.returncode == 0, result.stderr
+    assert 'python run.py prompt="a red fox running through snow"' in result.stdout
+    assert "hardware: a100_40gb, a100_80gb" in result.stdout and "mode: fast, lossless" in result.stdout
+
+
 def test_an_explicit_profile_wins_over_detection():
     result = run("prompt=x", "hardware=h200", "--cfg", "job", fake_gpus=A100_40GB)
     assert result.returncode == 0, result.stderr
