@@ -95,6 +95,16 @@ def test_an_unknown_choice_is_named_with_the_accepted_words(override, key):
         validate_choices(cfg)
 
 
+@pytest.mark.parametrize("override, says", [
+    ("hardware.memory.vram_budget_gb=-3", "vram_budget_gb=-3 is negative"),
+    ("hardware.memory.host_ram_gb=0", "host_ram_gb=0 is not a size"),
+    ("hardware.memory.offload_blocks_per_group=0", "offload_blocks_per_group=0 is below 1"),
+])
+def test_a_memory_size_out_of_range_is_named(override, says):
+    with pytest.raises(WanOptError, match=says):
+        validate_choices(compose_config([override], hardware="h100"))
+
+
 def test_an_unknown_profile_or_model_is_an_error():
     with pytest.raises(ConfigCompositionException, match="h1000"):
         compose_config([], hardware="h1000")

@@ -17,6 +17,16 @@ def validate_choices(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key)
         if value not in allowed:
             raise WanOptError(f"{key}={value} is not one of: {', '.join(allowed)}.")
+    memory = cfg.hardware.memory
+    if memory.vram_budget_gb < 0:
+        raise WanOptError(f"hardware.memory.vram_budget_gb={memory.vram_budget_gb:g} is negative: pass the GB of "
+                          f"GPU memory a run may use.")
+    if memory.host_ram_gb is not None and memory.host_ram_gb <= 0:
+        raise WanOptError(f"hardware.memory.host_ram_gb={memory.host_ram_gb:g} is not a size: pass the GB of host "
+                          f"memory a run may use, or null for this machine's.")
+    if memory.offload_blocks_per_group < 1:
+        raise WanOptError(f"hardware.memory.offload_blocks_per_group={memory.offload_blocks_per_group} is below 1: "
+                          f"pass 1 or more.")
     speed = cfg.hardware.speed
     if not 0.0 <= speed.cfg_truncation < 1.0:
         raise WanOptError(f"hardware.speed.cfg_truncation={speed.cfg_truncation} is not a fraction of the steps: "
