@@ -107,8 +107,13 @@ def test_the_hopper_fp8_kernel_matches_sdpa_and_the_triton_kernel():
     assert eager < 0.08 and compiled < 0.08
     gen = torch.Generator(device="cuda").manual_seed(1)
     q, k, v = (torch.randn(1, 4000, 2, 128, device="cuda", dtype=torch.bfloat16, generator=gen) for _ in range(3))
-    assert rel_l2(fp8_attention(q, k, v, hopper=True).float().cpu().numpy(),
-                  fp8_attention(q, k, v, hopper=False).float().cpu().numpy()) < 0.02
+    exact = torch.nn.functional.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v))).transpose(1, 2)
+    warp_specialised, plain = (fp8_attention(q, k, v, hopper=h).float().cpu().numpy() for h in (True, False))
+    exact = exact.float().cpu().numpy()
+    # Same operands; the Hopper kernel's exponentials are approximated within 6.1% (measured on an H100: 4.2%
+    # apart, 5.7% and 5.4% from exact attention)
+    assert rel_l2(warp_specialised, plain) < 0.06
+    assert rel_l2(warp_specialised, exact) < rel_l2(plain, exact) + 0.01
 
 
 def test_flashattention4_matches_sdpa_eager_and_compiled():
