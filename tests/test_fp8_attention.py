@@ -170,8 +170,8 @@ def compile_for_hopper(script: str):
 
 
 def test_the_hopper_kernel_compiles_without_a_gpu():
-    """Gluon has no CPU interpreter: compiling for sm_90 checks its layouts, among them that P's relabelling and
-    the exponentials' split move no data (assert_trivial), before a GPU run."""
+    """Gluon has no CPU interpreter: compiling for sm_90 checks its layouts, among them that P's relabelling
+    moves no data (assert_trivial), before a GPU run."""
     pytest.importorskip("triton.experimental.gluon.language.nvidia.hopper", reason="needs a Triton with Gluon")
     compile_for_hopper(GLUON_COMPILE)
 

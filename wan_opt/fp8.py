@@ -11,7 +11,7 @@ Two ways to multiply, chosen per layer at run time:
   `torch._scaled_mm` multiplies in fp8 with both scales and writes bf16. On a GPU a Triton kernel quantises
   (_fp8_quant_kernel.py); on a CPU (the tests) PyTorch does, and the same quantised operands are multiplied in
   fp32. The GEMM accumulates in the tensor cores' own precision (`use_fast_accum`) rather than moving partial
-  sums to fp32 registers every few steps: at A14B's 720p shapes on an H100 that is 1.21-1.22x faster at the
+  sums to fp32 registers every few steps: at A14B's 720p shapes on an H100 that is 1.20-1.22x faster at the
   700 W limit, and its error against fp32 arithmetic on the same fp8 operands grows from 0.17% to 0.23-0.33%,
   a tenth of what the rounding to e4m3 itself costs (benchmarks/fp8_gemm.py).
 
