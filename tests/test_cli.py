@@ -28,6 +28,13 @@ def videos(folder: Path) -> list[Path]:
     return sorted(folder.rglob("*.mp4"))
 
 
+def assert_one_sentence(result, message: str) -> None:
+    """Exit status 2 and one line on stderr: `error: ` and a sentence containing `message`."""
+    assert result.returncode == 2
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert lines == [lines[0]] and lines[0].startswith("error: ") and message in lines[0], result.stderr
+
+
 def test_a_run_writes_a_video_and_its_sidecar(tmp_path):
     result = run("model=tiny", "prompt=a red fox", "seed=4", f"hydra.run.dir={tmp_path}")
     assert result.returncode == 0, result.stderr
@@ -102,9 +109,7 @@ def test_multirun_records_the_detected_profile_in_every_job(tmp_path):
 ])
 def test_bad_input_is_one_sentence_and_a_nonzero_exit(tmp_path, args, message):
     result = run("prompt=a fox", *args, f"hydra.run.dir={tmp_path}")
-    assert result.returncode == 2
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert lines == [lines[0]] and lines[0].startswith("error: ") and message in lines[0], result.stderr
+    assert_one_sentence(result, message)
     assert "Traceback" not in result.stderr and not videos(tmp_path)
 
 
@@ -127,9 +132,7 @@ def test_a_config_hydra_cannot_compose_is_one_sentence(tmp_path, args, message):
     flags, overrides = [a for a in args if a.startswith("-")], [a for a in args if not a.startswith("-")]
     result = run(*flags, "prompt=a fox", "model=tiny", *overrides, f"hydra.run.dir={tmp_path}",
                  f"hydra.sweep.dir={tmp_path}")
-    assert result.returncode == 2
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert lines == [lines[0]] and lines[0].startswith("error: ") and message in lines[0], result.stderr
+    assert_one_sentence(result, message)
     assert not videos(tmp_path)
 
 

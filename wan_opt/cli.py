@@ -7,6 +7,7 @@ import os
 import sys
 
 import hydra
+from hydra.errors import ConfigCompositionException, OverrideParseException
 from omegaconf import DictConfig
 
 from wan_opt.app import run, with_detected_hardware
@@ -27,8 +28,6 @@ _SILENT_RANK = ["hydra.run.dir=.", "hydra.output_subdir=null", "hydra/job_loggin
 
 
 def main() -> None:
-    from hydra.errors import ConfigCompositionException, OverrideParseException
-
     sys.argv = with_detected_hardware(sys.argv)
     if int(os.environ.get("RANK", 0)) > 0:
         sys.argv += _SILENT_RANK
