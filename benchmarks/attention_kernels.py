@@ -22,14 +22,14 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from gpu_report import gpu_file_name, gpu_report, write_report  # noqa: E402  (this folder)
-from wan_opt.attention import flash4_attention, flash4_available  # noqa: E402
-from wan_opt.fp8_attention import (HOPPER_HEAD_DIM, _quantize_qkv, fp8_attention,  # noqa: E402
+from wan_opt.optim.attention import flash4_attention, flash4_available  # noqa: E402
+from wan_opt.optim.fp8_attention import (HOPPER_HEAD_DIM, _quantize_qkv, fp8_attention,  # noqa: E402
                                    hopper_kernel_available, padded_length, quantize_qkv)
 
 
 def tile_runs(q, k, v, flop: float, repeat: int) -> list[dict]:
     """The kernel under each of its autotuner's tile shapes, on operands quantised once."""
-    from wan_opt._fp8_attention_kernel import fp8_attention_kernel
+    from wan_opt.kernels.fp8_attention_triton import fp8_attention_kernel
 
     b, n, h, d = q.shape
     q8, k8, vt8, qk_scale, v_scale, padded = quantize_qkv(q, k, v)

@@ -26,8 +26,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from gpu_report import gpu_file_name, gpu_report, write_report  # noqa: E402  (this folder)
-from wan_opt.attention import flash4_attention, flash4_available  # noqa: E402
-from wan_opt.fp8_attention import fp8_attention  # noqa: E402
+from wan_opt.optim.attention import flash4_attention, flash4_available  # noqa: E402
+from wan_opt.optim.fp8_attention import fp8_attention  # noqa: E402
 
 INPUTS = {"random": lambda t: t, "near_constant": lambda t: 1 + 0.01 * t}
 

@@ -40,7 +40,7 @@ def one_process(args) -> dict:
     from hydra.utils import instantiate
 
     from wan_opt.app import compose_config
-    from wan_opt.arch import build_random_expert
+    from wan_opt.loading.arch import build_random_expert
 
     started = time.perf_counter()
     device = torch.device("cuda")

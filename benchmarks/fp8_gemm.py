@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from attention_power import sustained  # noqa: E402  (this folder)
 from gpu_report import gpu_file_name, gpu_report, write_report  # noqa: E402  (this folder)
 
-from wan_opt.fp8 import quantize_rows  # noqa: E402
+from wan_opt.optim.fp8 import quantize_rows  # noqa: E402
 
 SHAPES = {"attention_projection": (5120, 5120), "feed_forward_in": (5120, 13824), "feed_forward_out": (13824, 5120)}
 CHECKED_ROWS = 4096  # the fp32 reference is computed for these tokens only

@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from wan_opt import parallel  # noqa: E402
 from wan_opt.app import (apply_plan, compose_config, leave_process_group, library_versions,  # noqa: E402
                          pipeline_from_config)
-from wan_opt.plan import plan_for_config  # noqa: E402
+from wan_opt.memory.plan import plan_for_config  # noqa: E402
 from wan_opt.request import parse_size  # noqa: E402
 
 GIB = 2**30

@@ -24,10 +24,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from gpu_report import gpu_file_name, gpu_report, write_report  # noqa: E402  (this folder)
-from wan_opt.arch import DIT_CONFIGS, build_random_expert  # noqa: E402
-from wan_opt.fp8 import quantize_linears  # noqa: E402
+from wan_opt.loading.arch import DIT_CONFIGS, build_random_expert  # noqa: E402
+from wan_opt.optim.fp8 import quantize_linears  # noqa: E402
 from wan_opt.request import parse_size  # noqa: E402
-from wan_opt.speed import SpeedPolicy  # noqa: E402
+from wan_opt.optim.speed import SpeedPolicy  # noqa: E402
 
 MATMUL = ("gemm", "matmul", "cutlass", "sm90_xmma", "nvjet", "cublas", "_scaled_mm", "triton_tem")
 ATTENTION = ("fmha", "flash", "attention", "cudnn", "sdpa", "fp8_attention_kernel")

@@ -1,5 +1,5 @@
 """Q and K's RMSNorm over all heads and rotary embedding at Wan's sizes on one GPU: diffusers' arithmetic (eager,
-and compiled as the profiles run it) against wan-opt's kernel (wan_opt/_qk_norm_rope_kernel.py), in one process.
+and compiled as the profiles run it) against wan-opt's kernel (wan_opt/kernels/qk_norm_rope.py), in one process.
 
 A14B at 720p x 81 is 75,600 tokens of 40 heads of 128; at 480p x 81, 32,760. Reports milliseconds per call (Q and
 K together), the bandwidth the kernel reaches (it reads and writes each of Q and K once) and each result's
@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from attention_kernels import milliseconds  # noqa: E402  (this folder)
 from gpu_report import gpu_report, write_report  # noqa: E402  (this folder)
 
-from wan_opt.attention import norm_and_rotate_as_diffusers  # noqa: E402
+from wan_opt.optim.attention import norm_and_rotate_as_diffusers  # noqa: E402
 
 LATENTS = {75600: (21, 90, 160), 32760: (21, 60, 104)}  # 720p and 480p x 81 frames, before the 1x2x2 patches
 
@@ -29,7 +29,7 @@ LATENTS = {75600: (21, 90, 160), 32760: (21, 60, 104)}  # 720p and 480p x 81 fra
 def run(tokens: int, heads: int, head_dim: int, repeat: int) -> dict:
     from diffusers.models.transformers.transformer_wan import WanRotaryPosEmbed
 
-    from wan_opt._qk_norm_rope_kernel import qk_norm_rope_op
+    from wan_opt.kernels.qk_norm_rope import qk_norm_rope_op
 
     width = heads * head_dim
     rope = WanRotaryPosEmbed(head_dim, (1, 2, 2), max_seq_len=1024).cuda()

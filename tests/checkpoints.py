@@ -3,7 +3,7 @@
 The original layout mirrors the Wan team's release file by file: expert folders of sharded safetensors with
 an index, a WanModel config.json, the T5 encoder and the VAE as torch.save'd state dicts in the Wan module
 naming, and the tokenizer under google/umt5-xxl/. The diffusers -> original key maps here are written
-independently of wan_opt.original, so a round trip through both checks each against the other.
+independently of wan_opt.loading.original_names, so a round trip through both checks each against the other.
 """
 from __future__ import annotations
 

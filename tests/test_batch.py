@@ -6,7 +6,7 @@ import weakref
 import pytest
 
 from wan_opt import reuse
-from wan_opt.app import compose_config
+from wan_opt.prepare import compose_config
 from wan_opt.batch import ItemResult, gather, read_prompt_file, run_items, summarize, write_results
 from wan_opt.errors import WanOptError
 

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from wan_opt.arch import A14B_EXPERT
+from wan_opt.loading.arch import A14B_EXPERT
 from wan_opt.bench import forward_flops, main
 
 

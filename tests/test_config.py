@@ -6,8 +6,8 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ConfigKeyError
 
-from wan_opt.app import compose_config
-from wan_opt.checks import validate_choices
+from wan_opt.prepare import compose_config
+from wan_opt.checks import check_knobs
 from wan_opt.config import CONF_DIR, OFFICIAL_NEGATIVE_PROMPT
 from wan_opt.errors import WanOptError
 
@@ -27,7 +27,7 @@ def test_the_required_profiles_and_models_exist():
 @pytest.mark.parametrize("profile", PROFILES)
 def test_every_profile_and_model_compose_and_validate(profile, model):
     cfg = compose_config([f"model={model}"], hardware=profile)
-    validate_choices(cfg)
+    check_knobs(cfg)
     assert cfg.hardware.name == profile and cfg.model.name == model
 
 
@@ -64,7 +64,7 @@ def test_ti2v_defaults_are_the_official_ones():
 
 
 def test_a_misspelt_key_on_the_command_line_is_an_error():
-    with pytest.raises(ConfigCompositionException, match="memroy"):
+    with pytest.raises(WanOptError, match="memroy"):
         compose_config(["hardware.memroy.experts=swap"], hardware="cpu")
 
 
@@ -79,7 +79,7 @@ def test_a_misspelt_key_in_a_profile_file_is_an_error(tmp_path):
 
 
 def test_a_value_of_the_wrong_type_is_an_error():
-    with pytest.raises(ConfigCompositionException):
+    with pytest.raises(WanOptError):
         compose_config(["hardware.memory.vae_tiling=sometimes"], hardware="cpu")
 
 
@@ -90,9 +90,8 @@ def test_a_value_of_the_wrong_type_is_an_error():
     ("hardware.memory.weight_dtype=int3", "hardware.memory.weight_dtype"),
 ])
 def test_an_unknown_choice_is_named_with_the_accepted_words(override, key):
-    cfg = compose_config([override], hardware="cpu")
-    with pytest.raises(WanOptError, match=key):
-        validate_choices(cfg)
+    with pytest.raises(WanOptError, match=key):  # the schema refuses it when Hydra composes
+        check_knobs(compose_config([override], hardware="cpu"))
 
 
 @pytest.mark.parametrize("override, says", [
@@ -102,13 +101,13 @@ def test_an_unknown_choice_is_named_with_the_accepted_words(override, key):
 ])
 def test_a_memory_size_out_of_range_is_named(override, says):
     with pytest.raises(WanOptError, match=says):
-        validate_choices(compose_config([override], hardware="h100"))
+        check_knobs(compose_config([override], hardware="h100"))
 
 
 def test_an_unknown_profile_or_model_is_an_error():
-    with pytest.raises(ConfigCompositionException, match="h1000"):
+    with pytest.raises(WanOptError, match="h1000"):
         compose_config([], hardware="h1000")
-    with pytest.raises(ConfigCompositionException, match="wan99"):
+    with pytest.raises(WanOptError, match="wan99"):
         compose_config(["model=wan99"], hardware="cpu")
 
 
@@ -126,8 +125,7 @@ def test_the_detected_profile_joins_the_overrides_unless_one_was_given(monkeypat
     from wan_opt import app, hardware
 
     monkeypatch.setattr(hardware, "detect", lambda: hardware.HardwareChoice("cpu", "no CUDA GPU visible", None))
-    monkeypatch.setattr(app, "AUTO_HARDWARE", None)  # restored after the test
-    assert app.with_detected_hardware(argv) == expected
+    assert app.with_detected_hardware(argv)[0] == expected
 
 
 def test_the_slurm_launcher_composes_with_one_gpu_per_job():
@@ -142,22 +140,59 @@ def test_the_slurm_launcher_composes_with_one_gpu_per_job():
 
 
 def test_auto_becomes_the_profile_detected_where_the_job_runs(monkeypatch):
-    from wan_opt import app, hardware
+    from wan_opt import hardware
+    from wan_opt.prepare import plan_for, prepare, resolve_hardware
 
     monkeypatch.setattr(hardware, "detect", lambda: hardware.HardwareChoice("a100_40gb", "A100 40GB matches", None))
-    monkeypatch.setattr(app, "AUTO_HARDWARE", None)
-    monkeypatch.setattr(app, "task_overrides", lambda: ["hardware.memory.vae_tiling=false"])
-    cfg = compose_config(["hardware.memory.vae_tiling=false"], hardware="auto")
-    app.resolve_auto_hardware(cfg)
+    overrides = ["hardware.memory.vae_tiling=false"]
+    cfg, detected = resolve_hardware(compose_config(overrides, hardware="auto"), overrides)
     assert cfg.hardware.name == "a100_40gb" and cfg.hardware.memory.experts == "swap"
     assert cfg.hardware.memory.vae_tiling is False  # set by hand: kept over the profile's true
-    assert "auto-detected" in app.hardware_reason(cfg)
+    plan = ["plan=true", *overrides]
+    assert "auto-detected" in prepare(compose_config(plan, hardware="auto"), plan).hardware_reason
+
+
+AUTO_CASES = [
+    ["mode=fast"],
+    ["mode=fast", "hardware.speed.compile=none"],
+    ["hardware.memory.vae_tiling=false"],
+    ["hardware.speed.attention=cudnn"],
+    ["hardware.memory.experts=offload", "hardware.memory.offload_blocks_per_group=2"],
+    ["model=wan22_ti2v_5b", "seed=7", "hardware.speed.cfg=batched"],
+]
+
+
+@pytest.mark.parametrize("detected", ["h100", "a100_40gb", "rtx4090"])
+@pytest.mark.parametrize("overrides", AUTO_CASES)
+def test_auto_gives_exactly_what_naming_the_detected_profile_gives(monkeypatch, detected, overrides):
+    """The detected profile's values under the user's choices: a mode and single knobs land over it."""
+    from omegaconf import OmegaConf
+
+    from wan_opt import hardware
+    from wan_opt.prepare import resolve_hardware
+
+    monkeypatch.setattr(hardware, "detect", lambda: hardware.HardwareChoice(detected, "matches", None))
+    auto, _ = resolve_hardware(compose_config(overrides, hardware="auto"), overrides)
+    named = compose_config(overrides, hardware=detected)
+    assert OmegaConf.to_container(auto) == OmegaConf.to_container(named)
+
+
+def test_auto_with_mode_fast_keeps_the_fp8_settings_and_passes_its_checks(monkeypatch):
+    from wan_opt import hardware
+    from wan_opt.prepare import prepare
+
+    monkeypatch.setattr(hardware, "detect", lambda: hardware.HardwareChoice("h100", "H100 matches", None))
+    overrides = ["mode=fast", "model=wan22_t2v_a14b", "plan=true"]
+    prepared = prepare(compose_config(overrides, hardware="auto"), overrides)
+    memory, speed = prepared.cfg.hardware.memory, prepared.cfg.hardware.speed
+    assert prepared.cfg.hardware.name == "h100" and prepared.cfg.mode == "fast"
+    assert memory.weight_dtype == "float8_e4m3fn" and speed.fp8_matmul and speed.attention == "fp8"
 
 
 def test_compile_caches_go_to_the_configured_folder(tmp_path, monkeypatch):
     import os
 
-    from wan_opt.speed import SpeedPolicy
+    from wan_opt.optim.speed import SpeedPolicy
 
     monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
     monkeypatch.delenv("TRITON_CACHE_DIR", raising=False)
@@ -169,7 +204,7 @@ def test_compile_caches_go_to_the_configured_folder(tmp_path, monkeypatch):
 
 
 def test_attention_auto_takes_flashattention3_on_hopper_in_one_process_where_installed():
-    from wan_opt.speed import attention_backend
+    from wan_opt.optim.speed import attention_backend
 
     assert attention_backend("auto", (9, 0), {"flash3"}) == "_flash_3"
     assert attention_backend("auto", (9, 0), set()) is None  # diffusers' default: SDPA, cuDNN on Hopper
@@ -179,7 +214,7 @@ def test_attention_auto_takes_flashattention3_on_hopper_in_one_process_where_ins
 
 
 def test_attention_auto_prefers_flashattention4_on_hopper():
-    from wan_opt.speed import attention_backend
+    from wan_opt.optim.speed import attention_backend
 
     assert attention_backend("auto", (9, 0), {"flash4", "flash3"}) == "flash4"
     assert attention_backend("auto", (9, 0), {"flash4"}, processes=2) == "flash4"  # its processor defers to a split
@@ -188,7 +223,7 @@ def test_attention_auto_prefers_flashattention4_on_hopper():
 
 
 def test_fp8_attention_takes_sageattention_where_installed_else_ours():
-    from wan_opt.speed import attention_backend
+    from wan_opt.optim.speed import attention_backend
 
     assert attention_backend("fp8", (9, 0), {"sage"}) == "sage"
     assert attention_backend("fp8", (8, 9), set()) == "fp8"
@@ -197,7 +232,7 @@ def test_fp8_attention_takes_sageattention_where_installed_else_ours():
 @pytest.mark.parametrize("choice, message", [("flash4", "flash-attn-4 package"), ("flash3", "flash_attn_3 package"),
                                              ("sage", "SageAttention")])
 def test_an_attention_library_asked_for_and_not_installed_is_named(choice, message, monkeypatch):
-    from wan_opt import speed
+    from wan_opt.optim import speed
     from wan_opt.checks import check_device
 
     monkeypatch.setattr(speed, "installed_attention", lambda: set())
@@ -207,7 +242,7 @@ def test_an_attention_library_asked_for_and_not_installed_is_named(choice, messa
 
 
 def test_flashattention3_off_hopper_is_named(monkeypatch):
-    from wan_opt import speed
+    from wan_opt.optim import speed
     from wan_opt.checks import check_attention_library
 
     monkeypatch.setattr(speed, "installed_attention", lambda: {"flash3"})

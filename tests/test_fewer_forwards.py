@@ -4,12 +4,12 @@ import torch
 from diffusers import FirstBlockCacheConfig, WanPipeline
 
 from tests.test_pipeline import rel_l2
-from wan_opt.app import compose_config
-from wan_opt.checks import validate_choices
+from wan_opt.prepare import compose_config
+from wan_opt.checks import check_knobs
 from wan_opt.errors import WanOptError
 from wan_opt.pipeline import WanOptPipeline
-from wan_opt.speed import SpeedPolicy
-from wan_opt.tiny import build_tiny_components
+from wan_opt.optim.speed import SpeedPolicy
+from wan_opt.loading.tiny import build_tiny_components
 
 CALL = dict(prompt="a red fox in the snow", negative_prompt="blurry, static", height=64, width=96, num_frames=9,
             num_inference_steps=8, guidance_scale=4.0, guidance_scale_2=3.0, output_type="np")
@@ -91,7 +91,7 @@ def test_a_tiny_threshold_reuses_nothing():
 ])
 def test_bad_values_are_named(override, message):
     with pytest.raises(WanOptError, match=message):
-        validate_choices(compose_config([override], hardware="cpu"))
+        check_knobs(compose_config([override], hardware="cpu"))
 
 
 def test_the_passes_of_a_request_are_known_before_it_runs():
@@ -165,5 +165,5 @@ def test_magcache_input_errors_are_sentences(overrides, message, tmp_path):
     bad.write_text('{"ratios": {"high_noise": [1.0]}}')  # no list for the low-noise expert
     overrides = [o.format(bad=bad, new=tmp_path / "new.json") for o in overrides]
     with pytest.raises(WanOptError, match=message):
-        validate_choices(compose_config(["model=tiny", "hardware.speed.step_cache=magcache", *overrides],
+        check_knobs(compose_config(["model=tiny", "hardware.speed.step_cache=magcache", *overrides],
                                         hardware="cpu"))

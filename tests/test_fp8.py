@@ -3,17 +3,19 @@ import pytest
 import torch
 from diffusers import WanPipeline
 
-from wan_opt.app import compose_config
-from wan_opt.checks import validate_choices
+from wan_opt.prepare import compose_config
+from wan_opt.checks import check_knobs
 from wan_opt.errors import WanOptError
 from tests.test_pipeline import rel_l2
-from wan_opt.fp8 import FP8, Fp8Linear, has_fp8_matmul, quantize_linears, quantize_rows, use_fp8_matmul
-from wan_opt.lora import LoraSpec, apply_lora
-from wan_opt.memory import MemoryPolicy
+from wan_opt.hardware import has_fp8
+from wan_opt.optim.fp8 import FP8, Fp8Linear, quantize_linears, quantize_rows, use_fp8_matmul
+from wan_opt.loading.lora import LoraSpec, apply_lora
+from wan_opt.memory.policy import MemoryPolicy
 from wan_opt.pipeline import WanOptPipeline
-from wan_opt.plan import BYTES, GIB, Mechanisms, Request, model_sizes, predict
-from wan_opt.speed import SpeedPolicy
-from wan_opt.tiny import build_tiny_components
+from wan_opt.loading.arch import model_sizes
+from wan_opt.memory.plan import BYTES, GIB, Mechanisms, Request, predict
+from wan_opt.optim.speed import SpeedPolicy
+from wan_opt.loading.tiny import build_tiny_components
 
 CALL = dict(prompt="a red fox in the snow", negative_prompt="blurry, static", height=64, width=96, num_frames=9,
             num_inference_steps=4, guidance_scale=4.0, guidance_scale_2=3.0, output_type="np")
@@ -95,14 +97,14 @@ def test_use_fp8_matmul_counts_the_layers():
 
 
 def test_fp8_matmul_needs_ada_or_hopper():
-    assert has_fp8_matmul((9, 0)) and has_fp8_matmul((8, 9))
-    assert not has_fp8_matmul((8, 0)) and not has_fp8_matmul((8, 6))
+    assert has_fp8((9, 0)) and has_fp8((8, 9))
+    assert not has_fp8((8, 0)) and not has_fp8((8, 6))
 
 
 def test_fp8_matmul_without_fp8_storage_is_named():
     with pytest.raises(WanOptError, match="weight_dtype=float8_e4m3fn"):
-        validate_choices(compose_config(["hardware.speed.fp8_matmul=true"], hardware="cpu"))
-    validate_choices(compose_config(["hardware.speed.fp8_matmul=true", "hardware.memory.weight_dtype=float8_e4m3fn"],
+        check_knobs(compose_config(["hardware.speed.fp8_matmul=true"], hardware="cpu"))
+    check_knobs(compose_config(["hardware.speed.fp8_matmul=true", "hardware.memory.weight_dtype=float8_e4m3fn"],
                                     hardware="cpu"))
 
 
@@ -123,8 +125,8 @@ def test_the_quantisation_kernel_scales_each_row_as_quantize_rows_does(input_gel
     pytest.importorskip("triton", reason="the kernel is Triton code")
     import triton
 
-    from wan_opt._fp8_quant_kernel import quantize_rows_kernel
-    from wan_opt.fp8 import gelu
+    from wan_opt.kernels.fp8_rows import quantize_rows_kernel
+    from wan_opt.optim.fp8 import gelu
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)
@@ -144,7 +146,7 @@ def test_the_quantisation_kernel_scales_each_row_as_quantize_rows_does(input_gel
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_the_quantisation_op_matches_quantize_rows_on_the_gpu():
-    from wan_opt.fp8 import gelu, quantize_activations
+    from wan_opt.optim.fp8 import gelu, quantize_activations
 
     torch.manual_seed(0)
     x = torch.randn(300, 5120, device="cuda", dtype=torch.bfloat16) * 4

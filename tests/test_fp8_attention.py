@@ -11,15 +11,15 @@ pytest.importorskip("triton", reason="the kernel is Triton code")
 from diffusers import WanTransformer3DModel  # noqa: E402
 
 from tests.test_pipeline import rel_l2  # noqa: E402
-from wan_opt import fp8_attention as kernel  # noqa: E402
-from wan_opt.app import compose_config  # noqa: E402
-from wan_opt.attention import use_self_attention  # noqa: E402
+from wan_opt.optim import fp8_attention as kernel  # noqa: E402
+from wan_opt.prepare import compose_config  # noqa: E402
+from wan_opt.optim.attention import use_self_attention  # noqa: E402
 from wan_opt.checks import check_device  # noqa: E402
 from wan_opt.errors import WanOptError  # noqa: E402
-from wan_opt.fp8 import has_fp8_matmul  # noqa: E402
+from wan_opt.hardware import has_fp8  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-if DEVICE == "cuda" and not has_fp8_matmul(torch.cuda.get_device_capability()):
+if DEVICE == "cuda" and not has_fp8(torch.cuda.get_device_capability()):
     pytest.skip("needs fp8 tensor cores (Ada or Hopper)", allow_module_level=True)
 DTYPE = torch.bfloat16 if DEVICE == "cuda" else torch.float32
 
@@ -114,7 +114,7 @@ HOPPER_COMPILE = """
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from wan_opt._fp8_attention_kernel import fp8_attention_kernel
+from wan_opt.kernels.fp8_attention_triton import fp8_attention_kernel
 types = dict(Q="*fp8e4nv", K="*fp8e4nv", VT="*fp8e4nv", QK_SCALE="*fp32", V_SCALE="*fp32", OUT="*bf16", n_ctx="i32",
              n_heads="i32", n_pad="i32", stride_ob="i32", stride_on="i32", stride_oh="i32", HEAD_DIM="constexpr",
              BLOCK_M="constexpr", BLOCK_N="constexpr")
@@ -131,7 +131,7 @@ import torch, triton
 from triton.backends.compiler import GPUTarget
 from triton.experimental.gluon._runtime import GluonASTSource
 from triton.runtime.jit import mangle_type
-from wan_opt import _fp8_attention_gluon as hopper
+from wan_opt.kernels import fp8_attention_hopper as hopper
 q, vt = torch.empty(1, 2, 256, 128, dtype=torch.float8_e4m3fn), torch.empty(1, 2, 128, 256, dtype=torch.float8_e4m3fn)
 types = dict(zip(["q_desc", "k_desc", "vt_desc"], map(mangle_type, hopper.descriptors(q, q, vt))))
 types.update(QK_SCALE="*fp32", V_SCALE="*fp32", OUT="*bf16", n_ctx="i32", n_heads="i32", n_pad="i32", stride_ob="i32",
@@ -148,7 +148,7 @@ NORM_ROPE_COMPILE = """
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from wan_opt._qk_norm_rope_kernel import qk_norm_rope_kernel
+from wan_opt.kernels.qk_norm_rope import qk_norm_rope_kernel
 types = dict(Q="*bf16", K="*bf16", WQ="*bf16", WK="*bf16", COS="*fp32", SIN="*fp32", QO="*bf16", KO="*bf16",
              n_tokens="i32", stride_qb="i64", stride_qn="i32", stride_kb="i64", stride_kn="i32", stride_c="i32",
              eps="fp32", HEADS="constexpr", HEAD_DIM="constexpr", BLOCK_H="constexpr")
@@ -188,7 +188,7 @@ def test_the_norm_and_rotary_kernel_compiles_without_a_gpu():
 def test_the_flashattention4_processor_hands_the_kernel_what_sdpa_would_get(monkeypatch):
     """On a CPU the kernel is stood in for by SDPA: the processor's projections, norms, rotary embedding and
     layout are diffusers', so the forward equals diffusers' own; cross-attention never reaches the kernel."""
-    from wan_opt import attention
+    from wan_opt.optim import attention
 
     config = dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=64, in_channels=16,
                   out_channels=16, text_dim=32, freq_dim=32, ffn_dim=64, num_layers=2, cross_attn_norm=True,
@@ -201,7 +201,7 @@ def test_the_flashattention4_processor_hands_the_kernel_what_sdpa_would_get(monk
     monkeypatch.setattr(attention, "flash4_attention", lambda q, k, v: calls.append(q.shape) or sdpa(q, k, v))
     with torch.no_grad():
         reference = model(x, t, ctx, return_dict=False)[0]
-        assert attention.use_self_attention(model, attention.processor_for("flash4")) == 2
+        assert attention.use_self_attention(model, attention.Flash4SelfAttnProcessor) == 2
         out = model(x, t, ctx, return_dict=False)[0]
     assert calls == [(1, 72, 2, 64)] * 2
     assert rel_l2(out, reference) < 1e-5
@@ -211,7 +211,7 @@ def test_the_flashattention4_op_has_a_shape_for_compile_without_the_library():
     """torch.compile traces the custom op through its fake implementation: the output is shaped like Q."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from wan_opt.attention import flash4_attention
+    from wan_opt.optim.attention import flash4_attention
 
     with FakeTensorMode():
         q = torch.empty(2, 72, 4, 64, dtype=torch.bfloat16)
@@ -224,8 +224,8 @@ def test_the_quantisation_kernels_match_the_pytorch_quantisation(hopper):
     """quantize_qkv's Triton kernels (a GPU's path) against its PyTorch arithmetic, on tokens that fill part of
     the last tile and keys with an offset to smooth away. Their values before the e4m3 cast (float32 buffers: the
     interpreter's cast differs from the GPU's at powers of two), rounded by PyTorch, must match."""
-    from wan_opt._fp8_qkv_kernel import launch
-    from wan_opt.fp8 import FP8
+    from wan_opt.kernels.fp8_qkv import launch
+    from wan_opt.optim.fp8 import FP8
 
     torch.manual_seed(3)
     q, k, v = (randn(2, 200, 3, 64) for _ in range(3))
@@ -248,8 +248,8 @@ def test_the_norm_and_rotary_kernel_matches_diffusers_arithmetic(heads, head_dim
 
     from diffusers.models.transformers.transformer_wan import WanRotaryPosEmbed
 
-    from wan_opt._qk_norm_rope_kernel import launch
-    from wan_opt.attention import norm_and_rotate_as_diffusers
+    from wan_opt.kernels.qk_norm_rope import launch
+    from wan_opt.optim.attention import norm_and_rotate_as_diffusers
 
     torch.manual_seed(0)
     cos, sin = WanRotaryPosEmbed(head_dim, (1, 2, 2), max_seq_len=32)(torch.zeros(2, 4, 3, 8, 6))

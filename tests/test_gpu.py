@@ -3,10 +3,10 @@ import numpy as np
 import pytest
 import torch
 
-from wan_opt.memory import MemoryPolicy
+from wan_opt.memory.policy import MemoryPolicy
 from wan_opt.pipeline import WanOptPipeline
-from wan_opt.speed import SpeedPolicy
-from wan_opt.tiny import build_tiny_components
+from wan_opt.optim.speed import SpeedPolicy
+from wan_opt.loading.tiny import build_tiny_components
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -64,9 +64,10 @@ def test_swap_keeps_one_expert_on_the_gpu():
 
 
 def test_fp8_matmul_on_tensor_cores_stays_close_to_bf16():
-    from wan_opt.fp8 import Fp8Linear, has_fp8_matmul
+    from wan_opt.hardware import has_fp8
+    from wan_opt.optim.fp8 import Fp8Linear
 
-    if not has_fp8_matmul(torch.cuda.get_device_capability()):
+    if not has_fp8(torch.cuda.get_device_capability()):
         pytest.skip("needs fp8 tensor cores (Ada or Hopper)")
     torch.manual_seed(0)
     linear = torch.nn.Linear(512, 1024, device="cuda", dtype=torch.bfloat16)
@@ -89,17 +90,17 @@ def errors_against_sdpa(kernel) -> tuple[float, float]:
 
 
 def test_fp8_attention_kernel_matches_sdpa_eager_and_compiled():
-    from wan_opt.fp8 import has_fp8_matmul
-    from wan_opt.fp8_attention import fp8_attention
+    from wan_opt.hardware import has_fp8
+    from wan_opt.optim.fp8_attention import fp8_attention
 
-    if not has_fp8_matmul(torch.cuda.get_device_capability()):
+    if not has_fp8(torch.cuda.get_device_capability()):
         pytest.skip("needs fp8 tensor cores (Ada or Hopper)")
     eager, compiled = errors_against_sdpa(fp8_attention)
     assert eager < 0.08 and compiled < 0.08
 
 
 def test_the_hopper_fp8_kernel_matches_sdpa_and_the_triton_kernel():
-    from wan_opt.fp8_attention import fp8_attention, hopper_kernel_available
+    from wan_opt.optim.fp8_attention import fp8_attention, hopper_kernel_available
 
     if not hopper_kernel_available(torch.device("cuda")):
         pytest.skip("needs a Hopper GPU and a Triton with Gluon")
@@ -117,7 +118,7 @@ def test_the_hopper_fp8_kernel_matches_sdpa_and_the_triton_kernel():
 
 
 def test_flashattention4_matches_sdpa_eager_and_compiled():
-    from wan_opt.attention import flash4_attention, flash4_available
+    from wan_opt.optim.attention import flash4_attention, flash4_available
 
     if not flash4_available() or torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("needs flash-attn-4 and a Hopper or newer GPU")

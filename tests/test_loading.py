@@ -7,12 +7,12 @@ import torch
 from diffusers import WanPipeline
 
 from tests.checkpoints import write_diffusers_checkpoint, write_original_checkpoint
-from wan_opt.app import compose_config, pipeline_from_config
-from wan_opt.checks import check_request
-from wan_opt.errors import WanOptError
-from wan_opt.layouts import check_checkpoint
 from wan_opt.pipeline import WanOptPipeline
-from wan_opt.tiny import build_tiny_components
+from wan_opt.prepare import compose_config, prepare
+from wan_opt.errors import WanOptError
+from wan_opt.loading.layouts import check_checkpoint
+from wan_opt.pipeline import WanOptPipeline
+from wan_opt.loading.tiny import build_tiny_components
 
 MODELS = {"t2v_a14b": ("wan22_t2v_a14b", 12.0, "96*64"), "ti2v_5b": ("wan22_ti2v_5b", 5.0, "64*64")}
 WRITERS = {"diffusers": write_diffusers_checkpoint, "original": write_original_checkpoint}
@@ -34,7 +34,7 @@ def test_both_layouts_load_the_same_model(tmp_path, layout, family):
     assert check_checkpoint(root, family).layout == layout
 
     cfg = compose_config([f"model={model}", f"model.ckpt_dir={root}"], hardware="cpu")
-    loaded = pipeline_from_config(cfg)
+    loaded = WanOptPipeline.from_prepared(prepare(cfg, prompt_required=False))
     for role in ("transformer", "transformer_2", "text_encoder", "vae"):
         if tiny[role] is None:
             assert getattr(loaded, role) is None
@@ -77,7 +77,7 @@ def test_a_missing_file_is_named_before_loading(tmp_path, layout, missing):
     (root / missing).unlink()
     cfg = compose_config(["model=wan22_t2v_a14b", f"model.ckpt_dir={root}", "prompt=a fox"], hardware="cpu")
     with pytest.raises(WanOptError, match=missing.replace(".", r"\.")):
-        check_request(cfg)
+        prepare(cfg).request
 
 
 def test_a_tensor_of_the_wrong_shape_is_named(tmp_path):
@@ -91,14 +91,14 @@ def test_a_tensor_of_the_wrong_shape_is_named(tmp_path):
     save_file(tensors, str(shard))
     cfg = compose_config(["model=wan22_t2v_a14b", f"model.ckpt_dir={root}"], hardware="cpu")
     with pytest.raises(WanOptError, match="shape"):
-        pipeline_from_config(cfg)
+        WanOptPipeline.from_prepared(prepare(cfg, prompt_required=False))
 
 
 def test_the_wrong_model_for_the_checkpoint_is_named(tmp_path):
     root = write(tmp_path, "original", "ti2v_5b")
     cfg = compose_config(["model=wan22_t2v_a14b", f"model.ckpt_dir={root}", "prompt=a fox"], hardware="cpu")
     with pytest.raises(WanOptError, match="high_noise_model"):
-        check_request(cfg)
+        prepare(cfg).request
 
 
 def test_diffusers_index_lists_shards_that_must_exist(tmp_path):

@@ -1,7 +1,7 @@
-"""wan_opt.lora on tiny experts: each key layout fuses exactly strength * alpha / rank * up @ down (or the diff).
+"""wan_opt.loading.lora on tiny experts: each key layout fuses exactly strength * alpha / rank * up @ down (or the diff).
 
 The LoRA files are written here in each layout's own naming; the expected tensors are computed by hand from
-the Wan2.2 module names (wan/modules/model.py), independently of wan_opt.lora and wan_opt.original.
+the Wan2.2 module names (wan/modules/model.py), independently of wan_opt.loading.lora and wan_opt.loading.original_names.
 """
 import copy
 import json
@@ -12,8 +12,8 @@ import torch
 from safetensors.torch import save_file
 
 from wan_opt.errors import WanOptError
-from wan_opt.lora import LoraSpec, apply_expert_loras, apply_lora, lora_deltas, read_lora
-from wan_opt.tiny import build_tiny_components
+from wan_opt.loading.lora import LoraSpec, apply_expert_loras, apply_lora, lora_deltas, read_lora
+from wan_opt.loading.tiny import build_tiny_components
 
 RANK = 4
 ALPHA = 2.0  # scale alpha / rank = 0.5
@@ -445,14 +445,15 @@ def test_refuses_weights_already_cast_to_fp8(expert, tmp_path):
 
 
 def test_the_cli_config_fuses_a_lora_into_each_expert(tmp_path):
-    from wan_opt.app import compose_config, pipeline_from_config
+    from wan_opt.pipeline import WanOptPipeline
+    from wan_opt.prepare import compose_config, prepare
 
     tiny = build_tiny_components(seed=0)
     high = original(tiny["transformer"], seed=1).save(tmp_path, "high.safetensors")
     low = original(tiny["transformer_2"], seed=2).save(tmp_path, "low.safetensors")
     cfg = compose_config([f"model.lora.high_noise={high}", f"model.lora.low_noise={low}",
                           "model.lora.low_noise_strength=0.5"], hardware="cpu")
-    pipe = pipeline_from_config(cfg)
+    pipe = WanOptPipeline.from_prepared(prepare(cfg, prompt_required=False))
     for role in ("transformer", "transformer_2"):
         changed = [name for name, p in getattr(pipe, role).state_dict().items()
                    if not torch.equal(p, tiny[role].state_dict()[name])]
@@ -460,14 +461,13 @@ def test_the_cli_config_fuses_a_lora_into_each_expert(tmp_path):
 
 
 def test_a_lora_preset_without_its_files_is_rejected_before_loading():
-    from wan_opt.app import compose_config
-    from wan_opt.checks import check_request
+    from wan_opt.prepare import compose_config, prepare
 
     cfg = compose_config(["model=wan22_t2v_a14b_lightning", "model.random_weights=true", "prompt=x"],
                          hardware="cpu")
     assert (cfg.model.steps, cfg.model.guidance, cfg.model.guidance_2, cfg.model.shift) == (4, 1.0, 1.0, 5.0)
     with pytest.raises(WanOptError, match="model.lora.high_noise=PATH"):
-        check_request(cfg)
+        prepare(cfg).request
     cfg = compose_config(["model.lora.high_noise=/nonexistent.safetensors", "prompt=x"], hardware="cpu")
     with pytest.raises(WanOptError, match="is not a file"):
-        check_request(cfg)
+        prepare(cfg).request

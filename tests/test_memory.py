@@ -1,9 +1,9 @@
 """The memory policy's CPU-side logic (its GPU mechanisms are checked in test_gpu.py)."""
 import torch
 
-from wan_opt import memory
-from wan_opt.memory import copy_parts, move_to_pinned
-from wan_opt.tiny import build_tiny_components
+from wan_opt.memory import policy as memory
+from wan_opt.memory.policy import copy_parts, move_to_pinned
+from wan_opt.loading.tiny import build_tiny_components
 
 
 def test_an_expert_is_copied_outside_the_blocks_first_then_block_by_block():
@@ -50,7 +50,7 @@ def test_pinned_copies_are_packed_into_power_of_two_chunks_without_rounding_each
 
 
 def test_the_policy_says_which_modules_wait_in_pinned_memory_as_loaded():
-    from wan_opt.memory import MemoryPolicy
+    from wan_opt.memory.policy import MemoryPolicy
 
     swap = MemoryPolicy(experts="swap", text_encoder="gpu_release")
     assert swap.waits_pinned("transformer") and swap.waits_pinned("transformer_2") and swap.waits_pinned("text_encoder")

@@ -1,7 +1,7 @@
-"""The Wan team's original checkpoint layout: key mapping (wan_opt.original) and the converter CLI (wan_opt.convert).
+"""The Wan team's original checkpoint layout: key mapping (wan_opt.loading.original_names) and the converter CLI (wan_opt.convert).
 
 Tiny models are written in the original layout by tests/checkpoints.py (its own diffusers -> original maps),
-read back through wan_opt.original, and compared with the models they came from: tensors exactly, and the
+read back through wan_opt.loading.original_names, and compared with the models they came from: tensors exactly, and the
 T5 and VAE also through a forward pass.
 """
 import json
@@ -16,9 +16,10 @@ from safetensors.torch import load_file, save_file
 from transformers import UMT5EncoderModel
 
 from tests.checkpoints import ORIGINAL_DITS, T5_FILE, TOKENIZER_DIR, VAE_FILES, write_original_checkpoint
-from wan_opt import convert, original
-from wan_opt.load_original import load_dit
-from wan_opt.tiny import build_tiny_components
+from wan_opt import convert
+from wan_opt.loading import original_names as original
+from wan_opt.loading.original import load_dit
+from wan_opt.loading.tiny import build_tiny_components
 
 REPO = Path(__file__).resolve().parent.parent
 FAMILIES = ["t2v_a14b", "ti2v_5b"]

@@ -56,14 +56,14 @@ def test_a_torchrun_group_gets_its_multi_gpu_profile():
 
 
 def test_the_planner_divides_activations_and_sharded_weights_per_gpu(monkeypatch):
-    from wan_opt.app import compose_config
-    from wan_opt.plan import plan_for_config
+    from wan_opt.prepare import compose_config
+    from wan_opt.prepare import plan_for
 
     base = ["model=wan22_t2v_a14b", "hardware.memory.host_ram_gb=512"]
-    single, _ = plan_for_config(compose_config(base, hardware="h100"), [])
+    single, _ = plan_for(compose_config(base, hardware="h100"), [])
     monkeypatch.setenv("WORLD_SIZE", "8")
-    split, _ = plan_for_config(compose_config(base, hardware="h100x8"), [])
-    sharded, _ = plan_for_config(compose_config([*base, "hardware.parallel.shard=true"], hardware="h100x8"), [])
+    split, _ = plan_for(compose_config(base, hardware="h100x8"), [])
+    sharded, _ = plan_for(compose_config([*base, "hardware.parallel.shard=true"], hardware="h100x8"), [])
     gain = single.stages["denoise_high_noise"] - split.stages["denoise_high_noise"]
     assert gain == pytest.approx(0.75 * 1e-4 * 75_600, rel=0.05)  # three quarters of the activations
     assert sharded.stages["denoise_high_noise"] < split.stages["denoise_high_noise"] - 40  # 7/8 of 54 GB of experts
@@ -72,15 +72,15 @@ def test_the_planner_divides_activations_and_sharded_weights_per_gpu(monkeypatch
 def test_a_released_text_encoder_is_planned_whole_under_fsdp2(monkeypatch):
     """Measured on 4 H200s (e2e_wan22_t2v_a14b_a100_40gb_cap40_4gpus.json): sharded experts of 13.6 GiB per GPU
     plus the whole 10.6 GiB encoder while it encodes, 24.7 GiB at peak; only an encoder kept on the GPUs is sharded."""
-    from wan_opt.app import compose_config
-    from wan_opt.plan import plan_for_config
+    from wan_opt.prepare import compose_config
+    from wan_opt.prepare import plan_for
 
     monkeypatch.setenv("WORLD_SIZE", "4")
     base = ["model=wan22_t2v_a14b", "size=1280*720", "hardware.memory.host_ram_gb=512", "hardware.parallel.shard=true",
             "hardware.memory.experts=resident"]
-    released, _ = plan_for_config(compose_config([*base, "hardware.memory.text_encoder=gpu_release"],
+    released, _ = plan_for(compose_config([*base, "hardware.memory.text_encoder=gpu_release"],
                                                  hardware="a100_40gb"), [])
-    kept, _ = plan_for_config(compose_config([*base, "hardware.memory.text_encoder=gpu"], hardware="a100_40gb"), [])
+    kept, _ = plan_for(compose_config([*base, "hardware.memory.text_encoder=gpu"], hardware="a100_40gb"), [])
     assert released.stages["encode"] == pytest.approx(24.69, rel=0.05)
     assert kept.stages["encode"] < released.stages["encode"] - 7  # 3/4 of the encoder's 10.6 GiB stays elsewhere
 
@@ -100,7 +100,7 @@ def _worker(rank: int, world: int, port: int, knobs: dict, out: str) -> None:
 
     from wan_opt import parallel
     from wan_opt.pipeline import WanOptPipeline
-    from wan_opt.tiny import build_tiny_components
+    from wan_opt.loading.tiny import build_tiny_components
 
     device = parallel.init("cpu")
     pipe = WanOptPipeline.from_diffusers(WanPipeline(**build_tiny_components(seed=1), boundary_ratio=0.875))
@@ -120,7 +120,7 @@ def single_process_frames():
     from diffusers import WanPipeline
 
     from wan_opt.pipeline import WanOptPipeline
-    from wan_opt.tiny import build_tiny_components
+    from wan_opt.loading.tiny import build_tiny_components
 
     pipe = WanOptPipeline.from_diffusers(WanPipeline(**build_tiny_components(seed=1), boundary_ratio=0.875))
     return pipe(**CALL, generator=torch.Generator().manual_seed(3)).frames
@@ -167,9 +167,8 @@ def test_torchrun_writes_one_video_from_rank_0(tmp_path):
     (["hardware.speed.compile=full", "hardware.parallel.cfg_parallel=false"], "pass hardware.speed.compile=regional"),
 ])
 def test_what_a_torchrun_group_cannot_do_is_said_before_loading(overrides, message, monkeypatch):
-    from wan_opt.app import compose_config
-    from wan_opt.checks import check_parallel
+    from wan_opt.prepare import compose_config, prepare
 
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(WanOptError, match=message):
-        check_parallel(compose_config(["model=tiny", "prompt=x", *overrides], hardware="cpu"))
+        prepare(compose_config(["model=tiny", "prompt=x", *overrides], hardware="cpu"))

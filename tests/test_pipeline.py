@@ -3,10 +3,10 @@ import pytest
 import torch
 from diffusers import WanPipeline
 
-from wan_opt.memory import MemoryPolicy
+from wan_opt.memory.policy import MemoryPolicy
 from wan_opt.pipeline import WanOptPipeline
-from wan_opt.speed import SpeedPolicy
-from wan_opt.tiny import build_tiny_components
+from wan_opt.optim.speed import SpeedPolicy
+from wan_opt.loading.tiny import build_tiny_components
 
 CALL = dict(prompt="a red fox in the snow", negative_prompt="blurry, static", height=64, width=96, num_frames=9,
             num_inference_steps=6, guidance_scale=4.0, guidance_scale_2=3.0, output_type="np")
@@ -131,7 +131,7 @@ def test_fused_qkv_gives_the_same_video_with_no_extra_weights():
 
 
 def test_fused_qkv_then_fp8_storage_quantizes_the_fused_layers():
-    from wan_opt.fp8 import Fp8Linear
+    from wan_opt.optim.fp8 import Fp8Linear
 
     pipe = diffusers_pipe("t2v_a14b")
     ours = WanOptPipeline.from_diffusers(pipe, memory=MemoryPolicy(weight_dtype="float8_e4m3fn", compute_dtype="float32"),

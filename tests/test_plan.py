@@ -5,9 +5,12 @@ from pathlib import Path
 
 import pytest
 
-from wan_opt.app import compose_config, run_job
+from wan_opt.app import run_job
+from wan_opt.prepare import compose_config
 from wan_opt.errors import WanOptError
-from wan_opt.plan import Mechanisms, Request, model_sizes, plan_for_config, plan_memory, predict, user_memory_knobs
+from wan_opt.loading.arch import model_sizes
+from wan_opt.memory.plan import Mechanisms, Request, plan_memory, predict
+from wan_opt.prepare import plan_for, user_memory_knobs
 
 RESULTS = Path(__file__).resolve().parent.parent / "benchmarks" / "results"
 A14B_720P = Request(1280, 720, 81)
@@ -29,34 +32,34 @@ def test_predicted_peak_is_within_10_percent_of_the_measured_one(result, monkeyp
                           "hardware.memory.host_ram_gb=128"], hardware=record["profile"])
     for run in record["runs"]:
         cfg.size, cfg.frames = run["size"], run["frames"]
-        plan, _ = plan_for_config(cfg, [])
+        plan, _ = plan_for(cfg, [])
         assert plan.predicted_peak_gpu_gb == pytest.approx(run["peak_gpu_gib"], rel=0.10), run["size"]
 
 
 @pytest.mark.parametrize("profile", ["h100", "h200", "a100_80gb", "a100_40gb", "l40s", "rtx_a6000", "rtx4090"])
 def test_every_gpu_profile_runs_a14b_at_720p_as_written(profile):
     cfg = compose_config(["model=wan22_t2v_a14b", "hardware.memory.host_ram_gb=128"], hardware=profile)
-    plan, decided = plan_for_config(cfg, [])
+    plan, decided = plan_for(cfg, [])
     assert plan.fits and set(decided.values()) == {"profile"}
 
 
 def test_80gb_makes_no_weight_transfers_and_24gb_still_runs_720p():
-    assert plan_memory("t2v_a14b", A14B_720P, 76, 128).mechanisms["experts"] in ("resident", "swap")
+    assert plan_memory(model_sizes("t2v_a14b"), A14B_720P, 76, 128).mechanisms["experts"] in ("resident", "swap")
     cfg = compose_config(["model=wan22_t2v_a14b", "hardware.memory.host_ram_gb=128"], hardware="h100")
-    assert plan_for_config(cfg, [])[0].mechanisms["experts"] == "resident"
-    small = plan_memory("t2v_a14b", A14B_720P, 22, 64)
+    assert plan_for(cfg, [])[0].mechanisms["experts"] == "resident"
+    small = plan_memory(model_sizes("t2v_a14b"), A14B_720P, 22, 64)
     assert small.fits and small.mechanisms["experts"] == "offload"
 
 
 @pytest.mark.parametrize("budget, host", [(141, 256), (76, 128), (46, 128), (38, 128), (22, 64)])
 def test_the_chosen_plan_fits_with_the_safety_margin(budget, host):
-    plan = plan_memory("t2v_a14b", A14B_720P, budget, host)
+    plan = plan_memory(model_sizes("t2v_a14b"), A14B_720P, budget, host)
     assert plan.fits and plan.predicted_peak_gpu_gb <= 0.92 * budget and plan.predicted_host_gb <= 0.92 * host
 
 
 def test_lossless_plans_come_before_fp8_storage():
-    assert plan_memory("t2v_a14b", A14B_720P, 38, 128).mechanisms["weight_dtype"] == "bfloat16"
-    assert plan_memory("t2v_a14b", A14B_720P, 22, 40).mechanisms["weight_dtype"] == "float8_e4m3fn"
+    assert plan_memory(model_sizes("t2v_a14b"), A14B_720P, 38, 128).mechanisms["weight_dtype"] == "bfloat16"
+    assert plan_memory(model_sizes("t2v_a14b"), A14B_720P, 22, 40).mechanisms["weight_dtype"] == "float8_e4m3fn"
 
 
 def test_batched_cfg_needs_more_memory_than_sequential():
@@ -70,7 +73,7 @@ def test_a_budget_no_plan_fits_names_what_would_work():
     cfg = compose_config(["model=wan22_t2v_a14b", "hardware.memory.vram_budget_gb=6",
                           "hardware.memory.host_ram_gb=128"], hardware="rtx4090")
     with pytest.raises(WanOptError, match=r"needs \d+\.\d GB of VRAM with \d+\.\d GB of host RAM.*nearest request that fits here: size=1280\*720 frames=\d+"):
-        plan_for_config(cfg, [])
+        plan_for(cfg, [])
 
 
 def test_a_knob_set_by_hand_wins_with_a_warning_when_it_does_not_fit(caplog):
@@ -79,7 +82,7 @@ def test_a_knob_set_by_hand_wins_with_a_warning_when_it_does_not_fit(caplog):
     overrides = ["hardware.memory.experts=resident"]
     assert user_memory_knobs(overrides) == {"experts": "resident"}
     with caplog.at_level(logging.WARNING):
-        plan, decided = plan_for_config(cfg, overrides)
+        plan, decided = plan_for(cfg, overrides)
     assert plan.mechanisms["experts"] == "resident" and decided["experts"] == "user" and not plan.fits
     assert "do not fit" in caplog.text
 
@@ -87,7 +90,7 @@ def test_a_knob_set_by_hand_wins_with_a_warning_when_it_does_not_fit(caplog):
 def test_the_planner_changes_a_profile_knob_that_does_not_fit():
     cfg = compose_config(["model=wan22_t2v_a14b", "hardware.memory.host_ram_gb=128", "size=1280*720",
                           "hardware.memory.vram_budget_gb=60"], hardware="h100")
-    plan, decided = plan_for_config(cfg, [])
+    plan, decided = plan_for(cfg, [])
     assert plan.fits and "planner" in decided.values()
 
 
@@ -142,7 +145,7 @@ def test_a_shared_card_plans_to_its_free_memory(monkeypatch):
     _gpu_with_free(monkeypatch, 40.0)  # another process holds 39 GiB of this H100
     cfg = compose_config(["model=wan22_t2v_a14b", "hardware.memory.host_ram_gb=128",
                           "hardware.memory.vram_budget_source=free"], hardware="h100")
-    plan, decided = plan_for_config(cfg, [])
+    plan, decided = plan_for(cfg, [])
     assert plan.vram_budget_gb == pytest.approx(39.5) and plan.budget_source.startswith("free: 40.0 GiB free")
     assert plan.fits and plan.mechanisms["experts"] != "resident" and decided["experts"] == "planner"
 
@@ -151,9 +154,9 @@ def test_free_memory_never_raises_the_profiles_budget(monkeypatch):
     _gpu_with_free(monkeypatch, 79.0)
     cfg = compose_config(["model=wan22_t2v_a14b", "hardware.memory.host_ram_gb=128",
                           "hardware.memory.vram_budget_source=free"], hardware="h100")
-    plan, _ = plan_for_config(cfg, [])
+    plan, _ = plan_for(cfg, [])
     assert plan.vram_budget_gb == 76 and plan.budget_source.startswith("profile: below")
-    assert plan_for_config(compose_config(["model=wan22_t2v_a14b"], hardware="h100"), [])[0].budget_source == "profile"
+    assert plan_for(compose_config(["model=wan22_t2v_a14b"], hardware="h100"), [])[0].budget_source == "profile"
 
 
 def test_unreadable_free_memory_falls_back_to_the_profile_with_a_warning(monkeypatch, caplog):
@@ -163,5 +166,5 @@ def test_unreadable_free_memory_falls_back_to_the_profile_with_a_warning(monkeyp
     cfg = compose_config(["model=wan22_t2v_a14b", "hardware.memory.host_ram_gb=128",
                           "hardware.memory.vram_budget_source=free"], hardware="h100")
     with caplog.at_level(logging.WARNING):
-        plan, _ = plan_for_config(cfg, [])
+        plan, _ = plan_for(cfg, [])
     assert plan.vram_budget_gb == 76 and "cannot be read" in caplog.text

@@ -3,19 +3,18 @@ import logging
 
 import pytest
 
-from wan_opt.app import compose_config
-from wan_opt.checks import check_request
+from wan_opt.prepare import compose_config, prepare
 from wan_opt.errors import WanOptError
 from wan_opt.request import nearest_valid_frames, parse_size
 
 
 def request(*overrides, model="tiny"):
-    return check_request(compose_config([f"model={model}", "prompt=a red fox", *overrides], hardware="cpu"))
+    return prepare(compose_config([f"model={model}", "prompt=a red fox", *overrides], hardware="cpu")).request
 
 
 def test_defaults_come_from_the_model():
     cfg = compose_config(["model=wan22_t2v_a14b", "prompt=a fox", "model.random_weights=true"], hardware="cpu")
-    req = check_request(cfg)
+    req = prepare(cfg).request
     assert (req.steps, req.guidance, req.guidance_2, req.frames, req.fps) == (40, 4.0, 3.0, 81, 16)
     assert (req.width, req.height) == (1280, 720)
 
@@ -43,7 +42,7 @@ def test_ti2v_has_a_32_pixel_grid():
     cfg = compose_config(["model=wan22_ti2v_5b", "model.random_weights=true", "prompt=x", "size=1280*720"],
                          hardware="cpu")
     with pytest.raises(WanOptError, match="32-pixel grid"):
-        check_request(cfg)
+        prepare(cfg).request
 
 
 def test_a_size_on_the_grid_but_not_official_runs_with_a_warning(caplog):
@@ -75,16 +74,16 @@ def test_guidance_2_on_a_one_expert_model_is_rejected():
     cfg = compose_config(["model=wan22_ti2v_5b", "model.random_weights=true", "prompt=x", "guidance_2=3"],
                          hardware="cpu")
     with pytest.raises(WanOptError, match="only one expert"):
-        check_request(cfg)
+        prepare(cfg).request
 
 
 def test_a_gpu_profile_without_a_gpu_is_rejected():
     with pytest.raises(WanOptError, match="needs a CUDA GPU"):
-        check_request(compose_config(["prompt=x"], hardware="h100"))
+        prepare(compose_config(["prompt=x"], hardware="h100")).request
 
 
 @pytest.mark.parametrize("ckpt, message", [(None, "needs its weights"), ("/nonexistent/wan", "not a directory")])
 def test_a_missing_checkpoint_is_rejected(ckpt, message):
     overrides = ["model=wan22_t2v_a14b", "prompt=x"] + ([f"model.ckpt_dir={ckpt}"] if ckpt else [])
     with pytest.raises(WanOptError, match=message):
-        check_request(compose_config(overrides, hardware="cpu"))
+        prepare(compose_config(overrides, hardware="cpu")).request

@@ -1,6 +1,6 @@
-"""The run, as one plain function: config -> hardware -> load -> pipeline -> video.
+"""The command line's job: a prepared run -> the pipeline -> the video and its sidecar; batches and sweeps.
 
-run.py only adds the detected profile to the command line and hands Hydra's config to `run_job`.
+wan_opt.cli adds the detected profile to the command line and hands Hydra's config to `run`.
 """
 from __future__ import annotations
 
@@ -15,100 +15,34 @@ from pathlib import Path
 from typing import Sequence
 
 from hydra.core.hydra_config import HydraConfig
-from hydra.errors import InstantiationException
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from wan_opt.checks import check_request, is_multirun
-from wan_opt.config import AUTO_PROFILE, CONF_DIR
+from wan_opt import batch, console, hardware, video
+from wan_opt.checks import is_multirun
+from wan_opt.config import AUTO_PROFILE
 from wan_opt.errors import WanOptError
-from wan_opt.request import GenerationRequest
+from wan_opt.prepare import HARDWARE_OVERRIDE, Prepared, detection_record, leaner, prepare, resolve_hardware
 
 log = logging.getLogger(__name__)
-
-_HARDWARE_OVERRIDE = re.compile(r"^[+~]{0,2}hardware=")
-# The profile run.py added to the command line, and why; None when the user chose one.
-AUTO_HARDWARE: dict | None = None
-
 
 _REMOTE_LAUNCHER = re.compile(r"^hydra/launcher=(?!basic$)")
 
 
-def _record_detection() -> str:
-    global AUTO_HARDWARE
-    from wan_opt.hardware import detect
-
-    choice = detect()
-    AUTO_HARDWARE = {"profile": choice.profile, "reason": choice.reason,
-                     "gpu": asdict(choice.gpu) if choice.gpu else None}
-    return choice.profile
-
-
-def with_detected_hardware(argv: Sequence[str]) -> list[str]:
-    """Add `hardware=<detected>` unless the user gave one, so Hydra records the choice like any other.
+def with_detected_hardware(argv: Sequence[str]) -> tuple[list[str], dict | None]:
+    """Add `hardware=<detected>` unless the user gave one, so Hydra records the choice like any other; returns
+    the new argv and the detection behind it (None when the user chose, or the job runs elsewhere).
 
     Jobs that a launcher runs on other machines get `hardware=auto`, resolved on the machine that runs them.
     """
     argv = list(argv)
-    if any(_HARDWARE_OVERRIDE.match(arg) for arg in argv[1:]):
-        return argv
+    if any(HARDWARE_OVERRIDE.match(arg) for arg in argv[1:]):
+        return argv, None
     remote = any(_REMOTE_LAUNCHER.match(arg) for arg in argv[1:])
-    profile = AUTO_PROFILE if remote else _record_detection()
+    detected = None if remote else detection_record()
+    profile = AUTO_PROFILE if remote else detected["profile"]
     # argparse takes the overrides as one run of positionals: join the user's run, or lead if there is none.
     at = next((i for i, arg in enumerate(argv[1:], 1) if "=" in arg and not arg.startswith("-")), 1)
-    return argv[:at] + [f"hardware={profile}"] + argv[at:]
-
-
-def resolve_auto_hardware(cfg: DictConfig) -> None:
-    """Replace the `auto` placeholder with the profile detected here, keeping `hardware.*` set by hand."""
-    if cfg.hardware.name != AUTO_PROFILE:
-        return
-    profile = OmegaConf.load(CONF_DIR / "hardware" / f"{_record_detection()}.yaml")
-    hand_set = [o for o in task_overrides() if o.lstrip("+~").startswith("hardware.")]
-    cfg.hardware = OmegaConf.merge(cfg.hardware, profile, OmegaConf.from_dotlist(hand_set).get("hardware", {}))
-
-
-def hardware_reason(cfg: DictConfig) -> str:
-    if AUTO_HARDWARE and AUTO_HARDWARE["profile"] == cfg.hardware.name:
-        return f"auto-detected: {AUTO_HARDWARE['reason']}"
-    return f"chosen with hardware={cfg.hardware.name}"
-
-
-def compose_config(overrides: Sequence[str] = (), hardware: str | None = None) -> DictConfig:
-    """The config the CLI would build for these overrides (for the Python API and tests)."""
-    from hydra import compose, initialize_config_dir
-
-    overrides = list(overrides)
-    if hardware is not None:
-        overrides.append(f"hardware={hardware}")
-    elif not any(_HARDWARE_OVERRIDE.match(o) for o in overrides):
-        from wan_opt.hardware import detect
-
-        overrides.append(f"hardware={detect().profile}")
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose(config_name="config", overrides=overrides)
-
-
-def pipeline_from_config(cfg: DictConfig):
-    """Instantiate the memory policy, the speed policy and then the pipeline that uses both; under torchrun,
-    split it across the process group."""
-    from wan_opt import parallel
-    from wan_opt.plan import parallel_layout
-
-    memory = instantiate(cfg.hardware.memory)
-    speed = instantiate(cfg.hardware.speed)
-    layout = parallel_layout(cfg)
-    device = parallel.init(cfg.hardware.device) if layout else cfg.hardware.device
-    try:
-        pipe = instantiate(cfg.pipeline, model=cfg.model, memory=memory, speed=speed, device=str(device),
-                           _convert_="object")
-        if layout:
-            parallel.apply(pipe, layout, parallel.build_mesh(layout, device))
-        return pipe
-    except InstantiationException as exc:
-        if isinstance(exc.__cause__, WanOptError):  # a user's mistake found while loading: say it plainly
-            raise exc.__cause__ from None
-        raise
+    return argv[:at] + [f"hardware={profile}"] + argv[at:], detected
 
 
 def output_folder(cfg: DictConfig) -> Path:
@@ -150,94 +84,82 @@ def gpu_record(device) -> dict | None:
 
 
 def task_overrides() -> list[str]:
+    """The overrides this job was given on the command line (none outside Hydra's run)."""
     return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
 
 
-def apply_plan(cfg: DictConfig):
-    """Plan the memory for this request and write the plan's knobs into cfg.hardware.memory."""
-    from wan_opt.plan import plan_for_config
-
-    plan, decided = plan_for_config(cfg, task_overrides())
-    for knob, value in plan.mechanisms.items():
-        cfg.hardware.memory[knob] = value
-    return plan, decided
-
-
-def generate(cfg: DictConfig, request: GenerationRequest, plan):
+def generate(prepared: Prepared):
     """Load and generate; on running out of GPU memory, drop to the next plan down and try again, loudly.
 
-    Returns (pipeline, output, {load seconds, whether the model was reused}, the plan that ran, the fallbacks).
+    Returns (pipeline, output, {load seconds, whether the model was reused}, the prepared run that ran, the
+    fallbacks).
     """
-    import torch
+    import torch  # torch and the model code load only once the run has passed its checks
 
-    from wan_opt import console, reuse
-    from wan_opt.plan import next_plan_down
+    from wan_opt import reuse
+    from wan_opt.pipeline import WanOptPipeline
 
-    fallbacks = []
+    request, fallbacks = prepared.request, []
     while True:
         pipe = None
         try:
             start = time.perf_counter()
-            pipe, reused = reuse.cached_pipeline(cfg, pipeline_from_config)
+            pipe, reused = reuse.cached_pipeline(prepared.cfg, lambda _: WanOptPipeline.from_prepared(prepared))
             load_seconds = time.perf_counter() - start
             generator = torch.Generator("cpu").manual_seed(request.seed)
             with console.denoise_progress(request.steps) as on_step:
                 out = pipe(request.prompt, negative_prompt=request.negative_prompt, height=request.height,
                            width=request.width, num_frames=request.frames, num_inference_steps=request.steps,
                            guidance_scale=request.guidance, guidance_scale_2=request.guidance_2,
-                           generator=generator, output_type="np", max_sequence_length=cfg.model.text_len,
+                           generator=generator, output_type="np", max_sequence_length=prepared.cfg.model.text_len,
                            on_step=on_step)
-            return pipe, out, {"load": load_seconds, "reused": reused}, plan, fallbacks
+            return pipe, out, {"load": load_seconds, "reused": reused}, prepared, fallbacks
         except torch.OutOfMemoryError as exc:
             del pipe
             reuse.release()
-            failed, plan = plan, next_plan_down(cfg, plan, task_overrides())
-            for knob, value in plan.mechanisms.items():
-                cfg.hardware.memory[knob] = value
+            failed, prepared = prepared.plan, leaner(prepared)
+            plan = prepared.plan
             fallbacks.append({"from": failed.mechanisms, "to": plan.mechanisms, "error": str(exc).split("\n")[0]})
             console.console.print(f"[bold red]Out of GPU memory[/bold red] under {failed.mechanisms} (predicted "
                                   f"{failed.predicted_peak_gpu_gb} GB); retrying under {plan.mechanisms} "
                                   f"(predicted {plan.predicted_peak_gpu_gb} GB).")
 
 
-def run_job(cfg: DictConfig) -> Path:
+def run_job(cfg: DictConfig, detected: dict | None = None) -> Path:
     """Generate one video for `cfg` and write it with its sidecar; returns the video's path."""
-    from wan_opt import console, parallel, video
-
     # 1. Check the request, the checkpoint and the output folder, and plan the memory, before loading anything.
-    request = check_request(cfg)
+    prepared = prepare(cfg, task_overrides(), detected=detected)
+    cfg, request = prepared.cfg, prepared.request
     folder = output_folder(cfg)
     video.check_writable(folder)
-    reason = hardware_reason(cfg)
-    plan, decided = apply_plan(cfg)
-    console.console.print(console.settings_table(cfg, request, reason))
-    console.console.print(console.plan_table(plan, decided))
+    console.console.print(console.settings_table(cfg, request, prepared.hardware_reason))
+    console.console.print(console.plan_table(prepared.plan, prepared.decided))
     if cfg.plan:
-        video.write_json({**plan.to_dict(), "decided_by": decided, "profile": cfg.hardware.name,
+        video.write_json({**prepared.plan.to_dict(), "decided_by": prepared.decided, "profile": cfg.hardware.name,
                           "model": cfg.model.name, "request": asdict(request)}, folder / "plan.json")
         console.console.print(f"[green]Saved[/green] {folder / 'plan.json'}")
         return folder / "plan.json"
 
     # 2. Load as the memory plan says, apply the speed policy, and generate (falling back on OOM).
-    pipe, out, loading, plan, fallbacks = generate(cfg, request, plan)
+    pipe, out, loading, prepared, fallbacks = generate(prepared)
 
     # 3. Write the video, then its sidecar, each under its final name only once complete (one writer per group).
-    if not parallel.is_main_process():
+    if not hardware.is_main_process():
         return folder
     stem = video.safe_stem(f"{request.seed}-{request.prompt}")
     path = video.write_video(out.frames[0], video.unique_path(folder, stem, ".mp4"), request.fps)
     sidecar = {
         "video": path.name, "prompt": request.prompt, "negative_prompt": request.negative_prompt,
         "seed": request.seed, "request": asdict(request),
-        "hardware": {"profile": cfg.hardware.name, "why": reason, "gpu": gpu_record(pipe.device),
-                     "detected": AUTO_HARDWARE},
-        "memory_plan": {**plan.to_dict(), "decided_by": decided, "fallbacks": fallbacks},
+        "hardware": {"profile": cfg.hardware.name, "why": prepared.hardware_reason, "gpu": gpu_record(pipe.device),
+                     "detected": prepared.detected},
+        "memory_plan": {**prepared.plan.to_dict(), "decided_by": prepared.decided, "fallbacks": fallbacks},
         "model_reused": loading["reused"],
         "parallel": asdict(pipe.parallel.layout) if pipe.parallel else None,
         "seconds": {"load": round(loading["load"], 3), **{k: round(v, 3) for k, v in out.stage_seconds.items()}},
         "step_seconds": [round(s, 4) for s in out.step_seconds],
         "versions": library_versions(), "command": sys.argv,
-        "config": OmegaConf.to_container(cfg, resolve=True),
+        "config": OmegaConf.to_container(prepared.cfg, resolve=True),
     }
     video.write_json(sidecar, path.with_suffix(".json"))
     console.console.print(f"[green]Saved[/green] {path}")
@@ -251,17 +173,14 @@ def leave_process_group() -> None:
         distributed.destroy_process_group()
 
 
-def run(cfg: DictConfig) -> int:
+def run(cfg: DictConfig, detected: dict | None = None) -> int:
     """The command line's job: one video, or one per line of a prompt file; returns the exit status.
 
     In a multirun a failure is recorded and the sweep goes on; the sweep's summary decides the exit status.
     """
-    from wan_opt import batch
-
-    resolve_auto_hardware(cfg)
     if not cfg.prompts and not is_multirun():
         try:
-            run_job(cfg)
+            run_job(cfg, detected)
         except WanOptError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
@@ -270,7 +189,8 @@ def run(cfg: DictConfig) -> int:
         return 0
     job = str(HydraConfig.get().job.num) if is_multirun() else ""
     try:
-        results = batch.run_items(cfg, run_job, job=job)
+        cfg, auto = resolve_hardware(cfg, task_overrides())  # once for the whole batch
+        results = batch.run_items(cfg, lambda item: run_job(item, auto or detected), job=job)
     except WanOptError as exc:  # the prompt file itself is unusable
         results = [batch.ItemResult(str(cfg.prompts), "", "failed", 0.0, error=str(exc), job=job)]
         print(f"error: {exc}", file=sys.stderr)

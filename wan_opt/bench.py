@@ -23,8 +23,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from wan_opt.errors import WanOptError, config_error_sentence
-from wan_opt.request import parse_size
+from wan_opt.checks import check_device
+from wan_opt.errors import WanOptError
+from wan_opt.prepare import compose_config, prepare
+from wan_opt.request import parse_size, run_guidance
+from wan_opt.app import library_versions
 from wan_opt.video import new_figure, write_figure, write_json
 
 PROMPT, NEGATIVE = "a red fox running through fresh snow", "blurry, static"
@@ -56,9 +59,9 @@ def build(args, device: torch.device):
     """diffusers' WanPipeline as people load it: DiT and encoder in bf16 (fp32 on a CPU), VAE in fp32."""
     from diffusers import WanPipeline
 
-    from wan_opt.arch import DIT_CONFIGS, build_random_components
-    from wan_opt.memory import MemoryPolicy
-    from wan_opt.tiny import TINY_TRANSFORMER, build_tiny_components
+    from wan_opt.loading.arch import DIT_CONFIGS, build_random_components
+    from wan_opt.memory.policy import MemoryPolicy
+    from wan_opt.loading.tiny import TINY_TRANSFORMER, build_tiny_components
 
     if args.tiny:
         components, dit = build_tiny_components(seed=0), TINY_TRANSFORMER
@@ -134,25 +137,23 @@ def run_configs(args) -> dict:
     return dict(sorted(configs.items(), key=lambda item: rewrites(item[1])))
 
 
-def run_config(args, overrides: list[str], profile: str = "cpu"):
-    """One run's composed config: the benchmarked model unless the run names another, checked."""
-    from hydra.errors import HydraException
-
-    from wan_opt.app import compose_config
-    from wan_opt.checks import validate_choices
-
+def run_config(args, overrides: list[str], profile: str = "cpu", baseline: bool = False):
+    """One run's config, prepared as the command line prepares a run (the same checks and memory plan) for the
+    benchmark's request: the benchmarked model unless the run names another, with random weights. The
+    baseline's is only composed: diffusers' pipeline follows no profile."""
     model = [] if any(o.startswith("model=") for o in overrides) else ["model=tiny" if args.tiny else "model=wan22_t2v_a14b"]
-    try:
-        cfg = compose_config([*model, *args.override, *overrides], hardware=profile)
-    except HydraException as error:
-        raise WanOptError(config_error_sentence(error)) from None
-    validate_choices(cfg)
-    return cfg
+    own = [*args.override, *overrides]
+    cfg = compose_config([*model, "model.random_weights=true", f"prompt={PROMPT}", f"size={args.size}",
+                          f"frames={args.frames}", *own], hardware=profile)
+    if baseline:
+        return cfg
+    prepared = prepare(cfg, own, loads=False)  # the benchmark builds the modules on its own device
+    if not args.tiny:
+        check_device(prepared.cfg)
+    return prepared.cfg
 
 
 def guidance_of(cfg) -> tuple[float, float]:
-    from wan_opt.request import run_guidance
-
     g, g2 = run_guidance(cfg)
     return float(g), float(g if g2 is None else g2)
 
@@ -162,11 +163,11 @@ def profile_run(pipe, cfg, args, device: torch.device, one_forward) -> dict:
     from hydra.utils import instantiate
 
     from wan_opt.pipeline import WanOptPipeline
-    from wan_opt.plan import plan_for_config
 
+    # The plan's knobs are in cfg (tiling as a run of this request would have it); placement is (a)'s, so
+    # that the kernels are what differ.
     memory, speed = instantiate(cfg.hardware.memory), instantiate(cfg.hardware.speed)
-    memory.experts, memory.text_encoder = "resident", "gpu"  # same placement as (a): kernels are what differ
-    memory.vae_tiling = plan_for_config(cfg, [])[0].mechanisms["vae_tiling"]  # as a run of this request would
+    memory.experts, memory.text_encoder = "resident", "gpu"
     experts = [e for e in (pipe.transformer, pipe.transformer_2) if e is not None]
     # Later runs share these modules: this run's attention processors, backends and cache hooks come off after.
     processors = [(e, e.attn_processors) for e in experts]
@@ -218,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
         args.size, args.frames, args.warmup = "96*64", 9, 0
     device = torch.device("cpu" if args.tiny else "cuda")
     try:
-        configs = {"diffusers": run_config(args, []), **run_configs(args)}
+        configs = {"diffusers": run_config(args, [], baseline=True), **run_configs(args)}
     except WanOptError as error:  # before anything is built: one sentence, no traceback
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -276,7 +277,6 @@ def request_seconds(row: dict) -> float:
 
 
 def summarize(rows: dict, configs: dict, args, step_flops: float, device: torch.device) -> dict:
-    from wan_opt.app import library_versions
     base = rows["diffusers"]
     base_step = float(np.median(base["step_seconds"]))
     base_request = request_seconds(base)

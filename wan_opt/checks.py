@@ -1,22 +1,23 @@
-"""Everything checked before anything slow starts: a wrong knob, a request the model cannot run, a device or
-GPU group that cannot do what the config asks, a missing checkpoint. Each failure is one WanOptError sentence.
+"""The rules across knobs, and what is checked before loading: a device or GPU group that cannot do what the
+config asks, a LoRA or checkpoint that is not there. Each failure is one WanOptError sentence.
+
+A single knob's type and words are the schema's (wan_opt.config), checked by Hydra when it composes;
+wan_opt.prepare runs these after it and before anything slow starts.
 """
 from __future__ import annotations
 
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from wan_opt.config import CHOICES
+from wan_opt import hardware
 from wan_opt.errors import WanOptError
-from wan_opt.request import GenerationRequest, check_lora_config, resolve_request
+from wan_opt.loading.layouts import check_checkpoint
+from wan_opt.memory.plan import Layout
+from wan_opt.request import check_lora_config
 
 
-def validate_choices(cfg: DictConfig) -> None:
-    """Knobs that take one of a few words or a range of values: name the wrong one and what it accepts."""
-    for key, allowed in CHOICES.items():
-        value = OmegaConf.select(cfg, key)
-        if value not in allowed:
-            raise WanOptError(f"{key}={value} is not one of: {', '.join(allowed)}.")
+def check_knobs(cfg: DictConfig) -> None:
+    """Values out of a knob's range, and knobs that cannot go together: name the wrong one and what to do."""
     memory = cfg.hardware.memory
     if memory.vram_budget_gb < 0:
         raise WanOptError(f"hardware.memory.vram_budget_gb={memory.vram_budget_gb:g} is negative: pass the GB of "
@@ -41,7 +42,7 @@ def validate_choices(cfg: DictConfig) -> None:
 
 
 def check_magcache(cfg: DictConfig) -> None:
-    from wan_opt import magcache
+    from wan_opt.optim import magcache
 
     import diffusers.hooks
 
@@ -55,9 +56,7 @@ def check_magcache(cfg: DictConfig) -> None:
 
 
 def check_device(cfg: DictConfig) -> None:
-    import torch  # here, not at the top: input errors are reported without paying for the import
-
-    if cfg.hardware.device == "cuda" and not torch.cuda.is_available():
+    if cfg.hardware.device == "cuda" and hardware.device_capability() is None:
         raise WanOptError(f"Profile {cfg.hardware.name} needs a CUDA GPU and none is visible: "
                           f"pass hardware=cpu, or run on a machine with a GPU.")
     speed = cfg.hardware.speed
@@ -65,12 +64,11 @@ def check_device(cfg: DictConfig) -> None:
     fp8_knobs = [k for k, on in (("fp8_matmul=true", speed.fp8_matmul), ("attention=fp8", speed.attention == "fp8"))
                  if on]
     if fp8_knobs:
-        from wan_opt.fp8 import has_fp8_matmul
-        from wan_opt.fp8_attention import triton_available
+        from wan_opt.optim.fp8_attention import triton_available
 
-        capability = torch.cuda.get_device_capability() if cfg.hardware.device == "cuda" else (0, 0)
-        if not has_fp8_matmul(capability):
-            where = "there is no GPU" if cfg.hardware.device != "cuda" else f"this GPU is {capability[0]}.{capability[1]}"
+        capability = hardware.device_capability() if cfg.hardware.device == "cuda" else None
+        if not hardware.has_fp8(capability):
+            where = hardware.describe(capability)
             if cfg.mode == "fast":
                 raise WanOptError(f"mode=fast runs on fp8 tensor cores (Ada or Hopper, compute capability 8.9+) and "
                                   f"{where}: drop mode=fast; the profile as written is this device's fastest.")
@@ -83,9 +81,7 @@ def check_device(cfg: DictConfig) -> None:
 
 def check_attention_library(choice: str, device: str) -> None:
     """An attention kernel from a separately installed library, asked for by name, must be there to run."""
-    import torch
-
-    from wan_opt.speed import OPTIONAL_ATTENTION, installed_attention
+    from wan_opt.optim.speed import OPTIONAL_ATTENTION, installed_attention
 
     if choice not in OPTIONAL_ATTENTION:
         return
@@ -93,27 +89,23 @@ def check_attention_library(choice: str, device: str) -> None:
     if choice not in installed_attention():
         raise WanOptError(f"hardware.speed.attention={choice} runs {kernel} ({package}), which is not "
                           f"installed: install it, or pass hardware.speed.attention=auto.")
-    capability = torch.cuda.get_device_capability() if device == "cuda" else None
+    capability = hardware.device_capability() if device == "cuda" else None
     built_for = {"flash3": ((9,), "Hopper (compute capability 9.0)"),
                  "flash4": ((9, 10, 11, 12), "Hopper and Blackwell (compute capability 9.0 and up)")}
     if choice in built_for and (capability is None or capability[0] not in built_for[choice][0]):
-        where = "there is no GPU" if capability is None else f"this GPU is {capability[0]}.{capability[1]}"
+        where = hardware.describe(capability)
         raise WanOptError(f"hardware.speed.attention={choice} runs {kernel}, "
                           f"which is built for {built_for[choice][1]}, and {where}: pass "
                           f"hardware.speed.attention=auto.")
 
 
-def check_parallel(cfg: DictConfig) -> None:
-    """Under torchrun: what one process group cannot do, said before anything loads."""
-    from wan_opt import parallel
-    from wan_opt.plan import parallel_layout
-
-    if parallel.world_size() == 1:
+def check_parallel(cfg: DictConfig, layout: Layout | None) -> None:
+    """Under torchrun (a layout): what one process group cannot do, said before anything loads."""
+    if layout is None:
         return
     if cfg.prompts or is_multirun():
         raise WanOptError("Under torchrun wan-opt runs one request across the GPUs: run prompt files and sweeps "
                           "in a single process, or one torchrun per request.")
-    layout = parallel_layout(cfg)
     if layout.ring > 1 and cfg.hardware.device != "cuda":
         raise WanOptError("Ring attention needs GPUs (it merges partial attention by log-sum-exp, which only the GPU "
                           "kernels return): pass hardware.parallel.sequence=ulysses.")
@@ -125,22 +117,15 @@ def check_parallel(cfg: DictConfig) -> None:
                           f"hardware.memory.experts={cfg.hardware.memory.experts}.")
 
 
-def check_request(cfg: DictConfig) -> GenerationRequest:
-    """Every check that needs no weights: run before anything slow starts."""
-    validate_choices(cfg)
-    request = resolve_request(cfg)
-    if cfg.plan:
-        return request  # a plan needs neither a GPU nor a checkpoint
+def check_for_loading(cfg: DictConfig, layout: Layout | None) -> None:
+    """What a run that loads weights needs beyond a valid request: the device, the GPU group, the files."""
     check_device(cfg)
-    check_parallel(cfg)
+    check_parallel(cfg, layout)
     check_lora_config(cfg.model)
     if cfg.model.family != "tiny" and not cfg.model.random_weights:
-        from wan_opt.layouts import check_checkpoint
-
         if not cfg.model.ckpt_dir:
             raise WanOptError(f"model={cfg.model.name} needs its weights: pass model.ckpt_dir=/path/to/checkpoint.")
         check_checkpoint(cfg.model.ckpt_dir, cfg.model.family)
-    return request
 
 
 def is_multirun() -> bool:

@@ -15,20 +15,20 @@ from wan_opt.config import CONF_DIR
 from wan_opt.errors import config_error_sentence
 
 
-@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
-def _main(cfg: DictConfig) -> None:
-    status = run(cfg)
-    if status:
-        sys.exit(status)
-
-
 # Ranks other than 0 of a torchrun group compute but write nothing: no run folder, no log file.
 _SILENT_RANK = ["hydra.run.dir=.", "hydra.output_subdir=null", "hydra/job_logging=disabled",
                 "hydra/hydra_logging=disabled"]
 
 
 def main() -> None:
-    sys.argv = with_detected_hardware(sys.argv)
+    sys.argv, detected = with_detected_hardware(sys.argv)
+
+    @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
+    def _main(cfg: DictConfig) -> None:
+        status = run(cfg, detected)
+        if status:
+            sys.exit(status)
+
     if int(os.environ.get("RANK", 0)) > 0:
         sys.argv += _SILENT_RANK
     wants_traceback = os.environ.get("HYDRA_FULL_ERROR") == "1"

@@ -1,13 +1,16 @@
-"""Structured-config schemas of every config group, registered with Hydra's ConfigStore.
+"""Structured-config schemas of every config group, registered with Hydra's ConfigStore: the one owner of
+every knob, its type, its default and the words it accepts.
 
-The YAML files under conf/ are merged onto these dataclasses, so a misspelt key or a value of the wrong type
-is an error at composition time, not a silent no-op. Choices among fixed words (attention backends, expert
-placement, ...) are checked in `validate_choices`, called before any weights load.
+The YAML files under conf/ are merged onto these dataclasses, so a misspelt key, a value of the wrong type
+or a word a knob does not take is an error when Hydra composes the config, not a silent no-op. The runtime
+policies subclass these schemas (wan_opt.memory.policy, wan_opt.optim.speed) rather than repeating them;
+rules across knobs are wan_opt.checks.check_knobs.
 """
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 from typing import Any, Optional
 
@@ -27,6 +30,42 @@ OFFICIAL_NEGATIVE_PROMPT = (
 )
 
 
+class Choice(str, Enum):
+    """A knob's fixed words. Members are their own strings ("swap" == Experts.swap), print as the word, and
+    Hydra refuses any other word when it composes, listing the ones accepted."""
+
+    def __str__(self) -> str:
+        return self.value
+
+    def __format__(self, spec: str) -> str:
+        return format(self.value, spec)
+
+    def __repr__(self) -> str:  # plans and messages print {'experts': 'swap'}, as they would with plain words
+        return repr(self.value)
+
+
+def _choice(name: str, *words: str) -> type[Choice]:
+    return Choice(name, [(w, w) for w in words], module=__name__, qualname=name)
+
+
+Mode = _choice("Mode", "lossless", "fast")
+Device = _choice("Device", "cuda", "cpu")
+Experts = _choice("Experts", "resident", "swap", "offload")
+BudgetSource = _choice("BudgetSource", "profile", "free")  # free: no more than the GPU has free at the start
+OffloadGranularity = _choice("OffloadGranularity", "block", "leaf")
+TextEncoderPlacement = _choice("TextEncoderPlacement", "gpu", "gpu_release", "cpu")
+WeightDtype = _choice("WeightDtype", "bfloat16", "float16", "float32", "float8_e4m3fn")
+ComputeDtype = _choice("ComputeDtype", "bfloat16", "float16", "float32")
+# fp8: wan-opt's kernel (SageAttention where installed); flash4/flash3/sage: separately installed libraries
+Attention = _choice("Attention", "auto", "cudnn", "flash", "efficient", "math", "flash4", "flash3", "sage", "fp8")
+Compile = _choice("Compile", "none", "regional", "full")
+CfgBatching = _choice("CfgBatching", "sequential", "batched")
+StepCache = _choice("StepCache", "none", "first_block", "taylorseer", "magcache")
+SequenceSplit = _choice("SequenceSplit", "ulysses", "ring")
+Family = _choice("Family", "t2v_a14b", "ti2v_5b", "tiny")
+Solver = _choice("Solver", "unipc")
+
+
 @dataclass
 class GPUMatch:
     """How auto-detection recognises the card a profile is written for."""
@@ -40,19 +79,19 @@ class GPUMatch:
 class MemoryConfig:
     """Where the weights live and in what precision: the memory policy of a profile."""
 
-    _target_: str = "wan_opt.memory.MemoryPolicy"
+    _target_: str = "wan_opt.memory.policy.MemoryPolicy"
     vram_budget_gb: float = 0.0
-    vram_budget_source: str = "profile"  # profile | free: no more than the GPU has free when the run starts
+    vram_budget_source: BudgetSource = BudgetSource.profile
     host_ram_gb: Optional[float] = None  # host memory the plan may use; null: this machine's total
-    experts: str = "resident"  # resident | swap | offload
+    experts: Experts = Experts.resident
     swap_overlap: bool = False  # swap: copy the next expert block by block while its first blocks already run
-    offload_granularity: str = "block"  # block | leaf (used when experts=offload)
+    offload_granularity: OffloadGranularity = OffloadGranularity.block  # used when experts=offload
     offload_blocks_per_group: int = 1
     offload_use_stream: bool = True
-    text_encoder: str = "gpu"  # gpu | gpu_release | cpu
-    weight_dtype: str = "bfloat16"  # storage dtype of the experts: bfloat16 | float32 | float8_e4m3fn
-    compute_dtype: str = "bfloat16"  # bfloat16 | float16 | float32
-    vae_dtype: str = "float32"
+    text_encoder: TextEncoderPlacement = TextEncoderPlacement.gpu
+    weight_dtype: WeightDtype = WeightDtype.bfloat16  # storage dtype of the experts
+    compute_dtype: ComputeDtype = ComputeDtype.bfloat16
+    vae_dtype: ComputeDtype = ComputeDtype.float32
     vae_tiling: bool = False
 
 
@@ -60,18 +99,18 @@ class MemoryConfig:
 class SpeedConfig:
     """Kernel and scheduling choices that change speed, not what is kept in memory."""
 
-    _target_: str = "wan_opt.speed.SpeedPolicy"
-    attention: str = "auto"  # auto | cudnn | flash | efficient | math | flash4 | flash3 | sage | fp8 (Ada/Hopper)
-    compile: str = "none"  # none | regional | full
+    _target_: str = "wan_opt.optim.speed.SpeedPolicy"
+    attention: Attention = Attention.auto
+    compile: Compile = Compile.none
     compile_mode: Optional[str] = None  # torch.compile mode; null is torch's default
     compile_cache_dir: str = "~/.cache/wan-opt/inductor"  # kept across processes: later runs skip most compiling
     tf32: bool = False
-    cfg: str = "sequential"  # sequential | batched
+    cfg: CfgBatching = CfgBatching.sequential
     fuse_qkv: bool = False  # one GEMM for Q, K and V (K and V in cross-attention): same math, fewer launches
     fp8_matmul: bool = False  # fp8 tensor-core GEMMs on fp8-stored weights (Ada, Hopper); changes the result a little
     # Fewer forwards (each changes the result a little; the benchmark reports by how much):
     cfg_truncation: float = 0.0  # fraction of the last steps that skip the unconditional pass (low-noise expert only)
-    step_cache: str = "none"  # none | first_block | taylorseer | magcache: diffusers' cache hooks reuse work across steps
+    step_cache: StepCache = StepCache.none  # diffusers' cache hooks reuse work across steps
     step_cache_threshold: float = 0.05  # first_block, magcache: recompute when the predicted change is above this
     step_cache_interval: int = 4  # taylorseer, magcache: a full forward at least every this many steps
     step_cache_ratios: str = ""  # magcache: JSON of calibrated ratios; a run without the file yet writes it
@@ -82,7 +121,7 @@ class ParallelConfig:
     """How a run under torchrun splits across its GPUs; a single process ignores it."""
 
     gpus: int = 1  # the GPU count this profile is written for: detection matches it to torchrun's world size
-    sequence: str = "ulysses"  # ulysses | ring: how each forward's tokens are split across GPUs
+    sequence: SequenceSplit = SequenceSplit.ulysses  # how each forward's tokens are split across GPUs
     cfg_parallel: bool = True  # with guidance and an even GPU count, the two branches run on two halves at once
     shard: bool = False  # FSDP2: every GPU holds 1/N of each expert and of the text encoder
 
@@ -91,7 +130,7 @@ class ParallelConfig:
 class HardwareConfig:
     name: str = MISSING
     description: str = ""
-    device: str = "cuda"  # cuda | cpu
+    device: Device = Device.cuda
     gpu: GPUMatch = field(default_factory=GPUMatch)
     memory: MemoryConfig = field(default_factory=MemoryConfig)
     speed: SpeedConfig = field(default_factory=SpeedConfig)
@@ -114,11 +153,11 @@ class ModelConfig:
     """A model's architecture family, where its weights are, and its official sampling defaults."""
 
     name: str = MISSING
-    family: str = MISSING  # t2v_a14b | ti2v_5b | tiny
+    family: Family = MISSING
     ckpt_dir: Optional[str] = None
     random_weights: bool = False  # full-size architecture with random weights (benchmarks; output is noise)
     steps: int = MISSING
-    solver: str = "unipc"
+    solver: Solver = Solver.unipc
     shift: float = MISSING
     guidance: float = MISSING
     guidance_2: Optional[float] = None  # low-noise expert's guidance; null for one-expert models
@@ -149,27 +188,8 @@ class RunConfig:
     output_dir: Optional[str] = None
     plan: bool = False  # print and save the memory plan (plan.json), load nothing
     prompts: Optional[str] = None  # a .txt (one prompt per line) or .jsonl file: one video per line
-    mode: str = "lossless"  # set by the `mode` group: lossless (the profile as written) | fast (fp8)
+    mode: Mode = Mode.lossless  # set by the `mode` group: lossless (the profile as written) | fast (fp8)
 
-
-CHOICES = {
-    "mode": ("lossless", "fast"),
-    "hardware.device": ("cuda", "cpu"),
-    "hardware.memory.experts": ("resident", "swap", "offload"),
-    "hardware.memory.vram_budget_source": ("profile", "free"),
-    "hardware.memory.offload_granularity": ("block", "leaf"),
-    "hardware.memory.text_encoder": ("gpu", "gpu_release", "cpu"),
-    "hardware.memory.weight_dtype": ("bfloat16", "float16", "float32", "float8_e4m3fn"),
-    "hardware.memory.compute_dtype": ("bfloat16", "float16", "float32"),
-    "hardware.memory.vae_dtype": ("bfloat16", "float16", "float32"),
-    "hardware.speed.attention": ("auto", "cudnn", "flash", "efficient", "math", "flash4", "flash3", "sage", "fp8"),
-    "hardware.speed.compile": ("none", "regional", "full"),
-    "hardware.speed.cfg": ("sequential", "batched"),
-    "hardware.speed.step_cache": ("none", "first_block", "taylorseer", "magcache"),
-    "hardware.parallel.sequence": ("ulysses", "ring"),
-    "model.family": ("t2v_a14b", "ti2v_5b", "tiny"),
-    "model.solver": ("unipc",),
-}
 
 
 def register_configs() -> None:

@@ -4,7 +4,7 @@
 
 SRC is a Wan2.2-T2V-A14B or Wan2.2-TI2V-5B download (the model is recognised from its files); DST must not
 exist or be empty. Every file is checked before anything is written; each component is loaded tensor by
-tensor (wan_opt.load_original), saved and released before the next, into a temporary sibling of DST that
+tensor (wan_opt.loading.original), saved and released before the next, into a temporary sibling of DST that
 is renamed into place only once complete. Mistakes are one sentence on stderr and exit status 2.
 """
 from __future__ import annotations
@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 
 from wan_opt.errors import WanOptError
-from wan_opt.layouts import DIFFUSERS_DITS, T5_FILE, TOKENIZER_DIR, VAE_FILES, Checkpoint, check_checkpoint, original_family
-from wan_opt.load_original import load_dit, load_text_encoder, load_vae
+from wan_opt.loading.layouts import DIFFUSERS_DITS, T5_FILE, TOKENIZER_DIR, VAE_FILES, Checkpoint, check_checkpoint, original_family
+from wan_opt.loading.original import load_dit, load_text_encoder, load_vae
 
 FLOW_SHIFT = {"t2v_a14b": 12.0, "ti2v_5b": 5.0}  # the Wan team's sample_shift
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}

@@ -1,5 +1,6 @@
 """The one exception type for mistakes a user can make, printed as one sentence and never as a traceback, and
 the sentence for a config that Hydra cannot compose."""
+import re
 
 
 class WanOptError(Exception):
@@ -32,5 +33,8 @@ def config_error_sentence(error: Exception) -> str:
                 "(`python run.py --cfg job` prints every setting).")
     if isinstance(cause, ValidationError):  # "Error merging override seed=abc"
         override = lines[0].removeprefix("Error merging override ")
-        return f"{override} is not valid: {str(cause).splitlines()[0].rstrip('.')}."
+        reason = str(cause).splitlines()[0].rstrip(".")
+        if (words := re.search(r"expected one of \[(.*)\]", reason)) is not None:  # a knob's fixed words
+            return f"{override} is not one of: {words.group(1)}."
+        return f"{override} is not valid: {reason}."
     return f"{lines[0].rstrip('.')}: check the setting's name and value."

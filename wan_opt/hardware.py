@@ -116,7 +116,7 @@ def _named(profiles: Sequence[ProfileSpec], name: str) -> list[ProfileSpec]:
     return [p for p in profiles if any(_name_matches(f, normalized) for f in p.names)]
 
 
-def _capability_tuple(capability: float) -> tuple[int, int]:
+def capability_tuple(capability: float) -> tuple[int, int]:
     major = int(capability)
     return major, round((capability - major) * 10)
 
@@ -138,7 +138,7 @@ def infer_profile(name: str | None, memory_gib: float, capability: tuple[int, in
     if not (gpu_profiles := _gpu_profiles(profiles, gpus)):
         raise WanOptError("No hardware profile is written for a GPU; add one under conf/hardware/.")
     card = f"{name} ({memory_gib:.1f} GiB, sm_{capability[0]}{capability[1]})" + (f" x {gpus}" if gpus > 1 else "")
-    capable = [p for p in gpu_profiles if _capability_tuple(p.capability) <= capability]
+    capable = [p for p in gpu_profiles if capability_tuple(p.capability) <= capability]
     fits = [p for p in capable if p.memory_gb * FIT_FRACTION <= memory_gib]
     named = _named(gpu_profiles, name)
     if named_fits := [p for p in named if p in fits]:
@@ -276,8 +276,53 @@ def infer_for(gpu: GPUInfo | None, profiles: Sequence[ProfileSpec], gpus: int = 
 def detect() -> HardwareChoice:
     """The profile for this process's GPU, read once per process (tests call detect.cache_clear())."""
     gpu = process_gpu()
-    choice = infer_for(gpu, load_profiles(), int(os.environ.get("WORLD_SIZE", 1)))
+    choice = infer_for(gpu, load_profiles(), world_size())
     return HardwareChoice(choice.profile, choice.reason, gpu, choice.exact)
+
+
+# -- what this process may ask of its device: every capability question in wan-opt is asked here -------------
+
+Capability = tuple[int, int]
+
+
+def device_capability(device=None) -> Capability | None:
+    """The CUDA compute capability of `device` (this process's GPU when None); None where there is no GPU."""
+    import torch  # here: the command line reads profiles and checks input before paying for torch
+
+    if device is not None and getattr(device, "type", str(device).split(":")[0]) != "cuda":
+        return None
+    if not torch.cuda.is_available():
+        return None
+    return torch.cuda.get_device_capability(device)
+
+
+def has_fp8(capability: Capability | None) -> bool:
+    """fp8 tensor cores arrived with Ada (8.9) and Hopper (9.0); Ampere (8.0, 8.6) and CPUs have none."""
+    return capability is not None and tuple(capability) >= (8, 9)
+
+
+def is_hopper(capability: Capability | None) -> bool:
+    """Hopper (sm_90: H100, H200), where wgmma and the tensor memory accelerator run."""
+    return capability is not None and tuple(capability) == (9, 0)
+
+
+def describe(capability: Capability | None) -> str:
+    """How a sentence names the device: 'there is no GPU' or 'this GPU is 8.6'."""
+    return "there is no GPU" if capability is None else f"this GPU is {capability[0]}.{capability[1]}"
+
+
+def world_size() -> int:
+    """Processes in this torchrun group (1 outside torchrun)."""
+    return int(os.environ.get("WORLD_SIZE", 1))
+
+
+def rank() -> int:
+    return int(os.environ.get("RANK", 0))
+
+
+def is_main_process() -> bool:
+    """Rank 0 writes the video, the sidecar and the console output; the others compute."""
+    return rank() == 0
 
 
 def _positive_gb(text: str) -> float:
@@ -291,8 +336,8 @@ def _default_capability(name: str, profiles: Sequence[ProfileSpec]) -> tuple[int
     never handed features it may lack."""
     gpu_profiles = _gpu_profiles(profiles)
     if named := _named(gpu_profiles, name):
-        return _capability_tuple(max(p.capability for p in named))
-    return _capability_tuple(min((p.capability for p in gpu_profiles), default=0.0))
+        return capability_tuple(max(p.capability for p in named))
+    return capability_tuple(min((p.capability for p in gpu_profiles), default=0.0))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -315,7 +360,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--name and --memory-gb go together: give both, or neither to read this machine's GPUs")
     profiles = load_profiles(args.conf_dir)
     if args.name is not None:
-        capability = (_capability_tuple(args.capability) if args.capability is not None
+        capability = (capability_tuple(args.capability) if args.capability is not None
                       else _default_capability(args.name, profiles))
         gpu = GPUInfo(None, args.name, args.memory_gb, capability, source="given")
     else:

@@ -19,51 +19,8 @@ from dataclasses import dataclass
 import torch
 
 from wan_opt.errors import WanOptError
-
-
-def world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", 1))
-
-
-def rank() -> int:
-    return int(os.environ.get("RANK", 0))
-
-
-def is_main_process() -> bool:
-    """Rank 0 writes the video, the sidecar and the console output; the others compute."""
-    return rank() == 0
-
-
-@dataclass(frozen=True)
-class Layout:
-    """How `world` GPUs split one request."""
-
-    world: int
-    cfg: int  # 2: the guidance branches on two halves; 1: every GPU runs both branches
-    ring: int
-    ulysses: int
-    shard: bool
-
-    @property
-    def sequence(self) -> int:
-        return self.ring * self.ulysses
-
-
-def plan_layout(world: int, parallel, heads: int, tokens: int, guided: bool, model_name: str) -> Layout:
-    """The degrees for `world` GPUs from a profile's `parallel:` block; a split the model cannot take is an error."""
-    cfg = 2 if parallel.cfg_parallel and guided and world % 2 == 0 else 1
-    sequence = world // cfg
-    ulysses, ring = (sequence, 1) if parallel.sequence == "ulysses" else (1, sequence)
-    if heads % ulysses:
-        fits = [d for d in range(2, world + 1) if heads % d == 0 and d <= 8]
-        raise WanOptError(
-            f"Ulysses attention splits {model_name}'s {heads} attention heads across {ulysses} GPUs per guidance "
-            f"branch, and {heads} is not divisible by {ulysses}: use {', '.join(map(str, fits)) or 'a divisor'} GPUs "
-            f"per branch, or pass hardware.parallel.sequence=ring.")
-    if tokens % sequence:
-        raise WanOptError(f"The request's {tokens} latent tokens do not split evenly across {sequence} GPUs: "
-                          f"choose another size or number of frames, or fewer GPUs.")
-    return Layout(world, cfg, ring, ulysses, bool(parallel.shard))
+from wan_opt.hardware import is_main_process, rank, world_size  # noqa: F401  (this module's callers use them)
+from wan_opt.memory.plan import Layout, plan_layout  # noqa: F401
 
 
 def init(device_type: str) -> torch.device:

@@ -14,9 +14,17 @@ import torch
 from diffusers.pipelines.wan.pipeline_wan import prompt_clean
 from diffusers.utils.torch_utils import randn_tensor
 from diffusers.video_processor import VideoProcessor
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
 
-from wan_opt.memory import MemoryPolicy
-from wan_opt.speed import SpeedPolicy
+from wan_opt import parallel
+from wan_opt.errors import WanOptError
+from wan_opt.loading.components import load_components
+from wan_opt.loading.lora import apply_expert_loras, lora_specs
+from wan_opt.loading.modules import resolve_device
+from wan_opt.memory.policy import MemoryPolicy
+from wan_opt.optim.speed import SpeedPolicy
+from wan_opt.prepare import Prepared, compose_config, prepare
 
 # on_step(step_index, total_steps, expert_label, seconds_of_this_step)
 StepCallback = Callable[[int, int, str, float], None]
@@ -43,6 +51,7 @@ class WanOptPipeline:
         self.video_processor = VideoProcessor(vae_scale_factor=vae.config.scale_factor_spatial)
         self.expert_swapper = self.text_encoder_swapper = None  # set by MemoryPolicy.prepare on a GPU
         self.parallel = None  # set by wan_opt.parallel.apply under torchrun
+        self.prepared = None  # the checked request and memory plan it was loaded for (from_prepared)
 
     # -- construction -----------------------------------------------------------------------------------
 
@@ -59,11 +68,7 @@ class WanOptPipeline:
 
     @classmethod
     def from_config(cls, model, memory: MemoryPolicy, speed: SpeedPolicy, device: str | None = None):
-        """Load `model` (a ModelConfig) as `memory` says and apply `speed`; the CLI instantiates this."""
-        from wan_opt.loading import load_components, resolve_device
-
-        from wan_opt.lora import lora_specs, apply_expert_loras
-
+        """Load `model` (a ModelConfig) as `memory` says and apply `speed` (the config's `pipeline` target)."""
         device = resolve_device(device)
         components = load_components(model, memory, device)
         pipe = cls(**components, memory=memory, speed=speed, device=device)
@@ -74,14 +79,37 @@ class WanOptPipeline:
         return pipe
 
     @classmethod
+    def from_prepared(cls, prepared: Prepared):
+        """The pipeline a prepared run describes: its memory and speed policies instantiated from the config,
+        the model loaded under them, and under torchrun split across the process group."""
+        cfg = prepared.cfg
+        memory, speed = instantiate(cfg.hardware.memory), instantiate(cfg.hardware.speed)
+        device = parallel.init(cfg.hardware.device) if prepared.layout else cfg.hardware.device
+        try:
+            pipe = instantiate(cfg.pipeline, model=cfg.model, memory=memory, speed=speed, device=str(device),
+                               _convert_="object")
+        except InstantiationException as exc:
+            if isinstance(exc.__cause__, WanOptError):  # a user's mistake found while loading: say it plainly
+                raise exc.__cause__ from None
+            raise
+        if prepared.layout:
+            parallel.apply(pipe, prepared.layout, parallel.build_mesh(prepared.layout, device))
+        pipe.prepared = prepared
+        return pipe
+
+    @classmethod
     def from_pretrained(cls, ckpt_dir: str | None = None, model: str = "wan22_t2v_a14b",
                         hardware: str | None = None, overrides: Sequence[str] = ()):
-        """Load a checkpoint under a hardware profile (detected when None), with command-line style overrides."""
-        from wan_opt.app import compose_config, pipeline_from_config
+        """Load a checkpoint under a hardware profile (detected when None), with command-line style overrides.
 
-        extra = [f"model.ckpt_dir={ckpt_dir}"] if ckpt_dir else []
-        cfg = compose_config([f"model={model}", *extra, *overrides], hardware=hardware)
-        return pipeline_from_config(cfg)
+        The same checks, memory plan and one-sentence errors (WanOptError) as the command line; the plan is
+        for the model's default size and frames, and `pipe.prepared` holds it.
+
+            pipe = WanOptPipeline.from_pretrained("/ckpt/Wan2.2-T2V-A14B", overrides=["mode=fast"])
+            video = pipe("a red fox running through snow").frames[0]
+        """
+        user = [f"model={model}", *([f"model.ckpt_dir={ckpt_dir}"] if ckpt_dir else []), *overrides]
+        return cls.from_prepared(prepare(compose_config(user, hardware=hardware), user, prompt_required=False))
 
     def apply_policies(self) -> None:
         self.speed.fuse(self.experts())  # first: fp8 storage and offloading take the weights over

@@ -48,11 +48,13 @@ def run_guidance(cfg: DictConfig) -> tuple[float, float | None]:
             model.guidance_2 if cfg.guidance_2 is None else cfg.guidance_2)
 
 
-def resolve_request(cfg: DictConfig) -> GenerationRequest:
-    """Merge the run's knobs over the model's defaults and reject what the model cannot do."""
+def resolve_request(cfg: DictConfig, prompt_required: bool = True) -> GenerationRequest:
+    """Merge the run's knobs over the model's defaults and reject what the model cannot do.
+
+    prompt_required: False for a memory plan, and for loading through the Python API (prompts come per call)."""
     model = cfg.model
     prompt = (cfg.prompt or "").strip()
-    if not prompt and not cfg.plan:  # a memory plan does not depend on the prompt
+    if not prompt and prompt_required:
         raise WanOptError('The prompt is empty: pass one, e.g. prompt="a red fox running through snow".')
     steps = model.steps if cfg.steps is None else cfg.steps
     if steps < 1:

@@ -1,4 +1,4 @@
-"""The Triton kernel behind wan_opt.fp8.quantize_activations (imported only on a GPU run, or by its tests).
+"""The Triton kernel behind wan_opt.optim.fp8.quantize_activations (imported only on a GPU run, or by its tests).
 
 One program quantises one row (token) whole: the row is read once into registers, its largest magnitude found
 there, and written once as e4m3 with its scale. torch.compile's own fusion of the same arithmetic loops over a
@@ -9,10 +9,10 @@ import torch
 import triton
 import triton.language as tl
 
-from wan_opt import fp8
+from wan_opt.kernels import e4m3
 
-FP8_MAX = tl.constexpr(fp8.FP8_MAX)  # Globals a kernel reads must be constexpr.
-MIN_SCALE = tl.constexpr(fp8.MIN_SCALE)
+FP8_MAX = tl.constexpr(e4m3.FP8_MAX)  # Globals a kernel reads must be constexpr.
+MIN_SCALE = tl.constexpr(e4m3.MIN_SCALE)
 
 
 @triton.jit

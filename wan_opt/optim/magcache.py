@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from wan_opt.errors import WanOptError
-from wan_opt.parallel import is_main_process
+from wan_opt.hardware import is_main_process
 
 LEADER_HOOK = "mag_cache_leader_block_hook"  # the hook diffusers puts on the first block; it holds the state
 BLOCK_HOOK = "mag_cache_block_hook"  # the hook on every other block

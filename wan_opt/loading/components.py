@@ -12,41 +12,11 @@ import torch
 from omegaconf import DictConfig
 
 from wan_opt.errors import WanOptError
-from wan_opt.layouts import Checkpoint, check_checkpoint
-from wan_opt.memory import EXPERTS, MemoryPolicy, torch_dtype
+from wan_opt.loading.layouts import Checkpoint, check_checkpoint
+from wan_opt.loading.modules import cast_module, scheduler_for
+from wan_opt.memory.policy import EXPERTS, MemoryPolicy, torch_dtype
 
 log = logging.getLogger(__name__)
-
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """'cuda' means the current CUDA device (cuda:LOCAL_RANK under torchrun); None picks CUDA when present."""
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(device)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
-    return device
-
-
-def cast_module(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
-    """Cast to `dtype`, keeping in float32 the submodules the model class asks to keep there."""
-    torch.nn.Module.to(module, dtype)  # diffusers' own .to() warns about exactly what is handled here
-    keep = getattr(module, "_keep_in_fp32_modules", None) or []
-    if dtype != torch.float32 and keep:
-        for name, sub in module.named_modules():
-            if any(k in name.split(".") for k in keep):
-                sub.to(torch.float32)
-    return module
-
-
-def scheduler_for(shift: float, base=None):
-    """UniPC in flow-matching mode with the model's shift (the Wan team's sampler for every Wan 2.2 model)."""
-    from diffusers import UniPCMultistepScheduler
-
-    if base is not None:
-        return UniPCMultistepScheduler.from_config(base.config, flow_shift=shift)
-    return UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
-                                   num_train_timesteps=1000, flow_shift=shift)
 
 
 def component_dtype(role: str, memory: MemoryPolicy) -> torch.dtype:
@@ -68,11 +38,11 @@ def load_components(model: DictConfig, memory: MemoryPolicy, device: torch.devic
     """Every module and setting WanOptPipeline needs, for the tiny model or a checkpoint directory."""
     start = time.perf_counter()
     if model.family == "tiny":
-        from wan_opt.tiny import build_tiny_components
+        from wan_opt.loading.tiny import build_tiny_components
 
         components = place(build_tiny_components(seed=0, family="t2v_a14b", shift=model.shift), memory, device)
     elif model.random_weights:
-        from wan_opt.arch import build_random_components
+        from wan_opt.loading.arch import build_random_components
 
         components = build_random_components(model.family, memory, device, model.shift)
     else:
@@ -113,8 +83,8 @@ def load_diffusers_layout(ckpt: Checkpoint, model: DictConfig, memory: MemoryPol
 def load_original_layout(ckpt: Checkpoint, model: DictConfig, memory: MemoryPolicy, device: torch.device) -> dict:
     from transformers import AutoTokenizer
 
-    from wan_opt.layouts import TOKENIZER_DIR
-    from wan_opt.load_original import load_original_modules
+    from wan_opt.loading.layouts import TOKENIZER_DIR
+    from wan_opt.loading.original import load_original_modules
 
     roles = (*EXPERTS, "text_encoder", "vae")
     components = load_original_modules(

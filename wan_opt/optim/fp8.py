@@ -9,7 +9,7 @@ Two ways to multiply, chosen per layer at run time:
   bf16; half the bytes of bf16 weights, the same kernels.
 - `fp8_matmul=True` (Hopper, Ada): activations are quantised per row (token) on the fly and
   `torch._scaled_mm` multiplies in fp8 with both scales and writes bf16. On a GPU a Triton kernel quantises
-  (_fp8_quant_kernel.py); on a CPU (the tests) PyTorch does, and the same quantised operands are multiplied in
+  (wan_opt/kernels/fp8_rows.py); on a CPU (the tests) PyTorch does, and the same quantised operands are multiplied in
   fp32. The GEMM accumulates in the tensor cores' own precision (`use_fast_accum`) rather than moving partial
   sums to fp32 registers every few steps: at A14B's 720p shapes on an H100 that is 1.20-1.22x faster at the
   700 W limit, and its error against fp32 arithmetic on the same fp8 operands grows from 0.17% to 0.23-0.33%,
@@ -24,32 +24,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-FP8 = torch.float8_e4m3fn
-FP8_MAX = torch.finfo(FP8).max  # 448
-MIN_SCALE = 1e-12  # an all-zero row or channel must not divide by zero
-WIDEST_KERNEL_ROW = 16384  # the quantisation kernel holds a row in registers: Wan's widest is 14,336 (TI2V-5B)
-
-
-def scale_for(amax: torch.Tensor) -> torch.Tensor:
-    """The float32 scale that puts a largest magnitude `amax` at e4m3's largest value."""
-    return (amax.float() / FP8_MAX).clamp(min=MIN_SCALE)
-
-
-def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each row of a 2-D tensor in e4m3, and the float32 scale that restores it (x ~= q * scale)."""
-    scale = scale_for(x.abs().amax(dim=1, keepdim=True))
-    return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
-
-
-def gelu(x: torch.Tensor) -> torch.Tensor:
-    """The tanh-approximated GELU of diffusers' FeedForward (`gelu-approximate`), which Wan's blocks use."""
-    return F.gelu(x, approximate="tanh")
-
+from wan_opt.kernels.e4m3 import FP8, FP8_MAX, MIN_SCALE, WIDEST_KERNEL_ROW, gelu, quantize_rows, scale_for  # noqa: F401
 
 def quantize_activations(rows: torch.Tensor, input_gelu: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """quantize_rows of `rows` (or of their GELU): on a GPU in one Triton kernel, elsewhere in PyTorch."""
     if rows.is_cuda and rows.shape[1] <= WIDEST_KERNEL_ROW:
-        from wan_opt._fp8_quant_kernel import quantize_rows_op
+        from wan_opt.kernels.fp8_rows import quantize_rows_op  # Triton: imported where it runs
 
         return quantize_rows_op(rows, input_gelu)
     return quantize_rows(gelu(rows) if input_gelu else rows)
@@ -143,7 +123,3 @@ def fold_gelu(module: torch.nn.Module) -> int:
             folded += 1
     return folded
 
-
-def has_fp8_matmul(capability: tuple[int, int]) -> bool:
-    """fp8 tensor cores arrived with Ada (8.9) and Hopper (9.0); Ampere (8.0, 8.6) has none."""
-    return capability >= (8, 9)

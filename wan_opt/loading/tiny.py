@@ -9,11 +9,12 @@ from __future__ import annotations
 import string
 
 import torch
-from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanTransformer3DModel
+from diffusers import AutoencoderKLWan, WanTransformer3DModel
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast, UMT5Config, UMT5EncoderModel
 
-from wan_opt.original import WAN22_LATENTS_MEAN, WAN22_LATENTS_STD
+from wan_opt.loading.modules import scheduler_for
+from wan_opt.loading.original_names import WAN22_LATENTS_MEAN, WAN22_LATENTS_STD
 
 TEXT_DIM = 32
 SPECIAL_TOKENS = ["<pad>", "</s>", "<unk>"]  # ids 0, 1, 2 as in UMT5
@@ -51,12 +52,6 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
     )
 
 
-def tiny_scheduler(shift: float = 12.0) -> UniPCMultistepScheduler:
-    return UniPCMultistepScheduler(
-        prediction_type="flow_prediction", use_flow_sigmas=True, num_train_timesteps=1000, flow_shift=shift
-    )
-
-
 def build_tiny_components(seed: int = 0, family: str = "t2v_a14b", shift: float = 12.0) -> dict:
     """Every module of a tiny Wan 2.2 in float32, randomly initialised from `seed` (deterministic on CPU).
 
@@ -79,7 +74,7 @@ def build_tiny_components(seed: int = 0, family: str = "t2v_a14b", shift: float 
         if module is not None:
             module.eval().requires_grad_(False)
     components["tokenizer"] = tiny_tokenizer()
-    components["scheduler"] = tiny_scheduler(shift)
+    components["scheduler"] = scheduler_for(shift)
     return components
 
 

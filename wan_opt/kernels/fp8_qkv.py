@@ -1,4 +1,4 @@
-"""The Triton kernels behind wan_opt.fp8_attention.quantize_qkv on a GPU (imported only there, or by its tests).
+"""The Triton kernels behind wan_opt.optim.fp8_attention.quantize_qkv on a GPU (imported only there, or by its tests).
 
 Two passes over K and V, one over Q, each element read where it lies in diffusers' (B, N, H, D) layout:
 - statistics: per (batch, head) and chunk of tokens, K's column sums, maxima and minima and V's column
@@ -13,10 +13,10 @@ import torch
 import triton
 import triton.language as tl
 
-from wan_opt import fp8
+from wan_opt.kernels import e4m3
 
-FP8_MAX = tl.constexpr(fp8.FP8_MAX)  # Globals a kernel reads must be constexpr.
-MIN_SCALE = tl.constexpr(fp8.MIN_SCALE)
+FP8_MAX = tl.constexpr(e4m3.FP8_MAX)  # Globals a kernel reads must be constexpr.
+MIN_SCALE = tl.constexpr(e4m3.MIN_SCALE)
 CHUNK = 1024  # tokens per statistics program: 74 x 40 heads of them at 720p
 TILE = 128  # tokens per quantisation program: fp8_attention.PAD, two query scale blocks
 
@@ -95,8 +95,8 @@ def launch(query, key, value, n_pad: int, mma_order: bool, dtype: torch.dtype = 
     wrap(kv_stats_kernel)[(chunks, b * h)](key, value, stats, n, h, chunks, *strides, CHUNK=CHUNK, D=d)
     k_mean = stats[:, :, 0].sum(1) / n
     k_amax = torch.maximum(stats[:, :, 1].amax(1) - k_mean, k_mean - stats[:, :, 2].amin(1)).amax(1)
-    k_scale = fp8.scale_for(k_amax)
-    v_scale = fp8.scale_for(stats[:, :, 3].amax(1))
+    k_scale = e4m3.scale_for(k_amax)
+    v_scale = e4m3.scale_for(stats[:, :, 3].amax(1))
     q8 = torch.empty(b, h, n_pad, d, dtype=dtype, device=query.device)
     k8 = torch.empty_like(q8)
     vt8 = torch.empty(b, h, d, n_pad, dtype=dtype, device=query.device)

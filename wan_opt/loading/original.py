@@ -2,7 +2,7 @@
 
 Modules are built with empty parameters (accelerate's `init_empty_weights`; buffers such as the DiT's RoPE
 tables are still computed) and filled with `load_state_dict(assign=True)`. Each tensor is read from the
-file, mapped to its diffusers/transformers name (wan_opt.original), cast and moved on its own, so no full
+file, mapped to its diffusers/transformers name (wan_opt.loading.original_names), cast and moved on its own, so no full
 float32 copy of a model is ever held in host memory.
 """
 from __future__ import annotations
@@ -14,9 +14,9 @@ import torch
 from accelerate import init_empty_weights
 from safetensors import safe_open
 
-from wan_opt import original
+from wan_opt.loading import original_names as original
 from wan_opt.errors import WanOptError
-from wan_opt.layouts import T5_FILE, VAE_FILES, Checkpoint, weight_files
+from wan_opt.loading.layouts import T5_FILE, VAE_FILES, Checkpoint, weight_files
 
 MODEL_TYPES = {"t2v_a14b": "t2v", "ti2v_5b": "ti2v"}  # WanModel config.json "model_type" of each family
 
@@ -109,7 +109,7 @@ def load_vae(path: Path, dtype: torch.dtype, device: torch.device):
 
 def load_original_modules(ckpt: Checkpoint, dtypes: dict[str, torch.dtype], devices: dict[str, torch.device]) -> dict:
     """Every module of an original-layout checkpoint, each in its dtype and on its device (keyed by role)."""
-    from wan_opt.layouts import DIFFUSERS_DITS
+    from wan_opt.loading.layouts import DIFFUSERS_DITS
 
     modules = {"transformer_2": None}
     for name, folder in zip(DIFFUSERS_DITS[ckpt.family], ckpt.dit_dirs()):

@@ -28,12 +28,12 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
 
 def norm_and_rotate(attn, query: torch.Tensor, key: torch.Tensor, rotary_emb) -> tuple[torch.Tensor, torch.Tensor]:
     """Wan's RMSNorm of Q and K over all heads, then the rotary embedding of each head: (B, N, H * D) ->
-    (B, N, H, D). On a GPU one Triton kernel does both (_qk_norm_rope_kernel.py); elsewhere, and for norms or
+    (B, N, H, D). On a GPU one Triton kernel does both (wan_opt/kernels/qk_norm_rope.py); elsewhere, and for norms or
     angles it does not take, diffusers' own modules and arithmetic (norm_and_rotate_as_diffusers)."""
     norm_q, norm_k = attn.norm_q, attn.norm_k
     if (query.is_cuda and rotary_emb is not None and query.shape[-1] % attn.heads == 0 and norm_q.eps == norm_k.eps
             and all(type(n) is torch.nn.RMSNorm and n.weight is not None for n in (norm_q, norm_k))):
-        from wan_opt._qk_norm_rope_kernel import qk_norm_rope_op
+        from wan_opt.kernels.qk_norm_rope import qk_norm_rope_op
 
         eps = norm_q.eps if norm_q.eps is not None else torch.finfo(query.dtype).eps
         query, key = qk_norm_rope_op(query, key, norm_q.weight, norm_k.weight, *rotary_emb, eps, attn.heads)
@@ -67,15 +67,6 @@ class SelfAttnProcessor(WanAttnProcessor):
         query, key = norm_and_rotate(attn, query, key, rotary_emb)
         out = self.attend(query, key, value.unflatten(2, (attn.heads, -1))).flatten(2, 3).type_as(query)
         return attn.to_out[1](attn.to_out[0](out))
-
-
-def processor_for(kernel: str) -> type[SelfAttnProcessor]:
-    """The processor of one of wan-opt's kernels: "fp8" or "flash4"."""
-    if kernel == "fp8":
-        from wan_opt.fp8_attention import Fp8SelfAttnProcessor
-
-        return Fp8SelfAttnProcessor
-    return Flash4SelfAttnProcessor
 
 
 def use_self_attention(expert: torch.nn.Module, processor: type[SelfAttnProcessor]) -> int:

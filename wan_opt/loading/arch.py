@@ -7,11 +7,17 @@ The output of such a model is noise; compare an optimized run with a reference r
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch
+from diffusers import AutoencoderKLWan, WanTransformer3DModel
+from transformers import UMT5Config, UMT5EncoderModel
 
-from wan_opt.memory import EXPERTS, MemoryPolicy, move_to_pinned, torch_dtype
-from wan_opt.original import WAN22_LATENTS_MEAN, WAN22_LATENTS_STD
+from wan_opt.loading import tiny
+from wan_opt.loading.modules import cast_module, scheduler_for
+from wan_opt.loading.original_names import WAN22_LATENTS_MEAN, WAN22_LATENTS_STD
+from wan_opt.memory.plan import ModelSizes
+from wan_opt.memory.policy import EXPERTS, MemoryPolicy, move_to_pinned, torch_dtype
 
 A14B_EXPERT = dict(
     patch_size=(1, 2, 2), num_attention_heads=40, attention_head_dim=128, in_channels=16, out_channels=16,
@@ -48,9 +54,6 @@ def _building(device: torch.device, dtype: torch.dtype):
 
 def build_random_expert(family: str, dtype: torch.dtype, device: torch.device):
     """One full-size denoiser of `family` with random weights, initialised on `device` in `dtype`."""
-    from diffusers import WanTransformer3DModel
-
-    from wan_opt.loading import cast_module
 
     with _building(device, dtype):
         return cast_module(WanTransformer3DModel(**DIT_CONFIGS[family]), dtype).eval().requires_grad_(False)
@@ -72,11 +75,6 @@ def build_random_components(family: str, memory: MemoryPolicy, device: torch.dev
     Every module is initialised on `device` (a 14 B expert in under a second on a GPU; CPU initialisation of
     the same takes minutes) and then moved where the policy keeps it, one module at a time.
     """
-    from diffusers import AutoencoderKLWan
-    from transformers import UMT5Config, UMT5EncoderModel
-
-    from wan_opt.loading import cast_module, scheduler_for
-    from wan_opt.tiny import tiny_tokenizer
 
     torch.manual_seed(0)
     components: dict = {"transformer_2": None}
@@ -93,6 +91,26 @@ def build_random_components(family: str, memory: MemoryPolicy, device: torch.dev
     components["vae"] = cast_module(vae, torch_dtype(memory.vae_dtype))
     for module in filter(None, components.values()):
         module.eval().requires_grad_(False)
-    components["tokenizer"] = tiny_tokenizer()  # token ids only; a real vocabulary is not needed for noise
+    components["tokenizer"] = tiny.tiny_tokenizer()  # token ids only; a real vocabulary is not needed for noise
     components["scheduler"] = scheduler_for(shift)
     return components
+
+
+@functools.cache
+def model_sizes(family: str) -> ModelSizes:
+    """Counted from the real classes built on the meta device (no memory, no weights)."""
+    dit, vae, te = {
+        "t2v_a14b": (A14B_EXPERT, WAN21_VAE, UMT5_XXL),
+        "ti2v_5b": (TI2V_5B_DIT, WAN22_VAE, UMT5_XXL),
+        "tiny": (tiny.TINY_TRANSFORMER, tiny.TINY_VAE, tiny.TINY_TEXT_ENCODER),
+    }[family]
+    with torch.device("meta"):
+        count = lambda m: sum(p.numel() for p in m.parameters()) / 1e9  # noqa: E731
+        dit_module = WanTransformer3DModel(**dit)
+        dit_b = count(dit_module)
+        block_linear_b = sum(count(m) for m in dit_module.blocks.modules() if type(m) is torch.nn.Linear)
+        vae_module = AutoencoderKLWan(**vae)
+        te_b = count(UMT5EncoderModel(UMT5Config(**te)))
+    spatial = vae_module.config.scale_factor_spatial * dit["patch_size"][1]
+    return ModelSizes(dit_b, 1 if family == "ti2v_5b" else 2, te_b, count(vae_module), dit["in_channels"], spatial,
+                      expert_block_linear_params_b=block_linear_b, attention_heads=dit["num_attention_heads"])

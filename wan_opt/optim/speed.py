@@ -3,18 +3,24 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
 
 import torch
 import torch._inductor.config
+from diffusers.hooks import FirstBlockCacheConfig, TaylorSeerCacheConfig
+from diffusers.utils import is_flash_attn_3_available, is_sageattention_available, is_sageattention_version
 
-from wan_opt.fp8 import use_fp8_matmul
+from wan_opt.config import SpeedConfig
+from wan_opt.hardware import device_capability, is_hopper, world_size
+from wan_opt.optim import magcache
+from wan_opt.optim.attention import Flash4SelfAttnProcessor, flash4_available, use_self_attention
+from wan_opt.optim.fp8_attention import Fp8SelfAttnProcessor
+from wan_opt.optim.fp8 import use_fp8_matmul
 
 log = logging.getLogger(__name__)
 
 # Our names for attention kernels -> diffusers' attention-dispatch backends: PyTorch's SDPA kernels, and two
 # from libraries that install separately (FlashAttention-3's flash_attn_3 package, SageAttention). "flash4"
-# (FlashAttention-4) and "fp8" (wan-opt's kernel) run through wan-opt's own processors (wan_opt.attention).
+# (FlashAttention-4) and "fp8" (wan-opt's kernel) run through wan-opt's own processors (wan_opt.optim.attention).
 ATTENTION_BACKENDS = {
     "cudnn": "_native_cudnn",
     "flash": "_native_flash",
@@ -31,9 +37,6 @@ OPTIONAL_ATTENTION = {"flash4": ("FlashAttention-4", "the flash-attn-4 package")
 
 def installed_attention() -> set[str]:
     """The optional attention kernels this environment has (the versions diffusers' dispatcher accepts)."""
-    from diffusers.utils import is_flash_attn_3_available, is_sageattention_available, is_sageattention_version
-
-    from wan_opt.attention import flash4_available
 
     found = {"flash4"} if flash4_available() else set()
     if is_flash_attn_3_available():
@@ -54,7 +57,7 @@ def attention_backend(choice: str, capability: tuple[int, int], installed: set[s
     fp8: SageAttention (quantised Q K^T and P V, its own kernels per GPU) where it is installed, else ours.
     """
     if choice == "auto":
-        if capability[0] != 9:
+        if not is_hopper(capability):
             return None
         if "flash4" in installed:
             return "flash4"
@@ -64,21 +67,8 @@ def attention_backend(choice: str, capability: tuple[int, int], installed: set[s
     return ATTENTION_BACKENDS.get(choice, choice)
 
 
-@dataclass
-class SpeedPolicy:
-    attention: str = "auto"
-    compile: str = "none"
-    compile_mode: str | None = None
-    compile_cache_dir: str = "~/.cache/wan-opt/inductor"
-    tf32: bool = False
-    cfg: str = "sequential"
-    fuse_qkv: bool = False
-    fp8_matmul: bool = False
-    cfg_truncation: float = 0.0
-    step_cache: str = "none"
-    step_cache_threshold: float = 0.05
-    step_cache_interval: int = 4
-    step_cache_ratios: str = ""
+class SpeedPolicy(SpeedConfig):
+    """A profile's `speed:` block (wan_opt.config.SpeedConfig, the knobs' one definition) put to work."""
 
     @property
     def batched_cfg(self) -> bool:
@@ -96,13 +86,9 @@ class SpeedPolicy:
 
     def cache_config(self):
         """diffusers' cache-hook config for `step_cache`, one per expert (each keeps its own state)."""
-        from diffusers.hooks import FirstBlockCacheConfig, TaylorSeerCacheConfig
-
         if self.step_cache == "first_block":
             return FirstBlockCacheConfig(threshold=self.step_cache_threshold)
         if self.step_cache == "magcache":
-            from wan_opt import magcache
-
             return magcache.config(self.step_cache_threshold, self.step_cache_interval)
         if self.step_cache == "taylorseer":
             # The lite variant: on predicted steps every block is skipped and only the output projection's
@@ -115,15 +101,11 @@ class SpeedPolicy:
         """Per-request settings of the step cache: MagCache's steps and ratios for each expert (`plan`: the
         expert, guidance and label of each step)."""
         if self.step_cache == "magcache":
-            from wan_opt import magcache
-
             magcache.begin(self.step_cache_ratios, plan)
 
     def end_request(self, plan) -> None:
         """After a request: a calibrating MagCache run writes the ratios it measured."""
         if self.step_cache == "magcache":
-            from wan_opt import magcache
-
             magcache.end(self.step_cache_ratios, plan)
 
     def fuse(self, experts) -> None:
@@ -142,10 +124,8 @@ class SpeedPolicy:
             self._use_compile_cache()
         backend = None
         if device.type == "cuda":
-            from wan_opt.parallel import world_size
-
-            backend = attention_backend(self.attention, torch.cuda.get_device_capability(device),
-                                        installed_attention(), world_size())
+            backend = attention_backend(self.attention, device_capability(device), installed_attention(),
+                                        world_size())
         for expert in experts:
             if self.fp8_matmul:
                 use_fp8_matmul(expert)  # the fp8-stored layers multiply in fp8 instead of dequantising first
@@ -155,9 +135,7 @@ class SpeedPolicy:
             if device.type != "cuda":
                 continue  # the kernel choices below are CUDA's; on a CPU PyTorch's defaults stand
             if backend in ("fp8", "flash4"):
-                from wan_opt.attention import processor_for, use_self_attention
-
-                use_self_attention(expert, processor_for(backend))
+                use_self_attention(expert, Fp8SelfAttnProcessor if backend == "fp8" else Flash4SelfAttnProcessor)
             elif backend is not None:
                 expert.set_attention_backend(backend)
             # The cache hooks decide in Python whether to run a block, and a block's pre-hooks (the overlapped
@@ -166,8 +144,6 @@ class SpeedPolicy:
             fullgraph = (self.step_cache == "none" and backend != "sage"
                          and not any(block._forward_pre_hooks for block in expert.blocks))
             if self.compile == "regional" and self.step_cache == "magcache":
-                from wan_opt import magcache
-
                 magcache.compile_blocks(expert, self.compile_mode)
             elif self.compile == "regional":
                 # One compiled graph per block class, reused by all 40 blocks and both experts.

@@ -1,4 +1,4 @@
-"""The Triton kernel behind wan_opt.fp8_attention (imported only when that attention is used: needs triton)."""
+"""The Triton kernel behind wan_opt.optim.fp8_attention (imported only when that attention is used: needs triton)."""
 import os
 
 import torch

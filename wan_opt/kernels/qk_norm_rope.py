@@ -1,4 +1,4 @@
-"""The Triton kernel behind wan_opt.attention.norm_and_rotate on a GPU (imported only there, or by its tests).
+"""The Triton kernel behind wan_opt.optim.attention.norm_and_rotate on a GPU (imported only there, or by its tests).
 
 Wan normalises Q and K over all heads of a token (an RMSNorm as wide as the model, 5,120 in A14B) and then
 rotates each head's interleaved pairs by the token's rotary angles. One program does both for one token of Q

@@ -1,6 +1,6 @@
 """Self-attention on fp8 tensor cores: a Triton kernel with per-block scales, in the spirit of SageAttention.
 
-Before the kernel (in two Triton kernels on a GPU, _fp8_qkv_kernel.py; in PyTorch elsewhere):
+Before the kernel (in two Triton kernels on a GPU, wan_opt/kernels/fp8_qkv.py; in PyTorch elsewhere):
 - K is smoothed: its mean over the tokens is subtracted, per head. Every query's scores then shift by one
   constant, which softmax ignores, and the outliers that the mean carries no longer set K's fp8 scale.
 - Q is quantised to e4m3 per block of 64 tokens, the smoothed K per head (one scale each: without its
@@ -16,9 +16,9 @@ fp8, accumulated in fp32 inside the MMA; the output rescaled by V's channel scal
 block of keys, partly padding, is masked.
 
 Two kernels compute this. On Hopper (sm_90) with head dimension 128, a warp-specialised one written in Gluon
-(_fp8_attention_gluon.py: a loader warp, two consumer warpgroups, the next block's MMA in flight during each
+(wan_opt/kernels/fp8_attention_hopper.py: a loader warp, two consumer warpgroups, the next block's MMA in flight during each
 softmax, and P's exponentials written as f16 bits by one FMA each, within 6.1%, instead of computed); elsewhere
-(Ada, other head dimensions, Triton's CPU interpreter) the Triton one (_fp8_attention_kernel.py). On an H100 at
+(Ada, other head dimensions, Triton's CPU interpreter) the Triton one (wan_opt/kernels/fp8_attention_triton.py). On an H100 at
 75,600 tokens the Hopper kernel ran at 958 TFLOP/s against the Triton kernel's 768 and cuDNN's bf16 558, in one
 process (benchmarks/results/attention_kernels_h100_exp2_bits.json), 5.7% and 5.5% from exact attention.
 torch.compile cannot trace a Gluon launch, so the Hopper kernel runs as a custom op.
@@ -33,8 +33,9 @@ import math
 
 import torch
 
-from wan_opt.attention import SelfAttnProcessor
-from wan_opt.fp8 import quantize_rows
+from wan_opt.hardware import device_capability, is_hopper
+from wan_opt.optim.attention import SelfAttnProcessor
+from wan_opt.optim.fp8 import quantize_rows
 
 SCALE_BLOCK = 64  # query tokens per scale (the kernel's SCALE_BLOCK)
 PAD = 128  # sequences are padded to the largest tile, so that every tile shape the kernel tries divides them
@@ -62,7 +63,7 @@ def padded_length(tokens: int) -> int:
 def mma_key_order(x: torch.Tensor) -> torch.Tensor:
     """The last dimension (keys) in the order the Hopper kernel's P V MMA reads them: within every 32 keys,
     key 16h + 8a + 2t + b goes to 16h + 4t + 2a + b (the kernel relabels P's registers this way instead of
-    moving them; see _fp8_attention_gluon._as_mma_operand)."""
+    moving them; see fp8_attention_hopper._as_mma_operand)."""
     return x.unflatten(-1, (-1, 2, 2, 4, 2)).transpose(-3, -2).flatten(-5)
 
 
@@ -70,11 +71,11 @@ def quantize_qkv(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, ho
     """Queries, keys and values as diffusers passes them, (B, N, H, D), to the kernel's fp8 operands:
     Q, K, V^T in e4m3, the factor from fp8 scores to log2-domain logits per query block, V's channel scales.
     hopper: V^T's keys in mma_key_order, as the Hopper kernel reads them. On a GPU, Triton kernels
-    (_fp8_qkv_kernel.py) compute what _quantize_qkv computes here."""
+    (wan_opt/kernels/fp8_qkv.py) compute what _quantize_qkv computes here."""
     n, d = query.shape[1], query.shape[-1]
     padded = padded_length(n)
     if query.is_cuda:
-        from wan_opt._fp8_qkv_kernel import quantize_qkv_op
+        from wan_opt.kernels.fp8_qkv import quantize_qkv_op
 
         q8, k8, vt8, q_scale, k_scale, v_scale = quantize_qkv_op(query, key, value, padded, hopper)
     else:
@@ -102,7 +103,7 @@ GLUON_TRITON = (3, 6)  # Gluon's API moves between releases: the kernel is built
 
 def hopper_kernel_available(device: torch.device) -> bool:
     """Whether the warp-specialised kernel runs here: a Hopper GPU (sm_90) and a Triton with Gluon's Hopper ops."""
-    if device.type != "cuda" or torch.cuda.get_device_capability(device) != (9, 0):
+    if not is_hopper(device_capability(device)):
         return False
     try:
         import triton
@@ -116,7 +117,7 @@ def hopper_kernel_available(device: torch.device) -> bool:
 @torch.library.custom_op("wan_opt::fp8_attention_hopper", mutates_args=())
 def _hopper(q8: torch.Tensor, k8: torch.Tensor, vt8: torch.Tensor, qk_scale: torch.Tensor, v_scale: torch.Tensor,
             query: torch.Tensor) -> torch.Tensor:
-    from wan_opt._fp8_attention_gluon import fp8_attention_hopper
+    from wan_opt.kernels.fp8_attention_hopper import fp8_attention_hopper
 
     return fp8_attention_hopper(q8, k8, vt8, qk_scale, v_scale, torch.empty_like(query), query.shape[1])
 
@@ -133,7 +134,7 @@ def fp8_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     dimensions than HOPPER_HEAD_DIM always take the Triton kernel."""
     import triton
 
-    from wan_opt._fp8_attention_kernel import fp8_attention_kernel
+    from wan_opt.kernels.fp8_attention_triton import fp8_attention_kernel
 
     b, n, h, d = query.shape
     if d not in HEAD_DIMS:

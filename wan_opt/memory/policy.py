@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from dataclasses import dataclass
 from typing import Iterator
 
 import torch
 
-from wan_opt.fp8 import quantize_linears
+from wan_opt.config import MemoryConfig
+from wan_opt.optim.fp8 import quantize_linears
 
 log = logging.getLogger(__name__)
 
@@ -54,21 +54,8 @@ def torch_dtype(name: str) -> torch.dtype:
     return getattr(torch, name)
 
 
-@dataclass
-class MemoryPolicy:
-    vram_budget_gb: float = 0.0
-    vram_budget_source: str = "profile"
-    host_ram_gb: float | None = None
-    experts: str = "resident"
-    swap_overlap: bool = False
-    offload_granularity: str = "block"
-    offload_blocks_per_group: int = 1
-    offload_use_stream: bool = True
-    text_encoder: str = "gpu"
-    weight_dtype: str = "bfloat16"
-    compute_dtype: str = "bfloat16"
-    vae_dtype: str = "float32"
-    vae_tiling: bool = False
+class MemoryPolicy(MemoryConfig):
+    """A profile's `memory:` block (wan_opt.config.MemoryConfig, the knobs' one definition) put to work."""
 
     @property
     def stores_fp8(self) -> bool:

@@ -1,6 +1,6 @@
-"""wan_opt.fp8_attention's kernel for Hopper: warp-specialised, in Gluon (Triton's explicit dialect).
+"""wan_opt.optim.fp8_attention's kernel for Hopper: warp-specialised, in Gluon (Triton's explicit dialect).
 
-The arithmetic of _fp8_attention_kernel.py on the same operands (quantize_qkv's, with V^T's keys in MMA order),
+The arithmetic of wan_opt/kernels/fp8_attention_triton.py on the same operands (quantize_qkv's, with V^T's keys in MMA order),
 laid out the way FlashAttention-3 lays out Hopper. The Triton kernel runs each program's loads, MMAs and softmax
 as one stream of instructions; here warps do one thing each:
 

@@ -14,7 +14,7 @@ and one strength per expert (`transformer`: high noise, `transformer_2`: low noi
                        diffusion_model.head.head.diff, diffusion_model.patch_embedding.diff_b
   kohya / musubi-tuner lora_unet_blocks_0_self_attn_q.lora_down.weight (+ lora_up.weight, .alpha)
 
-Keys are renamed with wan_opt.original (the mapping that loads the Wan team's checkpoints), so a checkpoint
+Keys are renamed with wan_opt.loading.original_names (the mapping that loads the Wan team's checkpoints), so a checkpoint
 and a LoRA can never disagree on a name. diffusers' own converters (`_convert_non_diffusers_wan_lora_to_diffusers`,
 `_convert_musubi_wan_lora_to_diffusers`) are not used to load: the first drops lightx2v's norm, modulation and
 patch-embedding differences with only a log line and the second needs every block complete with alphas, while
@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from wan_opt import original
+from wan_opt.loading import original_names as original
 from wan_opt.errors import WanOptError
 
 # Text-encoder entries some trainers save next to the DiT's; the Wan experts do not use them.
@@ -171,7 +171,7 @@ def _original_to_diffusers(name: str) -> str | None:
 def _parameter(name: str, params: dict) -> str | None:
     """The model's parameter that `name` (original Wan or diffusers naming) denotes, if any.
 
-    wan_opt.original knows only real Wan names and raises on anything else, so trying it first cannot
+    wan_opt.loading.original_names knows only real Wan names and raises on anything else, so trying it first cannot
     misread a diffusers name; the one name in both layouts, blocks.N.norm2, has weights only in diffusers'.
     """
     renamed = _original_to_diffusers(name)
