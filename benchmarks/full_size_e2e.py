@@ -26,9 +26,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from wan_opt import parallel  # noqa: E402
-from wan_opt.app import (apply_plan, compose_config, leave_process_group, library_versions,  # noqa: E402
-                         pipeline_from_config)
-from wan_opt.memory.plan import plan_for_config  # noqa: E402
+from wan_opt.app import leave_process_group, library_versions  # noqa: E402
+from wan_opt.pipeline import WanOptPipeline  # noqa: E402
+from wan_opt.prepare import compose_config, plan_for, prepare  # noqa: E402
 from wan_opt.request import parse_size  # noqa: E402
 
 GIB = 2**30
@@ -48,12 +48,15 @@ def main() -> None:
 
     total = torch.cuda.get_device_properties(0).total_memory
     largest = max(args.sizes, key=lambda size: np.prod(parse_size(size)))
-    cfg = compose_config([f"model={args.model}", "model.random_weights=true", f"size={largest}", f"frames={args.frames}",
-                          *args.override], hardware=args.profile)
-    plan, decided = apply_plan(cfg)  # as `run.py` would: the profile's knobs where they fit, else the planner's
+    overrides = [f"model={args.model}", "model.random_weights=true", f"size={largest}", f"frames={args.frames}",
+                 *args.override]
+    # As `run.py` would: the profile's knobs where they fit, else the planner's; checked the same way.
+    prepared = prepare(compose_config(overrides, hardware=args.profile), overrides, prompt_required=False)
+    cfg, plan, decided = prepared.cfg, prepared.plan, prepared.decided
+    in_use = [f"hardware.memory.{knob}={value}" for knob, value in plan.mechanisms.items()]
     print(f"plan for {largest}: {plan.mechanisms}, predicted peak {plan.predicted_peak_gpu_gb} GiB", flush=True)
     start = time.perf_counter()
-    pipe = pipeline_from_config(cfg)
+    pipe = WanOptPipeline.from_prepared(prepared)
     torch.cuda.synchronize()
     # The cap comes after building: random weights are initialised on the GPU before moving to their place,
     # which a real checkpoint load does not need. Everything the run allocates is under the cap.
@@ -71,8 +74,8 @@ def main() -> None:
     print(f"built in {record['build_seconds']} s, {record['weights_on_gpu_gib']} GiB on the GPU", flush=True)
     for size in args.sizes:
         width, height = parse_size(size)
-        cfg.size = size
-        predicted = plan_for_config(cfg, [])[0]  # this size under the knobs in use
+        at_size = [*overrides, *in_use, f"size={size}"]  # this size under the knobs in use
+        predicted = plan_for(compose_config(at_size, hardware=args.profile), at_size)[0]
         torch.cuda.reset_peak_memory_stats()
         out = pipe("a red fox running through fresh snow", height=height, width=width, num_frames=args.frames,
                    num_inference_steps=args.steps, guidance_scale=cfg.model.guidance,
