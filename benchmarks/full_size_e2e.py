@@ -3,9 +3,11 @@ several under torchrun.
 
 Builds every module at full size (both A14B experts, UMT5-XXL, the Wan VAE) under a hardware profile, runs a
 few denoising steps plus the decode at each size, and records seconds per stage, peak GPU memory and whether
-the frames are finite. `--cap-gb` caps the process's GPU memory to emulate a smaller card.
+the frames are finite. `--cap-gb` caps the process's GPU memory to emulate a smaller card. An image-to-video
+model starts from a generated picture of each size (its VAE encode timed and its peak recorded too).
 
     python benchmarks/full_size_e2e.py --profile h100 --sizes 832*480 1280*720 --frames 81 --steps 2
+    python benchmarks/full_size_e2e.py --profile rtx4090 --cap-gb 24 --model wan22_i2v_a14b --sizes 1280*720
     NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 \
       torchrun --nproc-per-node 8 benchmarks/full_size_e2e.py --profile h100x8 --sizes 1280*720 --steps 2
 
@@ -25,6 +27,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from wan_opt import image as images  # noqa: E402
 from wan_opt import parallel  # noqa: E402
 from wan_opt.app import leave_process_group, library_versions  # noqa: E402
 from wan_opt.pipeline import WanOptPipeline  # noqa: E402
@@ -72,14 +75,18 @@ def main() -> None:
         "weights_on_gpu_gib": round(torch.cuda.memory_allocated() / GIB, 2), "runs": [],
     }
     print(f"built in {record['build_seconds']} s, {record['weights_on_gpu_gib']} GiB on the GPU", flush=True)
+    takes_image = images.image_use(cfg.model.family) is not None
+    encode_peak = watch_vae_encode(pipe) if takes_image else {}
     for size in args.sizes:
         width, height = parse_size(size)
         at_size = [*overrides, *in_use, f"size={size}"]  # this size under the knobs in use
+        picture = images.sample_picture(width, height) if takes_image else None  # its own size: nothing to fit
         predicted = plan_for(compose_config(at_size, hardware=args.profile), at_size)[0]
         torch.cuda.reset_peak_memory_stats()
         out = pipe("a red fox running through fresh snow", height=height, width=width, num_frames=args.frames,
                    num_inference_steps=args.steps, guidance_scale=cfg.model.guidance,
-                   guidance_scale_2=cfg.model.guidance_2, generator=torch.Generator().manual_seed(0))
+                   guidance_scale_2=cfg.model.guidance_2, generator=torch.Generator().manual_seed(0),
+                   image=picture)
         frames = np.asarray(out.frames)
         run = {"size": size, "frames": args.frames, "steps": args.steps,
                "stage_seconds": {k: round(v, 2) for k, v in out.stage_seconds.items()},
@@ -88,6 +95,8 @@ def main() -> None:
                "predicted_peak_gpu_gib": predicted.predicted_peak_gpu_gb, "predicted_stages_gib": predicted.stages,
                "output_shape": list(frames.shape), "finite": bool(np.isfinite(frames).all()),
                "pixel_std": round(float(frames.std()), 4)}
+        if takes_image:  # the peak up to the end of the VAE encode (the text encoding's included)
+            run["peak_through_vae_encode_gib"] = encode_peak.get("gib")
         record["runs"].append(run)
         print(json.dumps(run), flush=True)
     leave_process_group()
@@ -99,6 +108,20 @@ def main() -> None:
             + (f"_{parallel.world_size()}gpus_{layout_name(pipe.parallel.layout)}" if pipe.parallel else "") + ".json")
     (out_dir / name).write_text(json.dumps(record, indent=2) + "\n")
     print(f"wrote {out_dir / name}: {json.dumps(record)}")
+
+
+def watch_vae_encode(pipe) -> dict:
+    """{"gib": peak GPU memory when the VAE's encode returns}, filled at every encode from now on."""
+    seen, encode = {}, pipe.vae.encode
+
+    def watched(*args, **kwargs):
+        result = encode(*args, **kwargs)
+        torch.cuda.synchronize()
+        seen["gib"] = round(torch.cuda.max_memory_allocated() / GIB, 2)
+        return result
+
+    pipe.vae.encode = watched
+    return seen
 
 
 def launcher() -> str:

@@ -16,10 +16,12 @@ from safetensors.torch import save_file
 
 T5_FILE = "models_t5_umt5-xxl-enc-bf16.pth"
 TOKENIZER_DIR = "google/umt5-xxl"
-VAE_FILES = {"t2v_a14b": "Wan2.1_VAE.pth", "ti2v_5b": "Wan2.2_VAE.pth"}
+VAE_FILES = {"t2v_a14b": "Wan2.1_VAE.pth", "i2v_a14b": "Wan2.1_VAE.pth", "ti2v_5b": "Wan2.2_VAE.pth"}
 # Which tiny component lands in which original folder: diffusers' transformer is the high-noise expert.
 ORIGINAL_DITS = {"t2v_a14b": {"high_noise_model": "transformer", "low_noise_model": "transformer_2"},
+                 "i2v_a14b": {"high_noise_model": "transformer", "low_noise_model": "transformer_2"},
                  "ti2v_5b": {".": "transformer"}}
+MODEL_TYPES = {"t2v_a14b": "t2v", "i2v_a14b": "i2v", "ti2v_5b": "ti2v"}  # WanModel's model_type
 WEIGHTS_STEM = "diffusion_pytorch_model"
 
 # ----------------------------------------------------------------------------------------- DiT
@@ -65,7 +67,7 @@ def original_dit_config(model, family: str) -> dict:
     config = {
         "_class_name": "WanModel", "_diffusers_version": "0.33.1",
         "dim": c.num_attention_heads * c.attention_head_dim, "eps": c.eps, "ffn_dim": c.ffn_dim,
-        "freq_dim": c.freq_dim, "in_dim": c.in_channels, "model_type": "ti2v" if family == "ti2v_5b" else "t2v",
+        "freq_dim": c.freq_dim, "in_dim": c.in_channels, "model_type": MODEL_TYPES[family],
         "num_heads": c.num_attention_heads, "num_layers": c.num_layers, "out_dim": c.out_channels, "text_len": 512,
     }
     # Only a test-size model differs from WanModel's defaults here; from_pretrained accepts these keys.
@@ -196,10 +198,14 @@ def write_original_checkpoint(root: Path, components: dict, family: str,
 
 
 def write_diffusers_checkpoint(root: Path, components: dict, family: str) -> Path:
-    """The Diffusers layout (model_index.json and one folder per component), as WanPipeline saves it."""
-    from diffusers import WanPipeline
+    """The Diffusers layout (model_index.json and one folder per component), as WanPipeline (I2V-A14B:
+    WanImageToVideoPipeline, without an image encoder) saves it."""
+    from diffusers import WanImageToVideoPipeline, WanPipeline
 
     parts = {k: v for k, v in components.items() if v is not None}
+    if family == "i2v_a14b":
+        WanImageToVideoPipeline(**parts, boundary_ratio=0.9).save_pretrained(root)
+        return root
     extra = {"expand_timesteps": True} if family == "ti2v_5b" else {"boundary_ratio": 0.875}
     WanPipeline(**parts, **extra).save_pretrained(root)
     return root

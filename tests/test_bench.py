@@ -8,7 +8,7 @@ from wan_opt.bench import forward_flops, main
 
 
 def test_a14b_flops_match_the_baseline_arithmetic():
-    # 720p x 81 = 75,600 tokens: ~6.5e15 FLOP per forward, 1.3e16 per CFG step (BASELINE.md).
+    # 720p x 81 = 75,600 tokens: ~6.5e15 FLOP per forward, 1.3e16 per CFG step (docs/measured.md, 'The FLOP floor').
     assert 2 * forward_flops(A14B_EXPERT, 75_600) == pytest.approx(1.3e16, rel=0.05)
 
 
@@ -76,3 +76,23 @@ def test_no_decode_compares_latents_and_skips_the_vae(tmp_path):
     assert report["frames_rel_l2_of"] == "latents"
     assert all("vae_decode" not in run["stage_seconds"] for run in report["runs"].values())
     assert report["runs"]["cpu"]["frames_rel_l2"] < 1e-5
+
+
+def test_image_to_video_runs_against_diffusers_image_pipeline(tmp_path):
+    """--model wan22_i2v_a14b: the same code path on tiny_i2v, against diffusers' WanImageToVideoPipeline, every run
+    starting from the same generated picture; the VAE encode is its own stage, taken out of the first step."""
+    fast_like = "cpu,hardware.memory.weight_dtype=float8_e4m3fn,hardware.speed.fp8_matmul=true"
+    runs = ["cpu", "cpu,hardware.speed.cfg=batched", fast_like]
+    assert main(["--tiny", "--model", "wan22_i2v_a14b", "--profiles", *runs, "--steps", "2",
+                 "--out", str(tmp_path)]) == 0
+    [path] = tmp_path.glob("bench_tiny-cpu_wan22_i2v_a14b_*.json")
+    report = json.loads(path.read_text())
+    assert report["reference"] == "WanImageToVideoPipeline" and report["model"] == "wan22_i2v_a14b"
+    assert report["failed"] == {}
+    for name, run in report["runs"].items():
+        assert {"text_encoding", "vae_encode", "vae_decode"} <= set(run["stage_seconds"]), name
+        assert run["request_steps"] == 8 and run["request_forwards"] == 16  # tiny_i2v: 8 guided steps
+    for name in runs[:2]:  # lossless: diffusers' frames from the same image and weights
+        assert report["runs"][name]["frames_rel_l2"] < 1e-5 and report["runs"][name]["forward_rel_l2"] < 1e-6
+    assert 1e-4 < report["runs"][fast_like]["forward_rel_l2"] < 0.1
+    assert path.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"

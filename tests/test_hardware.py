@@ -80,6 +80,18 @@ def h100_with_mig():
     ("NVIDIA A100_SXM4_80GB", 81920, (8, 0), "a100_80gb", True),
     ("nvidia  H100   PCIe", 81559, (9, 0), "h100", True),
     ("NVIDIA GeForce RTX-4090", 24564, (8, 9), "rtx4090", True),
+    # the 16 GB class (Ada and Blackwell), 24 GB Ampere and 32 GB Blackwell GeForce cards
+    ("NVIDIA GeForce RTX 4080", 16376, (8, 9), "rtx_16gb", True),
+    ("NVIDIA GeForce RTX 4080 SUPER", 16376, (8, 9), "rtx_16gb", True),
+    ("NVIDIA GeForce RTX 4070 Ti SUPER", 16376, (8, 9), "rtx_16gb", True),
+    ("NVIDIA GeForce RTX 5080", 16303, (12, 0), "rtx_16gb", True),
+    ("NVIDIA GeForce RTX 5070 Ti", 16303, (12, 0), "rtx_16gb", True),
+    ("NVIDIA GeForce RTX 3090", 24576, (8, 6), "rtx3090", True),
+    ("NVIDIA GeForce RTX 3090 Ti", 24564, (8, 6), "rtx3090", True),
+    ("NVIDIA GeForce RTX 5090", 32607, (12, 0), "rtx5090", True),
+    ("NVIDIA RTX A5000", 24564, (8, 6), "rtx3090", False),  # no profile of its own: the nearest that fits
+    ("NVIDIA GeForce RTX 4070 Ti", 12282, (8, 9), "rtx_16gb", False),  # 12 GB: not a "4070 Ti SUPER"
+    ("NVIDIA GeForce RTX 4080 Laptop GPU", 12282, (8, 9), "rtx_16gb", False),  # named, but 12 GB
 ])
 def test_real_nvml_names_get_their_profile(nvml, name, mib, capability, profile, exact):
     fake = nvml(FakeCard(name, mib, capability, H100_UUID))
@@ -111,7 +123,7 @@ def test_fragments_match_whole_words_only():
 def test_load_profiles_reads_every_yaml():
     profiles = {p.name: p for p in load_profiles()}
     assert set(profiles) == {"a100_40gb", "a100_80gb", "cpu", "h100", "h200", "l40s", "rtx4090", "rtx_a6000",
-                             "h100x8", "h200x8", "a100_80gbx8"}
+                             "h100x8", "h200x8", "a100_80gbx8", "rtx_16gb", "rtx3090", "rtx5090"}
     assert {p.gpus for n, p in profiles.items() if n.endswith("x8")} == {8} and profiles["h100"].gpus == 1
     assert profiles["h200"].names == ("h200", "gh200")
     assert (profiles["l40s"].memory_gb, profiles["l40s"].capability) == (48, 8.9)
@@ -151,9 +163,26 @@ def test_ampere_card_never_gets_a_newer_profile(memory_gib):
 
 
 def test_card_too_small_for_every_profile_gets_smallest_with_warning():
-    choice = infer_profile("NVIDIA GeForce RTX 4080", 16.0, (8, 9), load_profiles())
-    assert (choice.profile, choice.exact) == ("rtx4090", False)
+    choice = infer_profile("NVIDIA GeForce RTX 4070", 12.0, (8, 9), load_profiles())
+    assert (choice.profile, choice.exact) == ("rtx_16gb", False)
     assert "may not fit" in choice.reason
+
+
+@pytest.mark.parametrize("name, memory_gib, capability, profile, fp8", [
+    ("NVIDIA GeForce RTX 3090", 24.0, (8, 6), "rtx3090", False),  # stores fp8, computes in bf16
+    ("NVIDIA GeForce RTX 5090", 31.8, (12, 0), "rtx5090", True),
+    ("NVIDIA GeForce RTX 5080", 15.9, (12, 0), "rtx_16gb", True),
+    ("NVIDIA GeForce RTX 4080", 16.0, (8, 9), "rtx_16gb", True),
+])
+def test_geforce_profiles_say_what_was_not_measured(name, memory_gib, capability, profile, fp8):
+    from omegaconf import OmegaConf
+
+    from wan_opt.config import CONF_DIR
+
+    assert infer_profile(name, memory_gib, capability, load_profiles()).profile == profile
+    assert hardware.has_fp8(capability) == fp8
+    written = OmegaConf.load(CONF_DIR / "hardware" / f"{profile}.yaml")
+    assert "not measured on" in written.description
 
 
 @pytest.mark.parametrize("visible, expected", [

@@ -51,3 +51,12 @@ def test_a_profile_kept_outside_the_package(installed, tmp_path):
                             timeout=120)
     assert result.returncode == 0, result.stderr
     assert "name: my_gpu" in result.stdout
+
+
+def test_the_web_page_ships_inside_the_package(installed, tmp_path):
+    command, env = installed
+    static = command.parent.parent / "wan_opt" / "serve" / "static"
+    assert {"index.html", "app.js", "charts.js", "compare.js", "panels.js", "app.css"} <= {p.name for p in static.iterdir()}
+    result = subprocess.run([str(command), "serve", "--help"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0 and "--port" in result.stdout and "--no-form" in result.stdout

@@ -13,7 +13,9 @@ def request(*overrides, model="tiny"):
 
 
 def test_defaults_come_from_the_model():
-    cfg = compose_config(["model=wan22_t2v_a14b", "prompt=a fox", "model.random_weights=true"], hardware="cpu")
+    # The full-size model planned on the CPU of a host with room for it (a 24 GB one is refused before loading).
+    cfg = compose_config(["model=wan22_t2v_a14b", "prompt=a fox", "model.random_weights=true",
+                          "hardware.memory.host_ram_gb=256"], hardware="cpu")
     req = prepare(cfg).request
     assert (req.steps, req.guidance, req.guidance_2, req.frames, req.fps) == (40, 4.0, 3.0, 81, 16)
     assert (req.width, req.height) == (1280, 720)

@@ -22,21 +22,9 @@ def test_write_video_round_trips_frame_count_and_size(tmp_path):
 
 
 def test_a_failed_encode_leaves_nothing_behind(tmp_path, monkeypatch):
-    class Broken:
-        def __init__(self, path, **kwargs):
-            open(path, "wb").write(b"half a file")
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            return False
-
-        def append_data(self, frame):
-            raise OSError("disk full")
-
-    monkeypatch.setattr(imageio, "get_writer", Broken)
-    with pytest.raises(WanOptError, match="nothing was saved"):
+    command = video._ffmpeg_command
+    monkeypatch.setattr(video, "_ffmpeg_command", lambda *a: [*command(*a)[:-1], "-crf", "not-a-number", *a[-1:]])
+    with pytest.raises(WanOptError, match="nothing was saved under that name"):
         video.write_video(frames(), tmp_path / "clip.mp4", fps=8)
     assert list(tmp_path.iterdir()) == []
 
@@ -57,9 +45,11 @@ def test_safe_stem_has_no_characters_that_break_windows_or_ffmpeg(text, stem):
     assert video.safe_stem(text) == stem
 
 
-def test_unique_path_never_overwrites(tmp_path):
+def test_save_never_overwrites(tmp_path):
     (tmp_path / "fox.mp4").write_bytes(b"x")
-    assert video.unique_path(tmp_path, "fox", ".mp4").name == "fox-2.mp4"
+    path = video.save(frames(), tmp_path, "fox", 8, {"prompt": "fox"})
+    assert path.name == "fox-2.mp4" and (tmp_path / "fox.mp4").read_bytes() == b"x"
+    assert json.loads(path.with_suffix(".json").read_text()) == {"video": "fox-2.mp4", "prompt": "fox"}
 
 
 def test_an_unwritable_output_folder_is_rejected(tmp_path):

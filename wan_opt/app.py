@@ -16,12 +16,14 @@ from typing import Sequence
 
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
+from rich.markup import escape
 
-from wan_opt import batch, console, hardware, video
+from wan_opt import batch, console, hardware, interrupts, video
 from wan_opt.checks import is_multirun
 from wan_opt.config import AUTO_PROFILE
 from wan_opt.errors import WanOptError
 from wan_opt.prepare import HARDWARE_OVERRIDE, Prepared, detection_record, leaner, prepare, resolve_hardware
+from wan_opt.request import text_as_data
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +74,14 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
+def peak_resident_gib() -> float:
+    """This process's peak resident set so far (the kernel's high-water mark), beside the plan's host prediction."""
+    import resource
+
+    scale = 1 if sys.platform == "darwin" else 1024  # bytes on macOS, KiB on Linux
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**30, 2)
+
+
 def gpu_record(device) -> dict | None:
     import torch
 
@@ -85,7 +95,9 @@ def gpu_record(device) -> dict | None:
 
 def task_overrides() -> list[str]:
     """The overrides this job was given on the command line (none outside Hydra's run)."""
-    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+    if not HydraConfig.initialized():
+        return []
+    return OmegaConf.to_container(HydraConfig.get().overrides.task, resolve=False)  # as typed: `${` is text
 
 
 def generate(prepared: Prepared):
@@ -112,7 +124,7 @@ def generate(prepared: Prepared):
                            width=request.width, num_frames=request.frames, num_inference_steps=request.steps,
                            guidance_scale=request.guidance, guidance_scale_2=request.guidance_2,
                            generator=generator, output_type="np", max_sequence_length=prepared.cfg.model.text_len,
-                           on_step=on_step)
+                           on_step=on_step, **(prepared.images.call_kwargs() if prepared.images else {}))
             return pipe, out, {"load": load_seconds, "reused": reused}, prepared, fallbacks
         except torch.OutOfMemoryError as exc:
             del pipe
@@ -137,23 +149,23 @@ def run_job(cfg: DictConfig, detected: dict | None = None) -> Path:
     if cfg.plan:
         video.write_json({**prepared.plan.to_dict(), "decided_by": prepared.decided, "profile": cfg.hardware.name,
                           "model": cfg.model.name, "request": asdict(request)}, folder / "plan.json")
-        console.console.print(f"[green]Saved[/green] {folder / 'plan.json'}")
+        console.console.print(f"[green]Saved[/green] {escape(str(folder / 'plan.json'))}")
         return folder / "plan.json"
 
     # 2. Load as the memory plan says, apply the speed policy, and generate (falling back on OOM).
     pipe, out, loading, prepared, fallbacks = generate(prepared)
 
-    # 3. Write the video, then its sidecar, each under its final name only once complete (one writer per group).
+    # 3. Write the video and its sidecar under the first free name, both complete or neither (one writer per group).
     if not hardware.is_main_process():
         return folder
-    stem = video.safe_stem(f"{request.seed}-{request.prompt}")
-    path = video.write_video(out.frames[0], video.unique_path(folder, stem, ".mp4"), request.fps)
     sidecar = {
-        "video": path.name, "prompt": request.prompt, "negative_prompt": request.negative_prompt,
+        "prompt": request.prompt, "negative_prompt": request.negative_prompt,
         "seed": request.seed, "request": asdict(request),
+        **(prepared.images.record if prepared.images else {}),  # image-to-video: each frame given, and its fitting
         "hardware": {"profile": cfg.hardware.name, "why": prepared.hardware_reason, "gpu": gpu_record(pipe.device),
                      "detected": prepared.detected},
-        "memory_plan": {**prepared.plan.to_dict(), "decided_by": prepared.decided, "fallbacks": fallbacks},
+        "memory_plan": {**prepared.plan.to_dict(), "decided_by": prepared.decided, "fallbacks": fallbacks,
+                        "measured_peak_host_gib": peak_resident_gib()},
         "model_reused": loading["reused"],
         "parallel": asdict(pipe.parallel.layout) if pipe.parallel else None,
         "seconds": {"load": round(loading["load"], 3), **{k: round(v, 3) for k, v in out.stage_seconds.items()}},
@@ -161,8 +173,9 @@ def run_job(cfg: DictConfig, detected: dict | None = None) -> Path:
         "versions": library_versions(), "command": sys.argv,
         "config": OmegaConf.to_container(prepared.cfg, resolve=True),
     }
-    video.write_json(sidecar, path.with_suffix(".json"))
-    console.console.print(f"[green]Saved[/green] {path}")
+    stem = video.safe_stem(f"{request.seed}-{request.prompt}")
+    path = video.save(out.frames[0], folder, stem, request.fps, sidecar)
+    console.console.print(f"[green]Saved[/green] {escape(str(path))}")  # a folder's [brackets] as written
     return path
 
 
@@ -177,7 +190,9 @@ def run(cfg: DictConfig, detected: dict | None = None) -> int:
     """The command line's job: one video, or one per line of a prompt file; returns the exit status.
 
     In a multirun a failure is recorded and the sweep goes on; the sweep's summary decides the exit status.
+    An interrupt (Ctrl-C, SIGTERM) goes on up to the command once the batch or sweep has recorded what ran.
     """
+    cfg = text_as_data(cfg)  # a prompt is text as typed: `${...}` in it is never resolved
     if not cfg.prompts and not is_multirun():
         try:
             run_job(cfg, detected)
@@ -188,14 +203,45 @@ def run(cfg: DictConfig, detected: dict | None = None) -> int:
             leave_process_group()
         return 0
     job = str(HydraConfig.get().job.num) if is_multirun() else ""
+    results: list[batch.ItemResult] = []
+    unusable = False  # the prompt file itself: bad input, exit status 2
     try:
         cfg, auto = resolve_hardware(cfg, task_overrides())  # once for the whole batch
-        results = batch.run_items(cfg, lambda item: run_job(item, auto or detected), job=job)
+        batch.run_items(cfg, lambda item: run_job(item, auto or detected), job=job, results=results)
     except WanOptError as exc:  # the prompt file itself is unusable
-        results = [batch.ItemResult(str(cfg.prompts), "", "failed", 0.0, error=str(exc), job=job)]
+        results, unusable = [batch.ItemResult(str(cfg.prompts), "", "failed", 0.0, error=str(exc), job=job)], True
         print(f"error: {exc}", file=sys.stderr)
-    folder = output_folder(cfg)
-    batch.write_results(folder, results)
+    except KeyboardInterrupt as interrupt:  # Ctrl-C or SIGTERM: the finished videos stay, the summary says so
+        with interrupts.deferred(raise_pending=False):  # a second Ctrl-C does not cut the records short
+            interrupt.kept = write_records(cfg, results, interrupted=True)
+        raise
+    write_records(cfg, results)
     if is_multirun():
         return 0
-    return 0 if batch.summarize(results, folder / "summary.json", f"prompts {cfg.prompts}") else 1
+    return 2 if unusable else 0 if all(r.status == "ok" for r in results) else 1
+
+
+def record_folder(cfg: DictConfig) -> Path:
+    """Where a batch's results.json and summary.json go: its own Hydra run (or job) folder, which no other
+    process shares even when they share output_dir; else the output folder."""
+    if HydraConfig.initialized():
+        return Path(HydraConfig.get().runtime.output_dir)
+    return output_folder(cfg)
+
+
+def write_records(cfg: DictConfig, results: list[batch.ItemResult], interrupted: bool = False) -> str:
+    """results.json, then the summary table and summary.json: the batch's, or an interrupted sweep's so far (a
+    sweep that runs to its end is summarised by batch.SweepSummary). Returns what was kept, in words."""
+    if not hardware.is_main_process():
+        return "the first process keeps the records"
+    folder = record_folder(cfg)
+    batch.write_results(folder, results)
+    summary, title = folder / "summary.json", f"prompts {cfg.prompts}"
+    if is_multirun():
+        if not interrupted:
+            return ""
+        sweep = Path(HydraConfig.get().sweep.dir)
+        results, summary, title = batch.gather(sweep), sweep / "summary.json", f"sweep {sweep} (interrupted)"
+    batch.summarize(results, summary, title)
+    finished = sum(r.status == "ok" for r in results)
+    return f"kept {finished} finished video{'' if finished == 1 else 's'}; {summary} lists what ran"

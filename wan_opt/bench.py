@@ -1,12 +1,15 @@
-"""The GPU benchmark: diffusers' WanPipeline as people run it today against wan-opt profiles, in one process.
+"""The GPU benchmark: diffusers' WanPipeline (WanImageToVideoPipeline for image-to-video) as people run it today
+against wan-opt profiles, in one process.
 
 Builds the full-size architectures with random weights on the GPU (no checkpoint), runs the same request
 (a few steps) under (a) diffusers' defaults and (b) each profile, and writes a JSON with seconds per CFG step
 and per stage, achieved TFLOP/s, peak memory, the speedup over (a), and each profile's deviation from (a) on
 the same inputs (one denoiser forward, and the decoded frames). Random weights say nothing of visual quality.
+An image-to-video model (--model wan22_i2v_a14b) starts from a generated picture of the request's size.
 
     python -m wan_opt.bench --profiles h100 --size 1280*720 --frames 81 --steps 3
     python -m wan_opt.bench --profiles h100 h100,hardware.speed.cfg_truncation=0.25 --size 832*480
+    python -m wan_opt.bench --model wan22_i2v_a14b --profiles h200 h200,mode=fast --steps 2
     python -m wan_opt.bench --tiny          # a CPU smoke of the same code path, seconds
 """
 from __future__ import annotations
@@ -15,6 +18,7 @@ import argparse
 import contextlib
 import json
 import sys
+import tempfile
 import textwrap
 import time
 import traceback
@@ -23,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from wan_opt import image as images
 from wan_opt.checks import check_device
 from wan_opt.errors import WanOptError
 from wan_opt.prepare import compose_config, prepare
@@ -55,37 +60,59 @@ def rel_l2(a, b) -> float:
     return float((a - b).norm() / b.norm())
 
 
-def build(args, device: torch.device):
-    """diffusers' WanPipeline as people load it: DiT and encoder in bf16 (fp32 on a CPU), VAE in fp32."""
-    from diffusers import WanPipeline
+BENCHED = {"t2v_a14b": "t2v_a14b", "tiny": "t2v_a14b", "i2v_a14b": "i2v_a14b", "tiny_i2v": "i2v_a14b"}
 
+
+def reference_pipeline(components: dict, boundary: float | None, image: bool, **config):
+    """diffusers' pipeline on `components`: WanPipeline, or WanImageToVideoPipeline (Wan 2.2's, no image encoder);
+    `config`: the pipeline's other settings (expand_timesteps).
+
+    Where ftfy is not installed, the image pipeline's prompt cleaning (which calls it unconditionally) is
+    WanPipeline's, the same steps without ftfy, as wan-opt and diffusers' text pipeline clean prompts there.
+    """
+    from diffusers import WanImageToVideoPipeline, WanPipeline
+    from diffusers.pipelines.wan import pipeline_wan, pipeline_wan_i2v
+
+    if not image:
+        return WanPipeline(**components, boundary_ratio=boundary, **config)
+    if not hasattr(pipeline_wan_i2v, "ftfy"):
+        pipeline_wan_i2v.prompt_clean = pipeline_wan.prompt_clean
+    return WanImageToVideoPipeline(**components, boundary_ratio=boundary, **config)
+
+
+def build(args, device: torch.device, model):
+    """diffusers' pipeline as people load it: DiT and encoder in bf16 (fp32 on a CPU), VAE in fp32."""
     from wan_opt.loading.arch import DIT_CONFIGS, build_random_components
     from wan_opt.memory.policy import MemoryPolicy
-    from wan_opt.loading.tiny import TINY_TRANSFORMER, build_tiny_components
+    from wan_opt.loading.tiny import TINY_I2V_TRANSFORMER, TINY_TRANSFORMER, build_tiny_components
 
+    family = BENCHED[model.family]
     if args.tiny:
-        components, dit = build_tiny_components(seed=0), TINY_TRANSFORMER
+        tiny = TINY_I2V_TRANSFORMER if family == "i2v_a14b" else TINY_TRANSFORMER
+        components, dit = build_tiny_components(seed=0, family=family, shift=model.shift), tiny
     else:
         memory = MemoryPolicy(experts="resident", text_encoder="gpu", vae_dtype="float32")
-        components, dit = build_random_components("t2v_a14b", memory, device, shift=12.0), DIT_CONFIGS["t2v_a14b"]
-    return WanPipeline(**components, boundary_ratio=0.875).to(device), dit
+        components, dit = build_random_components(family, memory, device, model.shift), DIT_CONFIGS[family]
+    return reference_pipeline(components, model.boundary, family == "i2v_a14b").to(device), dit
 
 
-def run_request(call, args, device: torch.device, guidance: tuple[float, float] = (4.0, 3.0)) -> dict:
-    """Run one request, timing the whole call; the guidance is A14B's unless a run sets its own."""
+def run_request(call, args, device: torch.device, guidance: tuple[float, float]) -> dict:
+    """Run one request (from the benchmark's picture, for image-to-video), timing the whole call."""
     width, height = parse_size(args.size)
     torch.cuda.reset_peak_memory_stats() if device.type == "cuda" else None
-    out, seconds = timed(lambda: call(PROMPT, negative_prompt=NEGATIVE, height=height, width=width,
+    picture = {"image": args.picture} if args.picture is not None else {}
+    out, seconds = timed(lambda: call(prompt=PROMPT, negative_prompt=NEGATIVE, height=height, width=width,
                                       num_frames=args.frames, num_inference_steps=args.steps,
                                       guidance_scale=guidance[0], guidance_scale_2=guidance[1],
                                       generator=torch.Generator().manual_seed(0),
-                                      output_type="np" if args.decode else "latent"), device)
+                                      output_type="np" if args.decode else "latent", **picture), device)
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
     return {"out": out, "seconds": seconds, "peak_gib": peak}
 
 
-def baseline(pipe, args, device: torch.device) -> dict:
-    """(a): diffusers' own __call__, steps timed through its step-end callback, stages around them."""
+def baseline(pipe, args, device: torch.device, guidance: tuple[float, float]) -> dict:
+    """(a): diffusers' own __call__, steps timed through its step-end callback, stages around them (the encodes
+    timed on their own, to take them out of the first step's time)."""
     marks: list[float] = []
 
     def on_step_end(_pipe, i, t, kwargs):
@@ -93,23 +120,33 @@ def baseline(pipe, args, device: torch.device) -> dict:
         marks.append(time.perf_counter())
         return kwargs
 
-    with torch.inference_mode():  # the encode on its own, to take it out of the first step's time
+    with torch.inference_mode():
         _, encode = timed(lambda: pipe.encode_prompt(PROMPT, NEGATIVE, device=device), device)
+        vae_encode = timed(lambda: reference_vae_encode(pipe, args, device), device)[1] if args.picture else 0.0
     start = [0.0]
 
     def call(*a, **kw):
         start[0] = time.perf_counter()
         return pipe(*a, callback_on_step_end=on_step_end, **kw).frames
 
-    result = run_request(call, args, device)
+    result = run_request(call, args, device, guidance)
     steps = np.diff([start[0], *marks]).tolist()
-    steps[0] = max(steps[0] - encode, 0.0)
-    stages = {"text_encoding": encode, "denoise": float(sum(steps))}
+    steps[0] = max(steps[0] - encode - vae_encode, 0.0)
+    stages = {"text_encoding": encode, **({"vae_encode": vae_encode} if args.picture else {}),
+              "denoise": float(sum(steps))}
     if args.decode:
         stages["vae_decode"] = start[0] + result["seconds"] - marks[-1]
     result.update(frames=result.pop("out").float().cpu() if not args.decode else result.pop("out"),
                   step_seconds=steps, stage_seconds=stages, forwards=[2] * args.steps)  # both experts guide
     return result
+
+
+def reference_vae_encode(pipe, args, device: torch.device):
+    """diffusers' own preparation of the image's latents (preprocess, the VAE encode, the mask)."""
+    width, height = parse_size(args.size)
+    picture = pipe.video_processor.preprocess(args.picture, height=height, width=width).to(device, torch.float32)
+    return pipe.prepare_latents(picture, 1, pipe.vae.config.z_dim, height, width, args.frames, torch.float32, device,
+                                torch.Generator().manual_seed(0))
 
 
 def run_configs(args) -> dict:
@@ -141,16 +178,25 @@ def run_config(args, overrides: list[str], profile: str = "cpu", baseline: bool 
     """One run's config, prepared as the command line prepares a run (the same checks and memory plan) for the
     benchmark's request: the benchmarked model unless the run names another, with random weights. The
     baseline's is only composed: diffusers' pipeline follows no profile."""
-    model = [] if any(o.startswith("model=") for o in overrides) else ["model=tiny" if args.tiny else "model=wan22_t2v_a14b"]
+    model = [] if any(o.startswith("model=") for o in overrides) else [f"model={bench_model(args)}"]
     own = [*args.override, *overrides]
+    picture = [f"image={args.picture_path}"] if args.picture_path else []
     cfg = compose_config([*model, "model.random_weights=true", f"prompt={PROMPT}", f"size={args.size}",
-                          f"frames={args.frames}", *own], hardware=profile)
+                          f"frames={args.frames}", *picture, *own], hardware=profile)
     if baseline:
         return cfg
     prepared = prepare(cfg, own, loads=False)  # the benchmark builds the modules on its own device
     if not args.tiny:
         check_device(prepared.cfg)
     return prepared.cfg
+
+
+def bench_model(args) -> str:
+    """The preset benchmarked: --model, or under --tiny the tiny model of its kind."""
+    if not args.tiny:
+        return args.model
+    return "tiny_i2v" if images.image_use(compose_config([f"model={args.model}"], hardware="cpu").model.family) \
+        else "tiny"
 
 
 def guidance_of(cfg) -> tuple[float, float]:
@@ -197,6 +243,8 @@ def profile_run(pipe, cfg, args, device: torch.device, one_forward) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m wan_opt.bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="wan22_t2v_a14b",
+                        help="the preset benchmarked: wan22_t2v_a14b, or wan22_i2v_a14b (image-to-video)")
     parser.add_argument("--profiles", nargs="+", default=["h100"],
                         help="profiles to run, each optionally with its own overrides: h100,hardware.speed.step_cache=first_block")
     parser.add_argument("--size", default="1280*720")
@@ -219,19 +267,30 @@ def main(argv: list[str] | None = None) -> int:
         args.size, args.frames, args.warmup = "96*64", 9, 0
     device = torch.device("cpu" if args.tiny else "cuda")
     try:
-        configs = {"diffusers": run_config(args, [], baseline=True), **run_configs(args)}
+        args.picture, args.picture_path = None, None
+        configs = {"diffusers": run_config(args, [], baseline=True)}
+        family = configs["diffusers"].model.family
+        if family not in BENCHED:
+            raise WanOptError(f"--model {args.model}: the benchmark builds the A14B experts (wan22_t2v_a14b, "
+                              f"wan22_i2v_a14b and their presets), not {family}.")
+        if images.image_use(family):  # the same picture for every run, of the request's size: nothing to fit
+            args.picture = images.sample_picture(*parse_size(args.size))
+            args.picture_path = Path(tempfile.mkdtemp(prefix="wan-opt-bench-")) / "picture.png"
+            args.picture.save(args.picture_path)
+        configs.update(run_configs(args))
     except WanOptError as error:  # before anything is built: one sentence, no traceback
         print(f"error: {error}", file=sys.stderr)
         return 2
     torch.manual_seed(0)
-    pipe, dit = build(args, device)
+    pipe, dit = build(args, device, configs["diffusers"].model)
     width, height = parse_size(args.size)
     tokens = ((args.frames - 1) // 4 + 1) * (height // 16) * (width // 16)
     step_flops = 2 * forward_flops(dit, tokens)
 
     # The reference forward: the high-noise expert on fixed inputs, before any profile changes its kernels.
     gen = torch.Generator().manual_seed(1)
-    x = torch.randn(1, 16, (args.frames - 1) // 4 + 1, height // 8, width // 8, generator=gen).to(device, pipe.transformer.dtype)
+    x = torch.randn(1, dit["in_channels"], (args.frames - 1) // 4 + 1, height // 8, width // 8,
+                    generator=gen).to(device, pipe.transformer.dtype)
     ctx = torch.randn(1, 512, dit["text_dim"], generator=gen).to(device, pipe.transformer.dtype)
     t = torch.full((1,), 900.0, device=device)
 
@@ -245,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
     with torch.inference_mode():
         reference_forward = one_forward()
 
-    rows = {"diffusers": baseline(pipe, args, device)}
+    rows = {"diffusers": baseline(pipe, args, device, guidance_of(configs["diffusers"]))}
     rows["diffusers"]["request_forwards"] = 2 * configs["diffusers"].model.steps
     failed = {}
     for name, cfg in list(configs.items())[1:]:
@@ -258,6 +317,7 @@ def main(argv: list[str] | None = None) -> int:
             failed[name] = f"{type(error).__name__}: {error}"
             torch.cuda.empty_cache() if device.type == "cuda" else None
     report = summarize(rows, configs, args, step_flops, device)
+    report.update(model=args.model, reference=type(pipe).__name__)
     report["failed"] = failed
     write(report, args)
     return 1 if failed else 0
@@ -273,7 +333,8 @@ def request_seconds(row: dict) -> float:
     """A whole request extrapolated from measured stages: encode, the request's denoiser passes (its own step
     count and guidance schedule) at the measured time per pass, decode (when the benchmark decoded)."""
     stages = row["stage_seconds"]
-    return stages.get("text_encoding", 0.0) + row["request_forwards"] * seconds_per_forward(row) + stages.get("vae_decode", 0.0)
+    return (stages.get("text_encoding", 0.0) + stages.get("vae_encode", 0.0)
+            + row["request_forwards"] * seconds_per_forward(row) + stages.get("vae_decode", 0.0))
 
 
 def summarize(rows: dict, configs: dict, args, step_flops: float, device: torch.device) -> dict:
@@ -321,7 +382,8 @@ def write(report: dict, args) -> Path:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     tag = "tiny-cpu" if args.tiny else report["device"].replace(" ", "-")
-    path = out / f"bench_{tag}_{args.size.replace('*', 'x')}x{args.frames}.json"
+    model = "" if args.model == "wan22_t2v_a14b" else f"{args.model}_"
+    path = out / f"bench_{tag}_{model}{args.size.replace('*', 'x')}x{args.frames}.json"
     write_json(report, path)
     chart(report, path.with_suffix(".png"))
     path.with_suffix(".md").write_text(markdown(report))
@@ -343,7 +405,8 @@ def markdown(report: dict) -> str:
     return "\n".join([*lines, "", f"`{report['command']}`", ""])
 
 
-STAGES = (("text_encoding", "text encoding"), ("denoise", "denoising"), ("denoise_high_noise", "high-noise expert"),
+STAGES = (("text_encoding", "text encoding"), ("vae_encode", "VAE encode"), ("denoise", "denoising"),
+          ("denoise_high_noise", "high-noise expert"),
           ("denoise_low_noise", "low-noise expert"), ("vae_decode", "VAE decode"))
 
 
@@ -372,7 +435,7 @@ def chart(report: dict, path: Path) -> Path:
     ax.set_yticks(range(len(names)), labels)
     ax.invert_yaxis()
     ax.set_xlabel(f"seconds for {report['steps']} steps at {report['size']} x {report['frames']} frames")
-    ax.set_title(f"{report['device']}: wan-opt profiles against diffusers' WanPipeline")
+    ax.set_title(f"{report['device']}: wan-opt profiles against diffusers' {report.get('reference', 'WanPipeline')}")
     ax.legend(loc="lower right", fontsize="small")
     ax.margins(x=0.25)
     return write_figure(fig, path)

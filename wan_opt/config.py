@@ -54,6 +54,9 @@ Experts = _choice("Experts", "resident", "swap", "offload")
 BudgetSource = _choice("BudgetSource", "profile", "free")  # free: no more than the GPU has free at the start
 OffloadGranularity = _choice("OffloadGranularity", "block", "leaf")
 TextEncoderPlacement = _choice("TextEncoderPlacement", "gpu", "gpu_release", "cpu")
+# Where weights wait while their module is idle: host (pinned host memory, loaded once) or checkpoint (the
+# checkpoint's own files, memory-mapped, read again when the module is next needed: wan_opt.loading.mapped).
+IdleWeights = _choice("IdleWeights", "host", "checkpoint")
 WeightDtype = _choice("WeightDtype", "bfloat16", "float16", "float32", "float8_e4m3fn")
 ComputeDtype = _choice("ComputeDtype", "bfloat16", "float16", "float32")
 # fp8: wan-opt's kernel (SageAttention where installed); flash4/flash3/sage: separately installed libraries
@@ -62,7 +65,9 @@ Compile = _choice("Compile", "none", "regional", "full")
 CfgBatching = _choice("CfgBatching", "sequential", "batched")
 StepCache = _choice("StepCache", "none", "first_block", "taylorseer", "magcache")
 SequenceSplit = _choice("SequenceSplit", "ulysses", "ring")
-Family = _choice("Family", "t2v_a14b", "ti2v_5b", "tiny")
+# i2v_a14b: T2V-A14B's experts on 36 input channels (the image's latents and mask join the noise); tiny_i2v its
+# tiny counterpart. What each family does with an image: wan_opt.image.IMAGE_USE.
+Family = _choice("Family", "t2v_a14b", "i2v_a14b", "ti2v_5b", "tiny", "tiny_i2v")
 Solver = _choice("Solver", "unipc")
 
 
@@ -93,6 +98,10 @@ class MemoryConfig:
     compute_dtype: ComputeDtype = ComputeDtype.bfloat16
     vae_dtype: ComputeDtype = ComputeDtype.float32
     vae_tiling: bool = False
+    # checkpoint: the text encoder is read for each encode and dropped (its output kept), one expert is held at a
+    # time (the next read at the boundary), each read tensor by tensor from the memory-mapped files
+    idle_weights: IdleWeights = IdleWeights.host
+    expandable_segments: bool = True  # PyTorch's allocator grows segments instead of leaving freed gaps
 
 
 @dataclass
@@ -188,6 +197,8 @@ class RunConfig:
     output_dir: Optional[str] = None
     plan: bool = False  # print and save the memory plan (plan.json), load nothing
     prompts: Optional[str] = None  # a .txt (one prompt per line) or .jsonl file: one video per line
+    image: Optional[str] = None  # the first frame (PNG, JPEG, WebP) of an image-to-video model
+    last_image: Optional[str] = None  # the last frame, where the model takes one (wan_opt.image)
     mode: Mode = Mode.lossless  # set by the `mode` group: lossless (the profile as written) | fast (fp8)
 
 

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import os
 from contextlib import contextmanager
-from typing import Iterator
+from contextvars import ContextVar
+from typing import Callable, Iterator
 
 from omegaconf import DictConfig
 from rich.console import Console
@@ -14,6 +15,8 @@ from wan_opt.request import GenerationRequest
 
 # Under torchrun every rank runs the same job; rank 0 speaks for the group.
 console = Console(stderr=True, quiet=int(os.environ.get("RANK", 0)) > 0)
+# Someone else following the steps of the run in this thread (`wan-opt serve` shows them in its queue).
+step_watcher: ContextVar[Callable[[int, int, str, float], None] | None] = ContextVar("step_watcher", default=None)
 
 
 def settings_table(cfg: DictConfig, request: GenerationRequest, hardware_reason: str) -> Table:
@@ -33,6 +36,9 @@ def settings_table(cfg: DictConfig, request: GenerationRequest, hardware_reason:
         ("kernels", f"attention {speed.attention}, compile {speed.compile}, TF32 {'on' if speed.tf32 else 'off'}, "
                     f"CFG {speed.cfg}"),
     ]
+    if request.image:  # image-to-video: the frame(s) the video starts (and ends) on
+        rows.insert(3, ("image", request.image + (f" ... {request.last_image}" if request.last_image else "")
+                        + f", fitted to {request.width}*{request.height}"))
     for key, value in rows:
         table.add_row(key, value)
     return table
@@ -47,11 +53,15 @@ def plan_table(plan, decided: dict[str, str]) -> Table:
                   title_justify="left")
     table.add_column("stage / knob", style="bold cyan")
     table.add_column("predicted GPU GB / value", justify="right")
+    table.add_column("host GB", justify="right")  # the stage's predicted peak resident set
     table.add_column("set by")
+    host = getattr(plan, "host_stages", {}) or {}
     for stage, gb in plan.stages.items():
-        table.add_row(stage, f"{gb:.1f}", "")
+        table.add_row(stage, f"{gb:.1f}", f"{host[stage]:.1f}" if stage in host else "", "")
     for knob, value in plan.mechanisms.items():
-        table.add_row(knob, str(value), decided.get(knob, ""))
+        table.add_row(knob, str(value), "", decided.get(knob, ""))
+    if getattr(plan, "read_gb_per_request", 0):
+        table.add_row("read again per request", f"{plan.read_gb_per_request:.0f} GB from the checkpoint", "", "")
     return table
 
 
@@ -63,7 +73,11 @@ def denoise_progress(total: int) -> Iterator:
     with Progress(*columns, console=console, transient=False) as progress:
         task = progress.add_task("denoise", total=total, expert="encoding", rate="")
 
+        watcher = step_watcher.get()
+
         def on_step(index: int, steps: int, expert: str, seconds: float) -> None:
             progress.update(task, advance=1, expert=expert.replace("_", "-"), rate=f"{seconds:.2f} s/step")
+            if watcher is not None:
+                watcher(index, steps, expert, seconds)
 
         yield on_step

@@ -2,7 +2,7 @@
 
     python -m wan_opt.convert SRC DST [--dtype bfloat16|float32]
 
-SRC is a Wan2.2-T2V-A14B or Wan2.2-TI2V-5B download (the model is recognised from its files); DST must not
+SRC is a Wan2.2-T2V-A14B, -I2V-A14B or -TI2V-5B download (the model is recognised from its files); DST must not
 exist or be empty. Every file is checked before anything is written; each component is loaded tensor by
 tensor (wan_opt.loading.original), saved and released before the next, into a temporary sibling of DST that
 is renamed into place only once complete. Mistakes are one sentence on stderr and exit status 2.
@@ -24,7 +24,8 @@ from wan_opt.errors import WanOptError
 from wan_opt.loading.layouts import DIFFUSERS_DITS, T5_FILE, TOKENIZER_DIR, VAE_FILES, Checkpoint, check_checkpoint, original_family
 from wan_opt.loading.original import load_dit, load_text_encoder, load_vae
 
-FLOW_SHIFT = {"t2v_a14b": 12.0, "ti2v_5b": 5.0}  # the Wan team's sample_shift
+FLOW_SHIFT = {"t2v_a14b": 12.0, "i2v_a14b": 5.0, "ti2v_5b": 5.0}  # the Wan team's sample_shift
+BOUNDARY = {"t2v_a14b": 0.875, "i2v_a14b": 0.9}  # where the A14B experts switch (the Wan team's `boundary`)
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 CPU = torch.device("cpu")
 
@@ -34,19 +35,23 @@ def _library_entry(cls: type | None) -> list:
 
 
 def write_model_index(dst: Path, family: str, tokenizer_cls: type) -> None:
-    """model_index.json as WanPipeline.save_pretrained writes it, without building the pipeline in memory."""
+    """model_index.json as WanPipeline (WanImageToVideoPipeline for I2V-A14B, which has no CLIP image encoder)
+    .save_pretrained writes it, without building the pipeline in memory."""
     from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanTransformer3DModel
     from transformers import UMT5EncoderModel
 
+    i2v = family == "i2v_a14b"
     index = {
-        "_class_name": "WanPipeline", "_diffusers_version": importlib.metadata.version("diffusers"),
-        "boundary_ratio": 0.875 if family == "t2v_a14b" else None,  # A14B switches experts at t = 875
+        "_class_name": "WanImageToVideoPipeline" if i2v else "WanPipeline",
+        "_diffusers_version": importlib.metadata.version("diffusers"),
+        "boundary_ratio": BOUNDARY.get(family),
         "expand_timesteps": family == "ti2v_5b",  # TI2V-5B denoises with per-token timesteps
+        **({"image_encoder": [None, None], "image_processor": [None, None]} if i2v else {}),
         "scheduler": _library_entry(UniPCMultistepScheduler),
         "text_encoder": _library_entry(UMT5EncoderModel),
         "tokenizer": _library_entry(tokenizer_cls),
         "transformer": _library_entry(WanTransformer3DModel),
-        "transformer_2": _library_entry(WanTransformer3DModel if family == "t2v_a14b" else None),
+        "transformer_2": _library_entry(WanTransformer3DModel if family in BOUNDARY else None),
         "vae": _library_entry(AutoencoderKLWan),
     }
     (dst / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
@@ -95,7 +100,7 @@ def convert_checkpoint(src: str | Path, dst: str | Path, dtype: torch.dtype = to
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m wan_opt.convert", description=__doc__.split("\n\n")[0])
-    parser.add_argument("src", help="checkpoint in the Wan team's layout (Wan2.2-T2V-A14B or Wan2.2-TI2V-5B)")
+    parser.add_argument("src", help="checkpoint in the Wan team's layout (Wan2.2-T2V-A14B, -I2V-A14B or -TI2V-5B)")
     parser.add_argument("dst", help="new directory for the Diffusers layout")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16",
                         help="storage dtype of the DiT and T5 weights (the VAE stays float32)")

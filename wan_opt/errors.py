@@ -28,6 +28,11 @@ def config_error_sentence(error: Exception) -> str:
     if isinstance(error, OverrideParseException):
         return (f"Could not read an override ({lines[0]}): quote a value with spaces or brackets inside it, "
                 f"e.g. 'prompt=\"a fox (red)\"'.")
+    if (added := re.match(r"Could not append to config\. An item is already at '(.+)'", lines[0])) is not None:
+        return f"{added.group(1)} is already a setting: set it without the +, e.g. {added.group(1)}=VALUE."
+    if (group := re.match(r"Multiple values for (\w+)|(\w+) appears more than once", lines[0])) is not None:
+        name = group.group(1) or group.group(2)
+        return f"The {name} group already has a choice: set it without the +, e.g. {name}=NAME."
     if isinstance(cause, (ConfigAttributeError, ConfigKeyError)):
         return (f"There is no setting '{cause.full_key}': check its name "
                 "(`python run.py --cfg job` prints every setting).")

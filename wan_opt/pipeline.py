@@ -1,7 +1,9 @@
-"""WanOptPipeline: Wan 2.2 text-to-video on diffusers' and transformers' modules, with wan-opt's policies.
+"""WanOptPipeline: Wan 2.2 text- and image-to-video on diffusers' and transformers' modules, with wan-opt's
+policies.
 
-With every optimization off it computes what diffusers' `WanPipeline` computes on the same inputs; the
-memory policy decides where modules live at each stage and the speed policy which kernels run.
+With every optimization off it computes what diffusers' `WanPipeline` computes on the same inputs, and with an
+image what its `WanImageToVideoPipeline` computes (wan_opt.conditioning); the memory policy decides where
+modules live at each stage and the speed policy which kernels run.
 """
 from __future__ import annotations
 
@@ -17,7 +19,9 @@ from diffusers.video_processor import VideoProcessor
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 
+from wan_opt import image as images
 from wan_opt import parallel
+from wan_opt.conditioning import Condition, encode_condition
 from wan_opt.errors import WanOptError
 from wan_opt.loading.components import load_components
 from wan_opt.loading.lora import apply_expert_loras, lora_specs
@@ -41,7 +45,7 @@ class WanOptPipeline:
     def __init__(self, *, transformer, text_encoder, tokenizer, vae, scheduler, transformer_2=None,
                  boundary_ratio: float | None = None, expand_timesteps: bool = False,
                  memory: MemoryPolicy | None = None, speed: SpeedPolicy | None = None,
-                 device: torch.device | str | None = None):
+                 device: torch.device | str | None = None, weight_source=None):
         self.transformer, self.transformer_2 = transformer, transformer_2
         self.text_encoder, self.tokenizer, self.vae, self.scheduler = text_encoder, tokenizer, vae, scheduler
         self.boundary_ratio, self.expand_timesteps = boundary_ratio, expand_timesteps
@@ -52,12 +56,14 @@ class WanOptPipeline:
         self.expert_swapper = self.text_encoder_swapper = None  # set by MemoryPolicy.prepare on a GPU
         self.parallel = None  # set by wan_opt.parallel.apply under torchrun
         self.prepared = None  # the checked request and memory plan it was loaded for (from_prepared)
+        self.weight_source = weight_source  # idle_weights=checkpoint: the files modules are read from when needed
 
     # -- construction -----------------------------------------------------------------------------------
 
     @classmethod
     def from_diffusers(cls, pipe, memory: MemoryPolicy | None = None, speed: SpeedPolicy | None = None):
-        """Wrap an existing diffusers `WanPipeline`, reusing its modules (nothing is copied or reloaded)."""
+        """Wrap an existing diffusers `WanPipeline` or `WanImageToVideoPipeline` (Wan 2.2's, without a CLIP image
+        encoder), reusing its modules (nothing is copied or reloaded)."""
         device = pipe._execution_device
         wrapped = cls(transformer=pipe.transformer, transformer_2=pipe.transformer_2, text_encoder=pipe.text_encoder,
                       tokenizer=pipe.tokenizer, vae=pipe.vae, scheduler=pipe.scheduler,
@@ -70,10 +76,11 @@ class WanOptPipeline:
     def from_config(cls, model, memory: MemoryPolicy, speed: SpeedPolicy, device: str | None = None):
         """Load `model` (a ModelConfig) as `memory` says and apply `speed` (the config's `pipeline` target)."""
         device = resolve_device(device)
+        memory.configure_allocator(device)  # before the first weights reach the GPU
         components = load_components(model, memory, device)
         pipe = cls(**components, memory=memory, speed=speed, device=device)
         high, low = lora_specs(model.lora)
-        if high or low:
+        if (high or low) and pipe.weight_source is None:  # read from the files, experts are fused as they are read
             apply_expert_loras(pipe, high, low)  # fused into the weights before fp8 storage and offloading
         pipe.apply_policies()
         return pipe
@@ -107,6 +114,8 @@ class WanOptPipeline:
 
             pipe = WanOptPipeline.from_pretrained("/ckpt/Wan2.2-T2V-A14B", overrides=["mode=fast"])
             video = pipe("a red fox running through snow").frames[0]
+            pipe = WanOptPipeline.from_pretrained("/ckpt/Wan2.2-I2V-A14B", model="wan22_i2v_a14b")
+            video = pipe("the cat turns its head", image="cat.jpg").frames[0]  # 1280*720-class, the image's shape
         """
         user = [f"model={model}", *([f"model.ckpt_dir={ckpt_dir}"] if ckpt_dir else []), *overrides]
         return cls.from_prepared(prepare(compose_config(user, hardware=hardware), user, prompt_required=False))
@@ -201,12 +210,15 @@ class WanOptPipeline:
     # -- the call ---------------------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def __call__(self, prompt: str, negative_prompt: str | None = None, height: int = 480, width: int = 832,
-                 num_frames: int = 81, num_inference_steps: int = 50, guidance_scale: float = 5.0,
-                 guidance_scale_2: float | None = None, generator: torch.Generator | None = None,
-                 output_type: str = "np", max_sequence_length: int = 512,
-                 on_step: StepCallback | None = None) -> WanOptOutput:
-        """Generate one video; argument names and defaults follow diffusers' `WanPipeline.__call__`."""
+    def __call__(self, prompt: str, negative_prompt: str | None = None, height: int | None = None,
+                 width: int | None = None, num_frames: int = 81, num_inference_steps: int = 50,
+                 guidance_scale: float = 5.0, guidance_scale_2: float | None = None,
+                 generator: torch.Generator | None = None, output_type: str = "np", max_sequence_length: int = 512,
+                 on_step: StepCallback | None = None, image=None, last_image=None) -> WanOptOutput:
+        """Generate one video; argument names and defaults follow diffusers' `WanPipeline.__call__` and, with
+        `image` (and `last_image`: a PIL image or a path), `WanImageToVideoPipeline.__call__`. Without height and
+        width: 480x832, or with an image the model's area in the image's shape (wan_opt.image)."""
+        image, last_image, width, height = self._image_inputs(image, last_image, width, height, num_frames)
         self._check_inputs(height, width, num_frames, num_inference_steps)
         seconds: dict[str, float] = {}
         sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
@@ -227,9 +239,16 @@ class WanOptPipeline:
 
         # 3. Initial noise in float32, drawn from `generator` (a CPU generator gives the same noise everywhere).
         temporal, spatial = self.vae.config.scale_factor_temporal, self.vae.config.scale_factor_spatial
-        shape = (1, self.transformer.config.in_channels, (num_frames - 1) // temporal + 1,
-                 height // spatial, width // spatial)
+        shape = (1, self.vae.config.z_dim, (num_frames - 1) // temporal + 1, height // spatial, width // spatial)
         latents = randn_tensor(shape, generator=generator, device=self.device, dtype=torch.float32)
+
+        # 3b. With an image: the conditioning video through the VAE (wan_opt.conditioning).
+        condition = None
+        if image is not None:
+            start = time.perf_counter()
+            condition = encode_condition(self, image, last_image, height, width, num_frames)
+            sync()
+            seconds["vae_encode"] = time.perf_counter() - start
 
         # 4. The denoising loop: pick the expert for t, guide, step the solver.
         step_seconds = []
@@ -242,9 +261,10 @@ class WanOptPipeline:
             step_start = time.perf_counter()
             expert, guidance, label = plan[i]
             self.memory.activate_expert(self, expert)
-            timestep = self._timestep_input(t, latents)
+            hidden = latents if condition is None else condition.model_input(latents)
+            timestep = self._timestep_input(t, latents, condition)
             where = {"step_index": i, "sigma": float(self.scheduler.sigmas[i]), "num_inference_steps": len(timesteps)}
-            noise = self.denoise(expert, latents, timestep, embeds, guidance, where)
+            noise = self.denoise(expert, hidden, timestep, embeds, guidance, where)
             latents = self.scheduler.step(noise, t, latents, return_dict=False)[0]
             sync()
             step_seconds.append(time.perf_counter() - step_start)
@@ -252,6 +272,8 @@ class WanOptPipeline:
             if on_step is not None:
                 on_step(i, len(timesteps), label, step_seconds[-1])
         self.speed.end_request(plan)
+        if condition is not None:
+            latents = condition.final(latents)
 
         if output_type == "latent":
             return WanOptOutput(latents, seconds, step_seconds)
@@ -263,13 +285,68 @@ class WanOptPipeline:
         seconds["vae_decode"] = time.perf_counter() - start
         return WanOptOutput(frames, seconds, step_seconds)
 
-    def _timestep_input(self, t: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
-        """TI2V-5B takes one timestep per latent token; the A14B experts one per sample."""
+    def _timestep_input(self, t: torch.Tensor, latents: torch.Tensor, condition: Condition | None = None):
+        """TI2V-5B takes one timestep per latent token (0 for an image's); the A14B experts one per sample."""
+        if condition is not None:
+            return condition.timestep(t, latents.shape[0], self.transformer.config.patch_size)
         if not self.expand_timesteps:
             return t.expand(latents.shape[0])
         _, p_h, p_w = self.transformer.config.patch_size
         tokens = latents.shape[2] * (latents.shape[3] // p_h) * (latents.shape[4] // p_w)
         return t.to(torch.float32).expand(latents.shape[0], tokens)
+
+    # -- images -----------------------------------------------------------------------------------------
+
+    @property
+    def takes_image(self) -> str | None:
+        """"required" (I2V-A14B: the denoiser's input is wider than its latents), "optional" (TI2V-5B), or None."""
+        if self.expand_timesteps:
+            return "optional"
+        return "required" if self.transformer.config.in_channels > self.vae.config.z_dim else None
+
+    def _image_inputs(self, image, last_image, width: int | None, height: int | None, num_frames: int):
+        """(image, last_image, width, height) of a call: the images checked and read, the size fitted to the image
+        when the call gives none."""
+        image, last_image = self._check_images(image, last_image)
+        if last_image is not None and num_frames < 5:
+            raise ValueError(f"a last frame needs num_frames of 5 or more; got {num_frames}.")
+        if height is None or width is None:
+            return self.fitted_call(image, last_image, width, height)
+        return image, last_image, width, height
+
+    def _check_images(self, image, last_image):
+        """The call's images as the pipeline takes them (a path is read and checked as the command line does)."""
+        takes = self.takes_image
+        if image is None and last_image is not None:
+            raise WanOptError("last_image is the video's last frame and needs its first: pass image= too.")
+        if image is not None and takes is None:
+            raise WanOptError("This model makes video from text alone and takes no image: load "
+                              "model=wan22_i2v_a14b or model=wan22_ti2v_5b for image-to-video.")
+        if image is None and takes == "required":
+            raise WanOptError("This model animates an image: pass image= (a PIL image or the path of a PNG, JPEG "
+                              "or WebP).")
+        if last_image is not None and self.expand_timesteps:
+            raise WanOptError("TI2V-5B takes a first frame only (its image path has no last frame): drop last_image.")
+        first = None if image is None else images.api_image(image, "image")
+        return first, None if last_image is None else images.api_image(last_image, "last_image")
+
+    def fitted_call(self, image, last_image, width: int | None, height: int | None):
+        """(image, last_image, width, height) of a call that gave no size: 832x480 (diffusers' default), or with a
+        PIL image the area of the loaded model's size (832*480 without one), the frames fitted to it as the
+        command line fits them (wan_opt.image); a call that gives the size gets diffusers' plain resize."""
+        if width is not None or height is not None:
+            raise ValueError("pass both height and width, or neither.")
+        if image is None or not hasattr(image, "size"):
+            return image, last_image, 832, 480
+        request = self.prepared.request if self.prepared is not None else None
+        area = 832 * 480 if request is None else request.width * request.height
+        grid = self.vae.config.scale_factor_spatial * self.transformer.config.patch_size[1]
+        rule = "crop" if self.expand_timesteps else "area"
+        size = images.fitted_size(image.size[0], image.size[1], area, grid, rule)
+        image = images.fit(image, size, rule)[0]
+        if last_image is not None and hasattr(last_image, "size"):
+            last_image = images.last_frame_fit(last_image, size, rule)[0]
+        return image, last_image, *size
 
     def _check_inputs(self, height: int, width: int, num_frames: int, steps: int) -> None:
         grid = self.vae.config.scale_factor_spatial * self.transformer.config.patch_size[1]

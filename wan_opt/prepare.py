@@ -22,10 +22,11 @@ from omegaconf import DictConfig, OmegaConf
 from wan_opt import checks, hardware
 from wan_opt.config import AUTO_PROFILE, CONF_DIR
 from wan_opt.errors import WanOptError, config_error_sentence
+from wan_opt.image import ConditionImages, condition_request, image_use
 from wan_opt.memory import budget
-from wan_opt.memory.plan import (Layout, Mechanisms, Plan, Request, next_plan_down, no_plan_fits, plan_layout,
-                                 plan_memory, predict, tokens)
-from wan_opt.request import GenerationRequest, resolve_request
+from wan_opt.memory.plan import (Layout, Mechanisms, ModelSizes, Plan, Request, host_plan, host_refusal,
+                                 next_plan_down, no_plan_fits, plan_layout, plan_memory, predict, tokens)
+from wan_opt.request import GenerationRequest, raw_value, resolve_request, text_as_data
 
 HARDWARE_OVERRIDE = re.compile(r"^[+~]{0,2}hardware=")
 
@@ -43,6 +44,8 @@ class Prepared:
     detected: dict | None = None  # the detection behind an auto-chosen profile, for the sidecar
     layout: Layout | None = None  # how a torchrun group splits the request; None in one process
     user_memory: dict = field(default_factory=dict)  # memory knobs the user set by hand
+    sizes: ModelSizes | None = None  # the checkpoint's own module sizes, where it was read; else the family's
+    images: ConditionImages | None = None  # image-to-video: the fitted first (and last) frame
 
     def with_plan(self, plan: Plan) -> "Prepared":
         """The same run under another plan (after running out of GPU memory)."""
@@ -71,9 +74,9 @@ def _compose(overrides: list[str]) -> DictConfig:
 
     try:
         if GlobalHydra.instance().is_initialized():  # inside the command line's job: its search path, --config-dir too
-            return compose(config_name="config", overrides=overrides)
+            return text_as_data(compose(config_name="config", overrides=overrides))
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            return compose(config_name="config", overrides=overrides)
+            return text_as_data(compose(config_name="config", overrides=overrides))
     except HydraException as error:
         raise WanOptError(config_error_sentence(error)) from None
 
@@ -97,8 +100,9 @@ def resolve_hardware(cfg: DictConfig, overrides: Sequence[str]) -> tuple[DictCon
     kept = [o for o in overrides if not HARDWARE_OVERRIDE.match(o)]
     resolved = _compose([*kept, f"hardware={detected['profile']}"])
     # Values a batch line set on this job's config (prompt, seed, ...) are not overrides: carry them over.
-    for key in ("prompt", "negative_prompt", "seed", "steps", "guidance", "guidance_2", "size", "frames", "fps"):
-        resolved[key] = cfg[key]
+    for key in ("prompt", "negative_prompt", "seed", "steps", "guidance", "guidance_2", "size", "frames", "fps",
+                "image", "last_image"):
+        resolved[key] = raw_value(cfg, key)  # as written: a prompt's `${` stays text
     return resolved, detected
 
 
@@ -114,20 +118,24 @@ def prepare(cfg: DictConfig, overrides: Sequence[str] = (), *, detected: dict | 
     prompt_required: False where prompts come later (the Python API). loads: False where the caller builds
     the modules itself (the benchmark): no device, checkpoint or LoRA checks.
     """
+    checks.check_overrides(overrides)
     cfg, auto = resolve_hardware(cfg, overrides)
     detected = auto or detected
     checks.check_knobs(cfg)
     request = resolve_request(cfg, prompt_required=prompt_required and not cfg.plan)
+    request, images = condition_request(cfg, request, required=prompt_required and not cfg.plan)
     layout = parallel_layout(cfg, request)
+    sizes = None
     if loads and not cfg.plan:  # a plan needs neither a GPU nor a checkpoint
-        checks.check_for_loading(cfg, layout)
+        sizes = checks.check_for_loading(cfg, layout)
     user_memory = user_memory_knobs(overrides)
-    plan, decided = plan_for_config(cfg, request, layout, user_memory)
+    plan, decided = plan_for_config(cfg, request, layout, user_memory, sizes)
     if detected and detected["profile"] == cfg.hardware.name:
         reason = f"auto-detected: {detected['reason']}"
     else:
         reason = f"chosen with hardware={cfg.hardware.name}"
-    return Prepared(with_mechanisms(cfg, plan), request, plan, decided, reason, detected, layout, user_memory)
+    return Prepared(with_mechanisms(cfg, plan), request, plan, decided, reason, detected, layout, user_memory, sizes,
+                    images)
 
 
 def plan_for(cfg: DictConfig, overrides: Sequence[str] = ()) -> tuple[Plan, dict[str, str]]:
@@ -158,9 +166,14 @@ def user_memory_knobs(overrides: Sequence[str]) -> dict:
 
 
 def planner_request(cfg: DictConfig, request: GenerationRequest, layout: Layout | None = None) -> Request:
-    """The request as the planner sees it: size, frames, CFG batching, guidance and the torchrun split."""
+    """The request as the planner sees it: size, frames, CFG batching, guidance, the image's VAE encode and the
+    torchrun split."""
+    use = image_use(cfg.model.family)
+    encoded = 0
+    if use is not None and (request.image is not None or use.needs == "required"):
+        encoded = request.frames if use.whole_video else 1
     req = Request(request.width, request.height, request.frames, cfg.hardware.speed.cfg == "batched",
-                  request.guidance > 1.0)
+                  request.guidance > 1.0, image_frames=encoded)
     if layout is not None:
         req = replace(req, sequence_parallel=layout.sequence, weight_shards=layout.world if layout.shard else 1)
     return req
@@ -196,42 +209,72 @@ def allow_fp8(cfg: DictConfig) -> bool:
 
 
 def plan_for_config(cfg: DictConfig, request: GenerationRequest, layout: Layout | None,
-                    fixed: dict) -> tuple[Plan, dict[str, str]]:
+                    fixed: dict, sizes: ModelSizes | None = None) -> tuple[Plan, dict[str, str]]:
     """The plan for a checked config, and which of profile / planner / user decided each knob.
 
     The profile's own mechanisms stand when they fit; otherwise the planner picks the fastest plan that fits,
     keeping every knob the user set by hand (and warning if those then do not fit).
     """
     mem = cfg.hardware.memory
-    sizes, req = model_sizes(cfg.model.family), planner_request(cfg, request, layout)
-    profile = Mechanisms(mem.experts, mem.weight_dtype, mem.text_encoder, mem.vae_tiling)
+    sizes, req = sizes or model_sizes(cfg.model.family), planner_request(cfg, request, layout)
+    profile = Mechanisms(mem.experts, mem.weight_dtype, mem.text_encoder, mem.vae_tiling, mem.idle_weights)
     host = mem.host_ram_gb or budget.host_ram_gb()
-    if cfg.hardware.device == "cpu":
-        plan = predict(sizes, req, replace(profile, **fixed), mem.compute_dtype, mem.vae_dtype, float("inf"), host)
-        plan.vram_budget_gb = 0.0
-        return plan, {k: "user" if k in fixed else "profile" for k in asdict(profile)}
+    kept = kept_knobs(cfg, layout, fixed)
+
+    def decided_by(plan: Plan) -> dict[str, str]:
+        return {k: "user" if k in fixed else ("planner" if plan.mechanisms[k] != v else "profile")
+                for k, v in asdict(profile).items()}
+
+    if cfg.hardware.device == "cpu":  # everything in host memory: what it cannot hold is refused here
+        plan = host_plan(sizes, req, replace(profile, **kept), mem.compute_dtype, mem.vae_dtype, host)
+        if not plan.fits:
+            raise host_refusal(sizes, req, plan, mem.compute_dtype, mem.vae_dtype, cfg.model.name)
+        return plan, decided_by(plan)
     vram, source = budget.vram_budget(mem, cfg.hardware.device)
-    own = predict(sizes, req, replace(profile, **fixed), mem.compute_dtype, mem.vae_dtype, vram, host)
+    own = predict(sizes, req, replace(profile, **kept), mem.compute_dtype, mem.vae_dtype, vram, host)
     own.budget_source = source
     if own.fits:
-        return own, {k: "user" if k in fixed else "profile" for k in asdict(profile)}
-    plan = plan_memory(sizes, req, vram, host, mem.compute_dtype, mem.vae_dtype, allow_fp8(cfg), fixed)
+        return own, decided_by(own)
+    plan = plan_memory(sizes, req, vram, host, mem.compute_dtype, mem.vae_dtype, allow_fp8(cfg), kept)
     plan.budget_source = source
     if not plan.fits and fixed:
         budget.log.warning("The memory knobs set by hand (%s) do not fit %s GB; running them anyway.",
                            ", ".join(f"{k}={v}" for k, v in fixed.items()), vram)
     elif not plan.fits:
-        raise no_plan_fits(sizes, req, plan, mem.compute_dtype, mem.vae_dtype, allow_fp8(cfg))
-    decided = {k: "user" if k in fixed else ("planner" if plan.mechanisms[k] != v else "profile")
-               for k, v in asdict(profile).items()}
-    return plan, decided
+        raise no_plan_fits(sizes, req, plan, mem.compute_dtype, mem.vae_dtype, allow_fp8(cfg), kept)
+    return plan, decided_by(plan)
+
+
+def checkpoint_reads_refused(cfg: DictConfig, layout: Layout | None) -> str | None:
+    """Why idle weights cannot wait in checkpoint files here, if they cannot: random and tiny weights have no
+    files, a torchrun group loads whole, and fused QKV is built from whole weights after loading."""
+    if layout is not None:
+        return "under torchrun"
+    if cfg.model.random_weights or cfg.model.family.startswith("tiny"):
+        return f"for model={cfg.model.name}, which has no checkpoint files"
+    if cfg.hardware.speed.fuse_qkv:
+        return "beside hardware.speed.fuse_qkv=true, which joins whole weights after loading"
+    return None
+
+
+def kept_knobs(cfg: DictConfig, layout: Layout | None, fixed: dict) -> dict:
+    """The knobs a plan must keep: the user's, and idle_weights=host where no checkpoint files can be read again."""
+    refused = checkpoint_reads_refused(cfg, layout)
+    if refused is None:
+        return fixed
+    if fixed.get("idle_weights") == "checkpoint":
+        raise WanOptError(f"hardware.memory.idle_weights=checkpoint reads weights from model.ckpt_dir as they are "
+                          f"needed, which it cannot do {refused}: pass hardware.memory.idle_weights=host.")
+    return {**fixed, "idle_weights": "host"}
 
 
 def leaner(prepared: Prepared) -> Prepared:
     """After an out-of-memory error: the same run under the fastest plan predicted to need clearly less."""
     cfg, mem = prepared.cfg, prepared.cfg.hardware.memory
-    plan = next_plan_down(model_sizes(cfg.model.family), planner_request(cfg, prepared.request, prepared.layout),
+    plan = next_plan_down(prepared.sizes or model_sizes(cfg.model.family),
+                          planner_request(cfg, prepared.request, prepared.layout),
                           prepared.plan, mem.compute_dtype, mem.vae_dtype, prepared.plan.vram_budget_gb,
-                          prepared.plan.host_ram_gb, allow_fp8(cfg), prepared.user_memory)
+                          prepared.plan.host_ram_gb, allow_fp8(cfg),
+                          kept_knobs(cfg, prepared.layout, prepared.user_memory))
     plan.budget_source = prepared.plan.budget_source
     return prepared.with_plan(plan)

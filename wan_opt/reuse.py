@@ -1,9 +1,9 @@
 """Keeping the loaded model between jobs of one process (Hydra's basic launcher, prompt files).
 
-Two A14B experts are 56 GB: a sweep over prompts, seeds, steps, guidance, sizes or frames must not reload
-them. A job reuses the previous job's pipeline when everything that decides the loaded weights and how
-they are placed is the same; otherwise the old pipeline is released first, so its memory is free before
-the new one loads.
+Two A14B experts fill most of an 80 GB card: a sweep over prompts, seeds, steps, guidance, sizes or frames
+must not reload them. A job reuses the previous job's pipeline when everything that decides the loaded weights
+and how they are placed is the same; otherwise the old pipeline is released first, so its memory is free
+before the new one loads.
 """
 from __future__ import annotations
 

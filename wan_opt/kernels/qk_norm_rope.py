@@ -3,9 +3,9 @@
 Wan normalises Q and K over all heads of a token (an RMSNorm as wide as the model, 5,120 in A14B) and then
 rotates each head's interleaved pairs by the token's rotary angles. One program does both for one token of Q
 or K: the row is read once into registers, its mean square taken there, and written once, normalised and
-rotated, in fp32 arithmetic with one rounding at the end. On an H100 at 720p (75,600 tokens) it takes 1.22 ms
-a block where torch.compile's fusion of diffusers' code takes 3.12 ms, at the same distance from an fp32
-reference (benchmarks/results/qk_norm_rope_h100.json): it moves 3.1 GB at 2.5 TB/s.
+rotated, in fp32 arithmetic with one rounding at the end. It is bound by memory bandwidth, where torch.compile's
+fusion of diffusers' code re-reads the row (docs/kernels.md, 'Q/K norm and rotary embedding'; measured in
+docs/measured.md, 'Q/K norm and rope').
 """
 import torch
 import triton

@@ -24,6 +24,7 @@ A14B_EXPERT = dict(
     text_dim=4096, freq_dim=256, ffn_dim=13824, num_layers=40, cross_attn_norm=True,
     qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024,
 )
+I2V_A14B_EXPERT = {**A14B_EXPERT, "in_channels": 36}  # noise 16 + frame mask 4 + conditioning latents 16
 TI2V_5B_DIT = {**A14B_EXPERT, "num_attention_heads": 24, "in_channels": 48, "out_channels": 48,
                "ffn_dim": 14336, "num_layers": 30}
 UMT5_XXL = dict(
@@ -37,8 +38,8 @@ WAN22_VAE = dict(
     patch_size=2, scale_factor_spatial=16, scale_factor_temporal=4,
     latents_mean=WAN22_LATENTS_MEAN, latents_std=WAN22_LATENTS_STD,
 )
-DIT_CONFIGS = {"t2v_a14b": A14B_EXPERT, "ti2v_5b": TI2V_5B_DIT}
-VAE_CONFIGS = {"t2v_a14b": WAN21_VAE, "ti2v_5b": WAN22_VAE}
+DIT_CONFIGS = {"t2v_a14b": A14B_EXPERT, "i2v_a14b": I2V_A14B_EXPERT, "ti2v_5b": TI2V_5B_DIT}
+VAE_CONFIGS = {"t2v_a14b": WAN21_VAE, "i2v_a14b": WAN21_VAE, "ti2v_5b": WAN22_VAE}
 
 
 @contextlib.contextmanager
@@ -78,7 +79,7 @@ def build_random_components(family: str, memory: MemoryPolicy, device: torch.dev
 
     torch.manual_seed(0)
     components: dict = {"transformer_2": None}
-    names = EXPERTS if family == "t2v_a14b" else EXPERTS[:1]
+    names = EXPERTS[:1] if family == "ti2v_5b" else EXPERTS
     for name in names:
         components[name] = _place(build_random_expert(family, memory.load_dtype, device), name, memory, device)
     with _building(device, torch_dtype(memory.compute_dtype)):
@@ -101,8 +102,10 @@ def model_sizes(family: str) -> ModelSizes:
     """Counted from the real classes built on the meta device (no memory, no weights)."""
     dit, vae, te = {
         "t2v_a14b": (A14B_EXPERT, WAN21_VAE, UMT5_XXL),
+        "i2v_a14b": (I2V_A14B_EXPERT, WAN21_VAE, UMT5_XXL),
         "ti2v_5b": (TI2V_5B_DIT, WAN22_VAE, UMT5_XXL),
         "tiny": (tiny.TINY_TRANSFORMER, tiny.TINY_VAE, tiny.TINY_TEXT_ENCODER),
+        "tiny_i2v": (tiny.TINY_I2V_TRANSFORMER, tiny.TINY_VAE, tiny.TINY_TEXT_ENCODER),
     }[family]
     with torch.device("meta"):
         count = lambda m: sum(p.numel() for p in m.parameters()) / 1e9  # noqa: E731

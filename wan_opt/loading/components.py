@@ -37,10 +37,11 @@ def place(components: dict, memory: MemoryPolicy, device: torch.device) -> dict:
 def load_components(model: DictConfig, memory: MemoryPolicy, device: torch.device) -> dict:
     """Every module and setting WanOptPipeline needs, for the tiny model or a checkpoint directory."""
     start = time.perf_counter()
-    if model.family == "tiny":
+    if model.family in ("tiny", "tiny_i2v"):
         from wan_opt.loading.tiny import build_tiny_components
 
-        components = place(build_tiny_components(seed=0, family="t2v_a14b", shift=model.shift), memory, device)
+        shape = "i2v_a14b" if model.family == "tiny_i2v" else "t2v_a14b"
+        components = place(build_tiny_components(seed=0, family=shape, shift=model.shift), memory, device)
     elif model.random_weights:
         from wan_opt.loading.arch import build_random_components
 
@@ -49,7 +50,10 @@ def load_components(model: DictConfig, memory: MemoryPolicy, device: torch.devic
         if not model.ckpt_dir:
             raise WanOptError(f"model={model.name} needs its weights: pass model.ckpt_dir=/path/to/checkpoint.")
         ckpt = check_checkpoint(model.ckpt_dir, model.family)
-        loader = load_diffusers_layout if ckpt.layout == "diffusers" else load_original_layout
+        if memory.idle_weights == "checkpoint":
+            loader = load_from_files
+        else:
+            loader = load_diffusers_layout if ckpt.layout == "diffusers" else load_original_layout
         components = loader(ckpt, model, memory, device)
     components.setdefault("transformer_2", None)
     components["boundary_ratio"] = model.boundary
@@ -59,8 +63,8 @@ def load_components(model: DictConfig, memory: MemoryPolicy, device: torch.devic
 
 
 def load_diffusers_layout(ckpt: Checkpoint, model: DictConfig, memory: MemoryPolicy, device: torch.device) -> dict:
-    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanTransformer3DModel
-    from transformers import AutoTokenizer, UMT5EncoderModel
+    from diffusers import WanTransformer3DModel
+    from transformers import UMT5EncoderModel
 
     root = ckpt.root
     components = {}
@@ -70,10 +74,7 @@ def load_diffusers_layout(ckpt: Checkpoint, model: DictConfig, memory: MemoryPol
     components["text_encoder"] = UMT5EncoderModel.from_pretrained(
         root / "text_encoder", dtype=component_dtype("text_encoder", memory),
         device_map=str(memory.load_device("text_encoder", device)))
-    components["vae"] = AutoencoderKLWan.from_pretrained(
-        root / "vae", torch_dtype=component_dtype("vae", memory), device_map=str(memory.load_device("vae", device)))
-    components["tokenizer"] = AutoTokenizer.from_pretrained(root / "tokenizer")
-    components["scheduler"] = scheduler_for(model.shift, UniPCMultistepScheduler.from_pretrained(root / "scheduler"))
+    components.update(load_vae_and_tokenizer(ckpt, model, memory, device))
     for module in components.values():
         if isinstance(module, torch.nn.Module):
             module.eval().requires_grad_(False)
@@ -92,4 +93,51 @@ def load_original_layout(ckpt: Checkpoint, model: DictConfig, memory: MemoryPoli
         devices={role: memory.load_device(role, device) for role in roles})
     components["tokenizer"] = AutoTokenizer.from_pretrained(ckpt.root / TOKENIZER_DIR)
     components["scheduler"] = scheduler_for(model.shift)
+    return components
+
+
+def load_vae_and_tokenizer(ckpt: Checkpoint, model: DictConfig, memory: MemoryPolicy, device: torch.device) -> dict:
+    """The VAE, the tokenizer and the scheduler of a checkpoint in either layout."""
+    from transformers import AutoTokenizer
+
+    if ckpt.layout == "diffusers":
+        from diffusers import AutoencoderKLWan, UniPCMultistepScheduler
+
+        vae = AutoencoderKLWan.from_pretrained(ckpt.root / "vae", torch_dtype=component_dtype("vae", memory),
+                                               device_map=str(memory.load_device("vae", device)))
+        return {"vae": vae.eval().requires_grad_(False),
+                "tokenizer": AutoTokenizer.from_pretrained(ckpt.root / "tokenizer"),
+                "scheduler": scheduler_for(model.shift, UniPCMultistepScheduler.from_pretrained(ckpt.root / "scheduler"))}
+    from wan_opt.loading.layouts import TOKENIZER_DIR, VAE_FILES
+    from wan_opt.loading.original import load_vae
+
+    return {"vae": load_vae(ckpt.root / VAE_FILES[ckpt.family], component_dtype("vae", memory),
+                            memory.load_device("vae", device)),
+            "tokenizer": AutoTokenizer.from_pretrained(ckpt.root / TOKENIZER_DIR),
+            "scheduler": scheduler_for(model.shift)}
+
+
+def load_from_files(ckpt: Checkpoint, model: DictConfig, memory: MemoryPolicy, device: torch.device) -> dict:
+    """idle_weights=checkpoint: the experts and the text encoder built without weights, each read from its files
+    through memory maps when it is needed (wan_opt.loading.mapped, wan_opt.memory.policy.CheckpointSwapper). Those
+    that never wait (resident experts, a text encoder kept on the GPU) are read now, each tensor straight to its
+    place in its final dtype (fp8 included), so no whole module passes through host memory on the way. LoRAs are
+    fused as each expert is read."""
+    from wan_opt.loading.layouts import DIFFUSERS_DITS
+    from wan_opt.loading.lora import lora_specs
+    from wan_opt.loading.mapped import CheckpointWeights
+
+    experts = DIFFUSERS_DITS[ckpt.family]
+    roles = (*experts, "text_encoder")
+    high, low = lora_specs(model.lora)
+    source = CheckpointWeights(ckpt, device, {role: component_dtype(role, memory) for role in roles},
+                               loras={"transformer": high, "transformer_2": low})
+    components = {role: source.skeleton(role) for role in roles}
+    for role in experts:
+        memory.shape_for_storage(components[role], device)
+    for role in roles:
+        if not memory.waits_in_checkpoint(role):
+            source.read(role, components[role], memory.load_device(role, device))
+    components.update(load_vae_and_tokenizer(ckpt, model, memory, device))
+    components["weight_source"] = source
     return components

@@ -2,11 +2,14 @@
 
 Two layouts are in use: the Diffusers one (model_index.json and one folder per component) and the Wan
 team's original one (expert folders of sharded safetensors, a T5 .pth, a VAE .pth, a tokenizer folder).
-Checked before anything loads, so a missing file is named in one sentence instead of failing mid-load.
+Checked before anything loads, so a missing file is named in one sentence instead of failing mid-load:
+every file present, every JSON file readable, every safetensors header readable and as long as its file, the
+shard index and the shards in agreement, and every tensor of the shape its config.json asks for.
 """
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,10 +17,22 @@ from wan_opt.errors import WanOptError
 
 T5_FILE = "models_t5_umt5-xxl-enc-bf16.pth"
 TOKENIZER_DIR = "google/umt5-xxl"
-VAE_FILES = {"t2v_a14b": "Wan2.1_VAE.pth", "ti2v_5b": "Wan2.2_VAE.pth"}
+VAE_FILES = {"t2v_a14b": "Wan2.1_VAE.pth", "i2v_a14b": "Wan2.1_VAE.pth", "ti2v_5b": "Wan2.2_VAE.pth"}
 # Original layout: the DiT folders of each family, in the order the diffusers names them.
-ORIGINAL_DITS = {"t2v_a14b": ("high_noise_model", "low_noise_model"), "ti2v_5b": (".",)}
-DIFFUSERS_DITS = {"t2v_a14b": ("transformer", "transformer_2"), "ti2v_5b": ("transformer",)}
+ORIGINAL_DITS = {"t2v_a14b": ("high_noise_model", "low_noise_model"),
+                 "i2v_a14b": ("high_noise_model", "low_noise_model"), "ti2v_5b": (".",)}
+DIFFUSERS_DITS = {"t2v_a14b": ("transformer", "transformer_2"), "i2v_a14b": ("transformer", "transformer_2"),
+                  "ti2v_5b": ("transformer",)}
+# What a DiT's config.json says of its family: the original WanModel's model_type, diffusers' input channels.
+DIT_MODEL_TYPES = {"t2v_a14b": "t2v", "i2v_a14b": "i2v", "ti2v_5b": "ti2v"}
+DIT_IN_CHANNELS = {"t2v_a14b": 16, "i2v_a14b": 36, "ti2v_5b": 48}
+MODEL_NAMES = {"t2v_a14b": "Wan2.2-T2V-A14B", "i2v_a14b": "Wan2.2-I2V-A14B", "ti2v_5b": "Wan2.2-TI2V-5B"}
+
+
+# Bytes per element of the safetensors dtypes of whole bytes (others are not size-checked).
+SAFETENSORS_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "F8_E8M0": 1, "I16": 2, "U16": 2,
+                     "F16": 2, "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
+MAX_HEADER_BYTES = 100 * 2**20  # the safetensors library's own limit
 
 
 @dataclass(frozen=True)
@@ -36,14 +51,74 @@ def weight_files(folder: Path, stem: str) -> list[Path]:
     single = folder / f"{stem}.safetensors"
     index = folder / f"{stem}.safetensors.index.json"
     if index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        return [folder / shard for shard in shards]
+        return [folder / shard for shard in sorted(set(weight_map(index).values()))]
     if single.is_file():
         return [single]
     found = sorted(folder.glob(f"{stem}*.safetensors"))
     if found:
         raise WanOptError(f"{folder} has safetensors shards but no {index.name} listing them: restore that file.")
     return [single]
+
+
+def read_json(path: Path) -> dict:
+    """A JSON object from `path`; a file that is not one is a sentence naming it."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
+        reason = getattr(exc, "msg", None) or getattr(exc, "strerror", None) or type(exc).__name__
+        raise WanOptError(f"{path} is not readable JSON ({reason}): re-download it.") from None
+    if not isinstance(data, dict):
+        raise WanOptError(f"{path} holds a JSON {type(data).__name__} where an object belongs: re-download it.")
+    return data
+
+
+def weight_map(index: Path) -> dict[str, str]:
+    """A shard index's tensor name -> shard file, each shard a file beside the index."""
+    mapping = read_json(index).get("weight_map")
+    if not isinstance(mapping, dict) or not mapping or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in mapping.items()):
+        raise WanOptError(f"{index} has no weight_map of tensor names to shard files: re-download it.")
+    for shard in set(mapping.values()):
+        if Path(shard).name != shard or shard in (".", ".."):
+            raise WanOptError(f"{index} names the shard {shard!r}, which is not a file beside it: re-download it.")
+    return mapping
+
+
+def safetensors_header(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """Tensor name -> (dtype, shape) from a safetensors file's header, read without its tensors. A header
+    that cannot be read, or a file shorter or longer than its header says (a cut download), is a sentence."""
+    def bad(why: str) -> WanOptError:
+        return WanOptError(f"{path} is not a whole safetensors file ({why}): re-download it.")
+
+    size = path.stat().st_size
+    with open(path, "rb") as file:
+        length = int.from_bytes(file.read(8), "little") if size >= 8 else 0
+        if not 2 <= length <= min(MAX_HEADER_BYTES, size - 8):
+            raise bad("its first bytes are not a safetensors header")
+        try:
+            header = json.loads(file.read(length))
+        except (UnicodeDecodeError, ValueError, RecursionError):
+            raise bad("its header is not JSON") from None
+    if not isinstance(header, dict):
+        raise bad("its header is not a JSON object")
+    tensors, end = {}, 0
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype, shape, (begin, stop) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            raise bad(f"the header's entry for {name!r} is malformed") from None
+        if not all(type(n) is int and n >= 0 for n in (*shape, begin, stop)) or begin > stop:
+            raise bad(f"the header's entry for {name!r} is malformed")
+        if dtype in SAFETENSORS_BYTES and stop - begin != math.prod(shape) * SAFETENSORS_BYTES[dtype]:
+            raise bad(f"{name!r} has {stop - begin} bytes where its shape {list(shape)} needs "
+                      f"{math.prod(shape) * SAFETENSORS_BYTES[dtype]}")
+        tensors[name], end = (dtype, shape), max(end, stop)
+    if end != size - 8 - length:
+        raise bad(f"its header lists {end} bytes of tensors and the file holds {size - 8 - length}"
+                  + ("; it was cut short" if end > size - 8 - length else ""))
+    return tensors
 
 
 def detect_layout(root: str | Path, family: str) -> Checkpoint:
@@ -64,10 +139,11 @@ def detect_layout(root: str | Path, family: str) -> Checkpoint:
 
 
 def original_family(root: str | Path) -> str:
-    """Which model an original-layout folder holds: the A14B has expert folders, TI2V-5B top-level shards."""
+    """Which model an original-layout folder holds: the A14B has expert folders (T2V or I2V, as their config.json
+    says), TI2V-5B top-level shards."""
     root = Path(root).expanduser()
     if (root / "high_noise_model").is_dir():
-        return "t2v_a14b"
+        return dit_family(root / "high_noise_model" / "config.json") or "t2v_a14b"
     if any(root.glob("diffusion_pytorch_model*.safetensors")):
         return "ti2v_5b"
     raise WanOptError(
@@ -103,4 +179,28 @@ def check_checkpoint(root: str | Path, family: str) -> Checkpoint:
                 f"The {ckpt.layout}-layout checkpoint at {ckpt.root} is incomplete: {rel} is missing "
                 f"(re-download it, or check that model= matches the checkpoint)."
             )
+    check_family(ckpt)
     return ckpt
+
+
+def dit_family(config_file: Path) -> str | None:
+    """The family a DiT's config.json describes (original `model_type` or diffusers `in_channels`), if readable."""
+    try:
+        config = json.loads(config_file.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(config, dict):
+        return None
+    by_type = {v: k for k, v in DIT_MODEL_TYPES.items()}
+    by_channels = {v: k for k, v in DIT_IN_CHANNELS.items()}
+    return by_type.get(config.get("model_type")) or by_channels.get(config.get("in_channels") or config.get("in_dim"))
+
+
+def check_family(ckpt: Checkpoint) -> None:
+    """A text-to-video checkpoint given to an image-to-video model (or the reverse) is named before loading."""
+    found = dit_family(ckpt.dit_dirs()[0] / "config.json")
+    if found is None or found == ckpt.family:
+        return
+    preset = {"t2v_a14b": "wan22_t2v_a14b", "i2v_a14b": "wan22_i2v_a14b", "ti2v_5b": "wan22_ti2v_5b"}[found]
+    raise WanOptError(f"The checkpoint at {ckpt.root} holds {MODEL_NAMES[found]}, not the {MODEL_NAMES[ckpt.family]} "
+                      f"this model runs: pass model={preset}, or point model.ckpt_dir at {MODEL_NAMES[ckpt.family]}.")

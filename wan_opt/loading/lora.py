@@ -39,6 +39,7 @@ from safetensors import safe_open
 
 from wan_opt.loading import original_names as original
 from wan_opt.errors import WanOptError
+from wan_opt.loading.layouts import safetensors_header
 
 # Text-encoder entries some trainers save next to the DiT's; the Wan experts do not use them.
 IGNORED_PREFIXES = ("lora_te", "text_encoder.")
@@ -347,6 +348,27 @@ def apply_expert_loras(pipe, high: LoraSpec | None, low: LoraSpec | None) -> dic
     specs = {name: spec for name, spec in (("transformer", high), ("transformer_2", low)) if spec is not None}
     planned = {name: _plan(getattr(pipe, name), spec) for name, spec in specs.items()}
     return {name: _fuse(getattr(pipe, name), planned[name], specs[name].strength) for name in specs}
+
+
+def check_lora_file(path: str | Path, model: torch.nn.Module | None) -> None:
+    """Before anything loads: the LoRA file is readable and, given the expert's architecture (`model`, built on
+    the meta device), every key lands on one of its parameters with the right shape. A safetensors file is
+    checked from its header alone (its scalar alphas aside); a .pt/.pth/.bin file is read."""
+    path = Path(path).expanduser()
+    if path.suffix in (".pt", ".pth", ".bin"):
+        state = read_lora(path)
+    else:
+        header = safetensors_header(path)
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                metadata = f.metadata() or {}
+                state = {key: f.get_tensor(key) if key.endswith(".alpha") else torch.empty(shape, device="meta")
+                         for key, (_, shape) in header.items()}
+        except Exception as err:  # noqa: BLE001 - any reader failure is the same mistake: a bad file
+            raise WanOptError(f"LoRA file {path} could not be read ({type(err).__name__}: {err}).") from None
+        state.update(_alphas_from_metadata(state, metadata, path))
+    if model is not None:
+        lora_deltas(state, model, source=str(path))
 
 
 def lora_specs(cfg) -> tuple[LoraSpec | None, LoraSpec | None]:

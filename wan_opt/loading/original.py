@@ -16,9 +16,8 @@ from safetensors import safe_open
 
 from wan_opt.loading import original_names as original
 from wan_opt.errors import WanOptError
+from wan_opt.loading.layouts import DIT_MODEL_TYPES as MODEL_TYPES  # WanModel config.json "model_type"
 from wan_opt.loading.layouts import T5_FILE, VAE_FILES, Checkpoint, weight_files
-
-MODEL_TYPES = {"t2v_a14b": "t2v", "ti2v_5b": "ti2v"}  # WanModel config.json "model_type" of each family
 
 
 def dtype_for(module: torch.nn.Module, name: str, dtype: torch.dtype) -> torch.dtype:

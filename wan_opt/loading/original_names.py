@@ -53,7 +53,8 @@ _BLOCK_KEY = re.compile(r"blocks\.(\d+)\.(.+)")
 
 
 def dit_config_from_original(cfg: dict) -> dict:
-    """WanTransformer3DModel kwargs from a WanModel config.json (only T2V/TI2V: no image cross-attention)."""
+    """WanTransformer3DModel kwargs from a WanModel config.json: Wan 2.2's T2V, I2V (36 input channels, no CLIP
+    image cross-attention) and TI2V; Wan 2.1's image cross-attention (img_emb) has no mapping here."""
     cfg = {**DIT_DEFAULTS, **cfg}
     if cfg["dim"] % cfg["num_heads"]:
         raise ValueError(f"config.json has dim={cfg['dim']} not divisible by num_heads={cfg['num_heads']}.")

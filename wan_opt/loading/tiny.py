@@ -1,6 +1,6 @@
 """A tiny Wan 2.2 with random weights, built from the real diffusers/transformers classes.
 
-Same structure as Wan2.2-T2V-A14B (two experts switched at the boundary, a UMT5 encoder, the Wan 2.1 VAE with
+Same structure as Wan2.2-T2V-A14B or I2V-A14B (two experts switched at the boundary, a UMT5 encoder, the Wan 2.1 VAE with
 8x8 spatial and 4x temporal compression) at a size that runs every stage on a CPU in seconds. Its output is
 noise. The tokenizer works on characters and is built in code, so nothing is downloaded.
 """
@@ -29,6 +29,8 @@ TINY_TEXT_ENCODER = dict(
     relative_attention_num_buckets=32, relative_attention_max_distance=128, feed_forward_proj="gated-gelu",
     dropout_rate=0.0, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0, tie_word_embeddings=False,
 )
+# I2V-A14B's shape: 16 channels of noise, 4 of the frame mask, 16 of the encoded conditioning video.
+TINY_I2V_TRANSFORMER = {**TINY_TRANSFORMER, "in_channels": 36}
 TINY_VAE = dict(base_dim=8, z_dim=16, dim_mult=[1, 2, 2, 2], num_res_blocks=1, temperal_downsample=[False, True, True])
 # TI2V-5B's shape: one DiT on 48 latent channels and the Wan 2.2 VAE (2x2 patchify + 8x8 = 16x16 spatial).
 TINY_TI2V_TRANSFORMER = {**TINY_TRANSFORMER, "in_channels": 48, "out_channels": 48}
@@ -55,15 +57,17 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
 def build_tiny_components(seed: int = 0, family: str = "t2v_a14b", shift: float = 12.0) -> dict:
     """Every module of a tiny Wan 2.2 in float32, randomly initialised from `seed` (deterministic on CPU).
 
-    family "t2v_a14b" (or "tiny") gives two experts and the Wan 2.1 VAE; "ti2v_5b" one DiT and the 2.2 VAE.
+    family "t2v_a14b" (or "tiny") gives two experts and the Wan 2.1 VAE; "i2v_a14b" (or "tiny_i2v") the same on
+    36 input channels; "ti2v_5b" one DiT and the 2.2 VAE.
     """
     ti2v = family == "ti2v_5b"
+    expert = TINY_I2V_TRANSFORMER if family in ("i2v_a14b", "tiny_i2v") else TINY_TRANSFORMER
     gen_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
     try:
         components = dict(
-            transformer=WanTransformer3DModel(**(TINY_TI2V_TRANSFORMER if ti2v else TINY_TRANSFORMER)),
-            transformer_2=None if ti2v else WanTransformer3DModel(**TINY_TRANSFORMER),
+            transformer=WanTransformer3DModel(**(TINY_TI2V_TRANSFORMER if ti2v else expert)),
+            transformer_2=None if ti2v else WanTransformer3DModel(**expert),
             text_encoder=UMT5EncoderModel(UMT5Config(**TINY_TEXT_ENCODER)),
             vae=AutoencoderKLWan(**(TINY_TI2V_VAE if ti2v else TINY_VAE)),
         )

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 
 from wan_opt import hardware
 from wan_opt.memory.plan import GIB
@@ -11,7 +12,48 @@ log = logging.getLogger(__name__)
 
 
 def host_ram_gb() -> float:
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GIB
+    """This machine's memory, or the memory limit of the control group the process runs in (a container, a
+    `systemd-run -p MemoryMax=` scope), whichever is smaller."""
+    physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    limit = cgroup_memory_limit()
+    return min(physical, limit) / GIB if limit else physical / GIB
+
+
+def cgroup_memory_limit(root: Path = Path("/sys/fs/cgroup")) -> int | None:
+    """The byte limit of this process's memory control group (v2's memory.max, else v1's limit), if it has one."""
+    try:
+        lines = Path("/proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if controllers == "":
+            file = root / path.lstrip("/") / "memory.max"
+        elif "memory" in controllers.split(","):
+            file = root / "memory" / path.lstrip("/") / "memory.limit_in_bytes"
+        else:
+            continue
+        try:
+            text = file.read_text().strip()
+        except OSError:
+            continue
+        if text.isdigit() and int(text) < 2**60:  # v2 writes "max" for no limit, v1 a huge number
+            return int(text)
+    return None
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        for name, folder in (("memory.max", root / path.lstrip("/")) if controllers == "" else (None, None),
+                             ("memory.limit_in_bytes", root / "memory" / path.lstrip("/"))
+                             if "memory" in controllers.split(",") else (None, None)):
+            if name is None:
+                continue
+            try:
+                text = (folder / name).read_text().strip()
+            except OSError:
+                continue
+            if text.isdigit() and int(text) < 2**60:  # v1 writes a huge number for "no limit", v2 "max"
+                return int(text)
+    return None
 
 
 CUDA_CONTEXT_GIB = 0.5  # what this process's CUDA context will take of the free memory

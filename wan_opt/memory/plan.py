@@ -20,10 +20,31 @@ ACT_FIXED_GIB = 0.5
 DECODE_720P_GIB = {"float32": 20.2, "bfloat16": 10.1, "float16": 10.1}  # untiled, 1280*720*81
 DECODE_TILED_GIB = {"float32": 3.9, "bfloat16": 2.0, "float16": 2.0}
 PIXELS_720P_81 = 1280 * 720 * 81
+# Image-to-video's VAE encode of the conditioning video works 4 frames at a time (the first alone), at full size:
+# the untiled working set of a 1280*720 chunk, estimated at 0.7 of the decode's (the encoder's and the decoder's
+# peaks on the CPU at 320*176 x 9: 0.94 and 1.36 GiB; docs/image-to-video.md), until a GPU measures it; tiled,
+# one 256-pixel tile's.
+ENCODE_720P_GIB = {"float32": 14.0, "bfloat16": 7.0, "float16": 7.0}
+ENCODE_TILED_GIB = {"float32": 1.0, "bfloat16": 0.5, "float16": 0.5}
+PIXELS_720P = 1280 * 720
+# What the measurements above were taken on: an A14B expert and the Wan 2.1 VAE (billions of parameters).
+MEASURED_EXPERT_PARAMS_B = 14.29
+MEASURED_VAE_PARAMS_B = 0.127
+FRAME_COPIES = 3  # the decoded video in float32 as the VAE returns it, post-processed, and as numpy
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "float8_e4m3fn": 1}
 # Seconds a mechanism adds, from the H100 measurements; used only to rank plans, never reported as a result.
 COST = {"offload_per_step_fraction": 0.08, "swap_seconds": 2.0, "te_release_seconds": 0.5,
-        "te_cpu_seconds": 4.6, "tiling_seconds": 6.0}
+        "te_cpu_seconds": 4.6, "tiling_seconds": 6.0, "read_gb_per_second": 2.0}
+# Host memory (docs/memory-floor.md). The process beside its weights: Python, torch and the libraries, the CUDA
+# context's host side (a 24 GiB-capped run peaked at 65.4 GiB with 63.8 GiB of weights in host memory; the VAE's
+# convolutions load cuDNN's kernels later).
+HOST_BASE_GIB = 2.0
+PINNED_CHUNK_GIB = 1.0  # pinned copies are packed into 1 GiB chunks (wan_opt.memory.policy): the last is part used
+READ_TRANSIENT_GIB = 0.3  # one tensor in flight while an expert is read from its files (the largest: 0.26 GiB fp32)
+TE_READ_TRANSIENT_GIB = 2.0  # the same for UMT5-XXL: its token embedding, 1.96 GiB in bf16
+# Bytes per parameter of the files as the Wan team releases them (experts in float32, UMT5 in bfloat16): what a
+# plan that reads from the checkpoint again reads per request (ranking only, like COST).
+FILE_BYTES = {"expert": 4, "text_encoder": 2}
 
 
 @dataclass(frozen=True)
@@ -50,6 +71,7 @@ class Request:
     guided: bool = True
     sequence_parallel: int = 1  # GPUs each forward's tokens are split across (torchrun)
     weight_shards: int = 1  # GPUs each expert and the text encoder are sharded across (FSDP2)
+    image_frames: int = 0  # image-to-video: frames of the conditioning video the VAE encodes (0: none)
 
 
 @dataclass(frozen=True)
@@ -60,6 +82,7 @@ class Mechanisms:
     weight_dtype: str = "bfloat16"
     text_encoder: str = "gpu"  # gpu | gpu_release | cpu
     vae_tiling: bool = False
+    idle_weights: str = "host"  # host | checkpoint: where an idle expert or text encoder waits
 
 
 @dataclass
@@ -73,6 +96,8 @@ class Plan:
     stages: dict[str, float] = field(default_factory=dict)  # predicted GPU peak of each stage, GiB
     est_extra_seconds: float = 0.0
     budget_source: str = "profile"  # where vram_budget_gb came from
+    host_stages: dict[str, float] = field(default_factory=dict)  # predicted peak resident set of each stage, GiB
+    read_gb_per_request: float = 0.0  # what each request reads from the checkpoint's files again, GB
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -83,11 +108,16 @@ def tokens(sizes: ModelSizes, req: Request) -> int:
     return frames * (req.height // sizes.spatial_compression) * (req.width // sizes.spatial_compression)
 
 
+def expert_gib(sizes: ModelSizes, weight_dtype: str, compute_dtype: str) -> float:
+    """One expert's weights: its block linears in the storage dtype, the rest in the compute dtype."""
+    quantized = sizes.expert_block_linear_params_b
+    return (quantized * BYTES[weight_dtype] + (sizes.expert_params_b - quantized) * BYTES[compute_dtype]) * 1e9 / GIB
+
+
 def predict(sizes: ModelSizes, req: Request, mech: Mechanisms, compute_dtype: str, vae_dtype: str,
             vram_budget_gb: float, host_ram_gb: float, steps: int = 40) -> Plan:
     """Predicted peak GPU memory of each stage (GiB) and host memory, for one set of mechanisms."""
-    quantized = sizes.expert_block_linear_params_b
-    expert = (quantized * BYTES[mech.weight_dtype] + (sizes.expert_params_b - quantized) * BYTES[compute_dtype]) * 1e9 / GIB
+    expert = expert_gib(sizes, mech.weight_dtype, compute_dtype)
     te = sizes.text_encoder_params_b * 1e9 * BYTES[compute_dtype] / GIB
     # Per GPU under torchrun: FSDP2 keeps 1/N of the experts (plus one gathered block, in the 0.5 GiB margin
     # of the activations) and of a text encoder that stays on the GPUs; one that is released or runs on the
@@ -110,26 +140,103 @@ def predict(sizes: ModelSizes, req: Request, mech: Mechanisms, compute_dtype: st
         "denoise_high_noise": max(resident_experts, expert_on_gpu) + te_gpu + vae + act,
         "decode": resident_experts + te_gpu + vae + decode,
     }
+    if req.image_frames:
+        stages["vae_encode"] = resident_experts + te_gpu + vae + vae_encode_gib(req, mech, vae_dtype)
     if sizes.experts == 2:
         stages["denoise_low_noise"] = stages["denoise_high_noise"]
         stages["switch"] = resident_experts + te_gpu + vae + (expert if mech.experts == "swap" else 0.0)
-    host = sizes.experts * expert * (mech.experts != "resident") + te * (mech.text_encoder != "gpu")
+    mapped = mech.idle_weights == "checkpoint"
+    # Loading: read from the files, every tensor goes to its place in its final dtype; loaded by the libraries,
+    # an fp8-stored expert is whole in the compute dtype before it is quantized.
+    loaded = expert if mapped else expert_gib(sizes, compute_dtype if mech.weight_dtype.startswith("float8")
+                                              else mech.weight_dtype, compute_dtype) / req.weight_shards
+    stages = {"load": (loaded * sizes.experts if mech.experts == "resident" else 0.0) + te_gpu + vae + (
+        READ_TRANSIENT_GIB if mapped else 0.0), **stages}
+    hosts = host_stages(sizes, req, mech, compute_dtype, expert, loaded, te, stages)
+    host = max(hosts.values())
     peak = max(stages.values())
     extra = (COST["offload_per_step_fraction"] * steps * 10.0 * (mech.experts == "offload")
              + COST["swap_seconds"] * (mech.experts == "swap")
              + COST["te_release_seconds"] * (mech.text_encoder == "gpu_release")
              + COST["te_cpu_seconds"] * (mech.text_encoder == "cpu")
              + COST["tiling_seconds"] * mech.vae_tiling)
+    reads = reread_gb(sizes, mech)
+    extra += reads / COST["read_gb_per_second"]
     fits = peak <= vram_budget_gb * SAFETY and host <= host_ram_gb * SAFETY
     return Plan(fits, round(peak, 2), vram_budget_gb, host_ram_gb, round(host, 2), asdict(mech),
-                {k: round(v, 2) for k, v in stages.items()}, round(extra, 1))
+                {k: round(v, 2) for k, v in stages.items()}, round(extra, 1),
+                host_stages={k: round(v, 2) for k, v in hosts.items()}, read_gb_per_request=round(reads, 1))
+
+
+def vae_encode_gib(req: Request, mech: Mechanisms, vae_dtype: str) -> float:
+    """The VAE encode of image-to-video beyond the resident weights: the conditioning video (built in float32,
+    then in the VAE's dtype) and the encoder's working set on one chunk of up to 4 frames."""
+    pixels = req.width * req.height
+    video = req.image_frames * pixels * 3 * (4 + BYTES[vae_dtype]) / GIB
+    chunk = min(req.image_frames, 4) / 4
+    work = ENCODE_TILED_GIB[vae_dtype] if mech.vae_tiling else ENCODE_720P_GIB[vae_dtype] * pixels / PIXELS_720P
+    return video + work * chunk
+
+
+def pinned_gib(gib: float) -> float:
+    """Host memory a pinned copy of `gib` takes: whole chunks."""
+    return -(-gib // PINNED_CHUNK_GIB) * PINNED_CHUNK_GIB
+
+
+def host_stages(sizes: ModelSizes, req: Request, mech: Mechanisms, compute_dtype: str, expert: float,
+                loaded: float, te: float, stages: dict) -> dict[str, float]:
+    """Predicted peak resident set (GiB) of each stage, beside the GPU's: the process, the weights waiting in host
+    memory, and what the stage adds (a module read from the files, the decoded frames).
+
+    idle_weights=host keeps every expert that is not resident pinned, and the text encoder (pinned when it is
+    released to the GPU, plain on the CPU); loaded by the libraries, those experts come whole in the compute
+    dtype first. idle_weights=checkpoint holds one pinned expert (offload; none with swap, which reads straight
+    to the GPU) and the text encoder only while it encodes. An offloaded expert's weights outside its blocks move
+    to plain host memory once it has run (diffusers' group offloading copies them back each forward).
+    """
+    mapped = mech.idle_weights == "checkpoint"
+    outside = (sizes.expert_params_b - sizes.expert_block_linear_params_b) * BYTES[compute_dtype] * 1e9 / GIB
+    copies = 0 if mech.experts == "resident" else (1 if mapped else sizes.experts)
+    if mapped and mech.experts == "swap":
+        copies = 0
+    waiting = copies * pinned_gib(expert) + (sizes.experts * outside if mech.experts == "offload" else 0.0)
+    kept_te = 0.0 if mapped else {"gpu": 0.0, "gpu_release": pinned_gib(te), "cpu": te}[mech.text_encoder]
+    encoding_te = kept_te if not mapped else {"gpu": 0.0, "gpu_release": TE_READ_TRANSIENT_GIB,
+                                               "cpu": te}[mech.text_encoder]
+    transient = READ_TRANSIENT_GIB if mapped else 0.0
+    if mapped:  # the arena is allocated after the modules that never wait were read (a kept encoder: its embedding)
+        load = waiting - (sizes.experts * outside if mech.experts == "offload" else 0.0) + transient
+        load = max(load, TE_READ_TRANSIENT_GIB if mech.text_encoder == "gpu" else 0.0)
+    else:
+        on_host = 0.0 if mech.experts == "resident" else sizes.experts * loaded
+        load = on_host + (te if mech.text_encoder != "gpu" else 0.0)
+    frames = req.width * req.height * req.frames * 3 * 4 * FRAME_COPIES / GIB
+    hosts = {"load": load, "encode": waiting + encoding_te}
+    for stage in stages:
+        if stage.startswith("denoise") or stage == "vae_encode":
+            hosts[stage] = waiting + kept_te
+    if "switch" in stages:
+        hosts["switch"] = waiting + kept_te + transient
+    hosts["decode"] = waiting + kept_te + frames
+    return {stage: HOST_BASE_GIB + gib for stage, gib in hosts.items()}
+
+
+def reread_gb(sizes: ModelSizes, mech: Mechanisms) -> float:
+    """GB a request reads from the checkpoint's files beyond the first load: with idle_weights=checkpoint, both
+    experts of a two-expert model unless they stay resident, and the text encoder unless it stays on the GPU."""
+    if mech.idle_weights != "checkpoint":
+        return 0.0
+    experts = sizes.experts * sizes.expert_params_b * FILE_BYTES["expert"] if (
+        mech.experts != "resident" and sizes.experts > 1) else 0.0
+    te = sizes.text_encoder_params_b * FILE_BYTES["text_encoder"] if mech.text_encoder != "gpu" else 0.0
+    return experts + te
 
 
 def candidates(allow_fp8: bool) -> list[Mechanisms]:
     """Every combination, lossless (bf16 storage) before fp8 storage."""
     dtypes = ["bfloat16", "float8_e4m3fn"] if allow_fp8 else ["bfloat16"]
-    return [Mechanisms(e, d, t, v) for d, e, t, v in itertools.product(
-        dtypes, ("resident", "swap", "offload"), ("gpu", "gpu_release", "cpu"), (False, True))]
+    return [Mechanisms(e, d, t, v, i) for d, e, t, v, i in itertools.product(
+        dtypes, ("resident", "swap", "offload"), ("gpu", "gpu_release", "cpu"), (False, True), ("host", "checkpoint"))]
 
 
 def plan_memory(sizes: ModelSizes, req: Request, vram_budget_gb: float, host_ram_gb: float, compute_dtype: str = "bfloat16",
@@ -148,24 +255,70 @@ def plan_memory(sizes: ModelSizes, req: Request, vram_budget_gb: float, host_ram
 
 
 def no_plan_fits(sizes: ModelSizes, req: Request, plan: Plan, compute_dtype: str, vae_dtype: str,
-                 allow_fp8: bool) -> WanOptError:
-    """One sentence: the smallest VRAM (and its host RAM) that would run this, and the nearest request that fits."""
-    smallest = min((predict(sizes, req, m, compute_dtype, vae_dtype, 1e9, 1e9) for m in candidates(allow_fp8)),
-                   key=lambda p: (p.predicted_peak_gpu_gb, p.predicted_host_gb))
+                 allow_fp8: bool, fixed: dict | None = None) -> WanOptError:
+    """One sentence: the smallest VRAM (and its host RAM) that would run this, the host RAM it needs with this
+    VRAM and the VRAM with this host RAM, and the nearest request that fits."""
+    every = [predict(sizes, req, replace(m, **(fixed or {})), compute_dtype, vae_dtype, 1e9, 1e9)
+             for m in candidates(allow_fp8)]
+    smallest = min(every, key=lambda p: (p.predicted_peak_gpu_gb, p.predicted_host_gb))
+    vram, host = plan.vram_budget_gb, plan.host_ram_gb
+    with_vram = [p.predicted_host_gb for p in every if p.predicted_peak_gpu_gb <= vram * SAFETY]
+    with_host = [p.predicted_peak_gpu_gb for p in every if p.predicted_host_gb <= host * SAFETY]
+    needs = (f"; with {vram:g} GB of VRAM it needs {min(with_vram) / SAFETY:.1f} GB of host RAM" if with_vram
+             else f"; no plan runs in {vram:g} GB of VRAM")
+    needs += (f", with {host:.0f} GB of host RAM {min(with_host) / SAFETY:.1f} GB of VRAM" if with_host
+              else f", and none in {host:.0f} GB of host RAM")
     nearest = "none at this size"
     smaller = [replace(req, frames=f) for f in range(req.frames - 4, 0, -4)]
     smaller += [replace(req, width=w, height=h) for w, h in ((832, 480), (480, 832)) if w * h < req.width * req.height]
     for candidate in smaller:
-        if plan_memory(sizes, candidate, plan.vram_budget_gb, plan.host_ram_gb, compute_dtype, vae_dtype,
-                       allow_fp8).fits:
+        if plan_memory(sizes, candidate, vram, host, compute_dtype, vae_dtype, allow_fp8, fixed).fits:
             nearest = f"size={candidate.width}*{candidate.height} frames={candidate.frames}"
             break
     return WanOptError(
-        f"No memory plan fits {req.width}*{req.height} x {req.frames} frames in {plan.vram_budget_gb:g} GB of VRAM "
-        f"and {plan.host_ram_gb:.0f} GB of host RAM: the leanest plan needs {smallest.predicted_peak_gpu_gb / SAFETY:.1f} "
-        f"GB of VRAM with {smallest.predicted_host_gb / SAFETY:.1f} GB of host RAM; the nearest request that fits "
-        f"here: {nearest}."
+        f"No memory plan fits {req.width}*{req.height} x {req.frames} frames in {vram:g} GB of VRAM "
+        f"and {host:.0f} GB of host RAM: the leanest plan needs {smallest.predicted_peak_gpu_gb / SAFETY:.1f} "
+        f"GB of VRAM with {smallest.predicted_host_gb / SAFETY:.1f} GB of host RAM{needs}; the nearest request "
+        f"that fits here: {nearest}."
     )
+
+
+def host_plan(sizes: ModelSizes, req: Request, mech: Mechanisms, compute_dtype: str, vae_dtype: str,
+              host_ram_gb: float) -> Plan:
+    """The plan of a run on the CPU. Every module stays in host memory and the largest working set comes on
+    top: a forward's activations or the VAE decode, as measured for the full-size modules (above) and scaled
+    down for smaller ones (activations with the DiT's width, the square root of its parameters; the decode
+    with the VAE's parameters), plus the decoded frames themselves, which no VAE makes smaller."""
+    plan = predict(sizes, req, mech, compute_dtype, vae_dtype, float("inf"), host_ram_gb)  # stages, for the table
+    weights = (sizes.experts * expert_gib(sizes, mech.weight_dtype, compute_dtype)
+               + (sizes.text_encoder_params_b * BYTES[compute_dtype] + sizes.vae_params_b * BYTES[vae_dtype])
+               * 1e9 / GIB)
+    width = min(1.0, (sizes.expert_params_b / MEASURED_EXPERT_PARAMS_B) ** 0.5)
+    batch = 2 if (req.batched_cfg and req.guided) else 1
+    act = ACT_FIXED_GIB + ACT_GIB_PER_TOKEN * tokens(sizes, req) * batch * width
+    pixels = req.width * req.height * req.frames
+    decode = (DECODE_TILED_GIB[vae_dtype] if mech.vae_tiling else DECODE_720P_GIB[vae_dtype] * pixels / PIXELS_720P_81)
+    frames_out = pixels * 3 * 4 * FRAME_COPIES / GIB  # float32 RGB: the decoder's output and its conversions
+    decode = decode * min(1.0, sizes.vae_params_b / MEASURED_VAE_PARAMS_B) + frames_out
+    plan.vram_budget_gb = 0.0
+    plan.host_stages = {}  # one total on the CPU (below), not the stages of a GPU run
+    plan.predicted_host_gb = round(weights + max(act, decode), 2)
+    plan.fits = plan.predicted_host_gb <= host_ram_gb * SAFETY
+    return plan
+
+
+def host_refusal(sizes: ModelSizes, req: Request, plan: Plan, compute_dtype: str, vae_dtype: str,
+                 model_name: str) -> WanOptError:
+    """One sentence for a CPU run that host memory cannot hold: what it needs, and whether a smaller request
+    would do or the model alone is too large."""
+    mech = Mechanisms(**plan.mechanisms)
+    smallest = host_plan(sizes, replace(req, frames=1, width=sizes.spatial_compression,
+                                        height=sizes.spatial_compression), mech, compute_dtype, vae_dtype, 1e9)
+    fix = (f"the model alone needs {smallest.predicted_host_gb / SAFETY:.0f} GB, so run it on a GPU profile"
+           if smallest.predicted_host_gb > plan.host_ram_gb * SAFETY else "ask for fewer frames or a smaller size")
+    return WanOptError(f"On the CPU, {model_name} at {req.width}*{req.height} x {req.frames} frames needs about "
+                       f"{plan.predicted_host_gb / SAFETY:.0f} GB of host memory and {plan.host_ram_gb:.0f} GB "
+                       f"are here: {fix}.")
 
 
 def next_plan_down(sizes: ModelSizes, req: Request, failed: Plan, compute_dtype: str, vae_dtype: str,

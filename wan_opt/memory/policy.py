@@ -2,17 +2,20 @@
 
 A profile's `memory:` block is instantiated into a `MemoryPolicy`. Loading asks it where each component
 should land (`load_device`), the pipeline calls it around each stage (`encoding`, `activate_expert`), and
-it applies the mechanisms (fp8 weight storage, group offloading, expert swapping, VAE tiling).
+it applies the mechanisms (fp8 weight storage, group offloading, expert swapping, VAE tiling, and with
+idle_weights=checkpoint the experts and text encoder read from their files when needed: CheckpointSwapper).
 """
 from __future__ import annotations
 
 import contextlib
 import logging
+import os
 from typing import Iterator
 
 import torch
 
 from wan_opt.config import MemoryConfig
+from wan_opt.hardware import world_size
 from wan_opt.optim.fp8 import quantize_linears
 
 log = logging.getLogger(__name__)
@@ -20,7 +23,7 @@ log = logging.getLogger(__name__)
 EXPERTS = ("transformer", "transformer_2")
 # PyTorch's pinned-memory allocator rounds every request up to a power of two: pinned one by one, a block's
 # 142 MB FFN weights would take 256 MiB each and its 52 MB projections 64 MiB, so an A14B expert would hold
-# 1.53x its 27.4 GB of host RAM. Chunks of 1 GiB, each packed with many tensors, are rounded by nothing.
+# about 1.5x its size in host RAM. Chunks of 1 GiB, each packed with many tensors, are rounded by nothing.
 PINNED_CHUNK = 1 << 30
 PINNED_ALIGN = 512  # bytes; every dtype's view starts aligned
 
@@ -33,21 +36,34 @@ def move_to_pinned(tensors: list[torch.Tensor], allocate=None) -> list[torch.Ten
     soon as it is copied, so host memory never holds a module twice. Tensors already pinned stay where they
     are. `allocate(nbytes)` returns a uint8 tensor (pinned by default). Returns the new data, in order.
     """
-    allocate = allocate or (lambda nbytes: torch.empty(nbytes, dtype=torch.uint8, pin_memory=True))
-    chunks: list[list] = []  # [uint8 tensor, bytes used]
+    chunks = PinnedChunks(allocate)
     for tensor in sorted(tensors, key=lambda t: -t.nbytes):
         if tensor.data.is_pinned():
             continue
-        nbytes = -(-tensor.nbytes // PINNED_ALIGN) * PINNED_ALIGN
-        chunk = next((c for c in chunks if c[0].numel() - c[1] >= nbytes), None)
-        if chunk is None:
-            chunk = [allocate(max(PINNED_CHUNK, 1 << max(nbytes - 1, 1).bit_length())), 0]
-            chunks.append(chunk)
-        view = chunk[0][chunk[1]:chunk[1] + tensor.nbytes].view(tensor.dtype).view(tensor.shape)
+        view = chunks.view(tensor.shape, tensor.dtype)
         view.copy_(tensor.data)
         tensor.data = view
-        chunk[1] += nbytes
     return [tensor.data for tensor in tensors]
+
+
+class PinnedChunks:
+    """Pinned host memory handed out as views, packed into chunks whose sizes are powers of two (move_to_pinned)."""
+
+    def __init__(self, allocate=None):
+        self.allocate = allocate or (lambda nbytes: torch.empty(nbytes, dtype=torch.uint8, pin_memory=True))
+        self.chunks: list[list] = []  # [uint8 tensor, bytes used]
+
+    def view(self, shape, dtype: torch.dtype) -> torch.Tensor:
+        """An uninitialised tensor of `shape` and `dtype` in the first chunk with room (a new one if none)."""
+        size = torch.Size(shape).numel() * dtype.itemsize
+        nbytes = -(-size // PINNED_ALIGN) * PINNED_ALIGN
+        chunk = next((c for c in self.chunks if c[0].numel() - c[1] >= nbytes), None)
+        if chunk is None:
+            chunk = [self.allocate(max(PINNED_CHUNK, 1 << max(nbytes - 1, 1).bit_length())), 0]
+            self.chunks.append(chunk)
+        view = chunk[0][chunk[1]:chunk[1] + size].view(dtype).view(shape)
+        chunk[1] += nbytes
+        return view
 
 
 def torch_dtype(name: str) -> torch.dtype:
@@ -85,14 +101,47 @@ class MemoryPolicy(MemoryConfig):
             return self.experts == "swap" and not self.stores_fp8
         return component == "text_encoder" and self.text_encoder == "gpu_release"
 
+    def waits_in_checkpoint(self, component: str) -> bool:
+        """Whether `component` is read from its files each time it is needed (idle_weights=checkpoint) rather
+        than once, when the pipeline loads: swapped or offloaded experts, a released or CPU text encoder."""
+        if self.idle_weights != "checkpoint":
+            return False
+        if component in EXPERTS:
+            return self.experts != "resident"
+        return component == "text_encoder" and self.text_encoder != "gpu"
+
+    def configure_allocator(self, device: torch.device) -> None:
+        """expandable_segments: PyTorch's CUDA allocator maps more memory into a growing segment instead of
+        keeping gaps between segments that later tensors do not fit (a 24 GiB run once stopped with 16.6 GiB in
+        use and 5.9 GiB reserved but free). Set before the weights load, in one process (not under torchrun);
+        a PYTORCH_CUDA_ALLOC_CONF the user set stands."""
+        if (device.type == "cuda" and self.expandable_segments and world_size() == 1
+                and "PYTORCH_CUDA_ALLOC_CONF" not in os.environ):
+            torch.cuda.memory._set_allocator_settings("expandable_segments:True")
+
+    def shape_for_storage(self, expert: torch.nn.Module, device: torch.device) -> None:
+        """fp8 storage: the blocks' linear layers (98% of the weights) in e4m3 with a scale per output channel;
+        the embeddings and norms stay in the compute dtype. Quantized on the GPU when there is one; an expert
+        built without weights (read later from its files) gets the layers empty. Idempotent."""
+        if self.stores_fp8:
+            for block in expert.blocks:
+                quantize_linears(block, work_device=device)
+
     def prepare(self, pipe, device: torch.device) -> None:
         """Apply the storage and offloading mechanisms to freshly loaded modules."""
+        source = getattr(pipe, "weight_source", None)
+        reads = self.idle_weights == "checkpoint" and source is not None
         for expert in pipe.experts():
-            if self.stores_fp8:
-                # The blocks' linear layers (98% of the weights) in e4m3 with a scale per output channel; the
-                # embeddings and norms stay in the compute dtype. Quantized on the GPU when there is one.
-                for block in expert.blocks:
-                    quantize_linears(block, work_device=device)
+            self.shape_for_storage(expert, device)
+        if reads and self.experts != "resident":
+            # Offloaded experts stream from one pinned arena that each expert's weights are read into in turn.
+            arena = device.type == "cuda" and self.experts == "offload" and self.offload_use_stream
+            roles = dict(zip(EXPERTS, pipe.experts()))
+            pipe.expert_swapper = CheckpointSwapper(source, roles, torch.device("cpu") if arena else device, arena)
+        if reads and self.text_encoder != "gpu":
+            on = device if self.text_encoder == "gpu_release" else torch.device("cpu")
+            pipe.text_encoder_swapper = CheckpointSwapper(source, {"text_encoder": pipe.text_encoder}, on)
+        for expert in pipe.experts():
             if device.type == "cuda" and self.experts == "offload":
                 if self.offload_use_stream:
                     # diffusers pins each tensor for its stream copies, each rounded up to a power of two; tensors
@@ -104,7 +153,7 @@ class MemoryPolicy(MemoryConfig):
                     num_blocks_per_group=self.offload_blocks_per_group if self.offload_granularity == "block" else None,
                     use_stream=self.offload_use_stream,
                 )
-        if device.type == "cuda":
+        if device.type == "cuda" and not reads:
             pipe.expert_swapper = (PinnedSwapper(pipe.experts(), device, overlap=self.swap_overlap)
                                    if self.experts == "swap" else None)
             pipe.text_encoder_swapper = (PinnedSwapper([pipe.text_encoder], device)
@@ -213,3 +262,69 @@ def copy_parts(module: torch.nn.Module) -> list[tuple[torch.nn.Module, list[tupl
     for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
         parts[owner.get(id(tensor), -1) + 1].append((name, tensor))
     return list(zip([module, *blocks], parts))
+
+
+class CheckpointSwapper:
+    """Holds the weights of at most one of its modules; the others wait in the checkpoint's files
+    (idle_weights=checkpoint, docs/memory-floor.md).
+
+    Activating reads the module from its memory-mapped files onto `device` (`source`: a
+    wan_opt.loading.mapped.CheckpointWeights); releasing drops its weights: each parameter keeps its name, dtype
+    and every hook that holds it, on a tensor of no elements. With `arena` (offloaded experts) the modules share
+    one set of pinned host tensors, which diffusers' group offloading streams from: activating writes the next
+    expert over the last one, and releasing keeps it, so the expert read last is not read again.
+    """
+
+    def __init__(self, source, modules: dict[str, torch.nn.Module], device: torch.device, arena: bool = False,
+                 allocate=None):
+        self.source, self.device = source, device
+        self.roles = {id(module): role for role, module in modules.items()}
+        self.specs = {id(module): {name: (tuple(p.shape), p.dtype) for name, p in module.named_parameters()}
+                      for module in modules.values()}
+        self.active: torch.nn.Module | None = None
+        self.keeps = arena
+        if arena:
+            chunks = PinnedChunks(allocate)
+            first = next(iter(self.specs.values()))
+            views = {name: chunks.view(shape, dtype) for name, (shape, dtype) in first.items()}
+            for module in modules.values():
+                if self.specs[id(module)] != first:
+                    raise ValueError("experts that share a pinned arena must have the same parameters")
+                _rebind(module, lambda name, param: views[name])
+        else:
+            for module in modules.values():
+                _rebind(module, lambda name, param: torch.empty(0, dtype=param.dtype))
+
+    def activate(self, module: torch.nn.Module) -> None:
+        if self.active is module:
+            return
+        self.release()
+        work = self.source.work_device
+        if self.keeps and work.type == "cuda":
+            torch.cuda.synchronize(work)  # no copy out of the arena may still be reading the last expert
+        self.source.read(self.roles[id(module)], module, self.device, self.specs[id(module)])
+        self.active = module
+
+    def release(self) -> None:
+        if self.keeps or self.active is None:
+            return
+        _rebind(self.active, lambda name, param: torch.empty(0, dtype=param.dtype))
+        self.active = None
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def _rebind(module: torch.nn.Module, make) -> None:
+    """Point every parameter of `module` at `make(name, parameter)`: in place where it has storage (the same
+    Parameter, so hooks and tied weights keep it), as a new Parameter in each place it is used where it has none
+    (a module built on the meta device)."""
+    new: dict[int, torch.nn.Parameter] = {}
+    for name, param in module.named_parameters():
+        if param.is_meta:
+            new[id(param)] = torch.nn.Parameter(make(name, param), requires_grad=False)
+        else:
+            param.data = make(name, param)
+    for owner in module.modules():
+        for attr, param in list(owner._parameters.items()):
+            if param is not None and id(param) in new:
+                owner._parameters[attr] = new[id(param)]

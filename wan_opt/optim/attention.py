@@ -6,10 +6,9 @@ of Q and K run as one Triton kernel (norm_and_rotate). Cross-attention (512 text
 image conditioning and context parallelism (whose split attention these kernels do not do) go to diffusers'
 processor unchanged.
 
-FlashAttention-4 (the flash-attn-4 package: CuTe DSL kernels, Hopper and Blackwell) is exact bf16 attention.
-On an H100 it ran at 682 TFLOP/s against cuDNN's 571 at A14B's 720p shape (75,600 tokens, 40 heads of 128) and
-702 against 596 at 480p, within 0.3% relative L2 of SDPA (benchmarks/results/attention_kernels_h100_flash4.json).
-torch.compile cannot trace its Python launcher, so it runs as a custom op whose output is shaped like Q.
+FlashAttention-4 (the flash-attn-4 package: CuTe DSL kernels, Hopper and Blackwell) is exact bf16 attention,
+faster than cuDNN's at Wan's shapes (docs/measured.md, 'Attention kernels'). torch.compile cannot trace its
+Python launcher, so it runs as a custom op whose output is shaped like Q.
 """
 from __future__ import annotations
 

@@ -11,9 +11,8 @@ Two ways to multiply, chosen per layer at run time:
   `torch._scaled_mm` multiplies in fp8 with both scales and writes bf16. On a GPU a Triton kernel quantises
   (wan_opt/kernels/fp8_rows.py); on a CPU (the tests) PyTorch does, and the same quantised operands are multiplied in
   fp32. The GEMM accumulates in the tensor cores' own precision (`use_fast_accum`) rather than moving partial
-  sums to fp32 registers every few steps: at A14B's 720p shapes on an H100 that is 1.20-1.22x faster at the
-  700 W limit, and its error against fp32 arithmetic on the same fp8 operands grows from 0.17% to 0.23-0.33%,
-  a tenth of what the rounding to e4m3 itself costs (benchmarks/fp8_gemm.py).
+  sums to fp32 registers every few steps: faster at the power limit, for an error a small fraction of what the
+  rounding to e4m3 itself costs (docs/kernels.md, 'fp8 GEMMs'; measured in docs/measured.md, 'fp8 GEMMs').
 
 With fp8 multiplies the feed-forward's GELU moves into its output layer (`input_gelu`), where the kernel
 applies it on the way to e4m3: one pass over the widest activations (13,824 values a token in A14B) instead
@@ -45,8 +44,10 @@ class Fp8Linear(torch.nn.Module):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         home = linear.weight.device
+        # A layer built without weights (to be read from a checkpoint) stays so: meta in, meta out.
+        work_device = home if home.type == "meta" else work_device or home
         with torch.no_grad():
-            weight, scale = quantize_rows(linear.weight.to(work_device or home))
+            weight, scale = quantize_rows(linear.weight.to(work_device))
         self.weight = torch.nn.Parameter(weight.to(home), requires_grad=False)
         self.weight_scale = torch.nn.Parameter(scale.to(home), requires_grad=False)  # (out, 1), float32
         self.bias = None if linear.bias is None else torch.nn.Parameter(linear.bias.detach(), requires_grad=False)

@@ -50,8 +50,8 @@ def attention_backend(choice: str, capability: tuple[int, int], installed: set[s
     """diffusers' backend for an attention choice on a GPU of this compute capability; None keeps diffusers'
     default (PyTorch's SDPA, which picks cuDNN on Hopper); "flash4" and "fp8" are wan-opt's processors.
 
-    auto, on Hopper: FlashAttention-4 where it is installed (exact, and faster than cuDNN: 682 against 571
-    TFLOP/s at 720p on an H100, 1.26x over diffusers per step instead of 1.12x); else FlashAttention-3 where
+    auto, on Hopper: FlashAttention-4 where it is installed (exact, and faster than cuDNN: docs/measured.md,
+    'Attention kernels'); else FlashAttention-3 where
     installed, in one process only (diffusers has no context-parallel path for it); else SDPA. Other GPUs
     keep SDPA.
     fp8: SageAttention (quantised Q K^T and P V, its own kernels per GPU) where it is installed, else ours.
@@ -93,7 +93,7 @@ class SpeedPolicy(SpeedConfig):
         if self.step_cache == "taylorseer":
             # The lite variant: on predicted steps every block is skipped and only the output projection's
             # result is extrapolated. Extrapolating each block's attention and feed-forward instead keeps two
-            # Taylor factors of a full activation per module: 80 GB per expert and branch at 480p.
+            # Taylor factors of a full activation per module, more than an 80 GB card holds at 480p.
             return TaylorSeerCacheConfig(cache_interval=self.step_cache_interval, use_lite_mode=True)
         return None
 
