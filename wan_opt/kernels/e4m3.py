@@ -1,6 +1,5 @@
-"""e4m3, the fp8 format of wan-opt's weights and activations: its range, the scale that puts a largest magnitude
-at its top (or at int8's, for the attention's V), and the per-row quantisation in PyTorch that every fp8 kernel
-matches."""
+"""e4m3, the fp8 format of wan-opt's weights, activations and attention: its range, the scale that puts a
+largest magnitude at its top, and the per-row quantisation in PyTorch that every fp8 kernel matches."""
 from __future__ import annotations
 
 import torch
@@ -10,12 +9,11 @@ FP8 = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8).max  # 448
 MIN_SCALE = 1e-12  # an all-zero row or channel must not divide by zero
 WIDEST_KERNEL_ROW = 16384  # the quantisation kernel holds a row in registers: Wan's widest is 14,336 (TI2V-5B)
-INT8_MAX = 127  # the attention's V and P are int8, symmetric: -127..127
 
 
-def scale_for(amax: torch.Tensor, top: float = FP8_MAX) -> torch.Tensor:
-    """The float32 scale that puts a largest magnitude `amax` at `top` (e4m3's largest value unless told)."""
-    return (amax.float() / top).clamp(min=MIN_SCALE)
+def scale_for(amax: torch.Tensor) -> torch.Tensor:
+    """The float32 scale that puts a largest magnitude `amax` at e4m3's largest value."""
+    return (amax.float() / FP8_MAX).clamp(min=MIN_SCALE)
 
 
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
