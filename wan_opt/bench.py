@@ -111,8 +111,9 @@ def run_request(call, args, device: torch.device, guidance: tuple[float, float])
 
 
 def baseline(pipe, args, device: torch.device, guidance: tuple[float, float]) -> dict:
-    """(a): diffusers' own __call__, steps timed through its step-end callback, stages around them (the encodes
-    timed on their own, to take them out of the first step's time)."""
+    """(a): diffusers' own __call__, steps timed through its step-end callback, stages around them: the text
+    encode timed on its own, to take it out of the first step's time; with an image, the VAE encode timed inside
+    the call, from the end of its prompt encoding to the end of its prepare_latents, where step 0 starts."""
     marks: list[float] = []
 
     def on_step_end(_pipe, i, t, kwargs):
@@ -122,18 +123,26 @@ def baseline(pipe, args, device: torch.device, guidance: tuple[float, float]) ->
 
     with torch.inference_mode():
         _, encode = timed(lambda: pipe.encode_prompt(PROMPT, NEGATIVE, device=device), device)
-        vae_encode = timed(lambda: reference_vae_encode(pipe, args, device), device)[1] if args.picture else 0.0
     start = [0.0]
 
     def call(*a, **kw):
         start[0] = time.perf_counter()
         return pipe(*a, callback_on_step_end=on_step_end, **kw).frames
 
-    result = run_request(call, args, device, guidance)
-    steps = np.diff([start[0], *marks]).tolist()
-    steps[0] = max(steps[0] - encode - vae_encode, 0.0)
-    stages = {"text_encoding": encode, **({"vae_encode": vae_encode} if args.picture else {}),
-              "denoise": float(sum(steps))}
+    returned = watch_returns(pipe, ("encode_prompt", "prepare_latents") if args.picture else (), device)
+    try:
+        result = run_request(call, args, device, guidance)
+    finally:
+        for name in returned:
+            pipe.__dict__.pop(name, None)
+    if args.picture:
+        steps = np.diff([returned["prepare_latents"], *marks]).tolist()
+        stages = {"text_encoding": encode, "vae_encode": returned["prepare_latents"] - returned["encode_prompt"]}
+    else:
+        steps = np.diff([start[0], *marks]).tolist()
+        steps[0] = max(steps[0] - encode, 0.0)
+        stages = {"text_encoding": encode}
+    stages["denoise"] = float(sum(steps))
     if args.decode:
         stages["vae_decode"] = start[0] + result["seconds"] - marks[-1]
     result.update(frames=result.pop("out").float().cpu() if not args.decode else result.pop("out"),
@@ -141,12 +150,18 @@ def baseline(pipe, args, device: torch.device, guidance: tuple[float, float]) ->
     return result
 
 
-def reference_vae_encode(pipe, args, device: torch.device):
-    """diffusers' own preparation of the image's latents (preprocess, the VAE encode, the mask)."""
-    width, height = parse_size(args.size)
-    picture = pipe.video_processor.preprocess(args.picture, height=height, width=width).to(device, torch.float32)
-    return pipe.prepare_latents(picture, 1, pipe.vae.config.z_dim, height, width, args.frames, torch.float32, device,
-                                torch.Generator().manual_seed(0))
+def watch_returns(pipe, names, device: torch.device) -> dict:
+    """{name: when pipe.<name> last returned}, for each of `names` (wrapped on the instance until popped)."""
+    returned = {}
+    for name in names:
+        def wrapped(*a, _name=name, _method=getattr(pipe, name), **kw):
+            out = _method(*a, **kw)
+            torch.cuda.synchronize() if device.type == "cuda" else None
+            returned[_name] = time.perf_counter()
+            return out
+
+        setattr(pipe, name, wrapped)
+    return returned
 
 
 def run_configs(args) -> dict:

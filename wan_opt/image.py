@@ -137,7 +137,7 @@ def _decoded(opened: Image.Image, path: Path, key: str, digest: tuple[str, int])
 def _too_large(path: Path, key: str, size: tuple[int, int] | None) -> WanOptError:
     pixels = f"{size[0]}*{size[1]} " if size else ""
     return WanOptError(f"{key}={path} is a {pixels}image of more than {MAX_PIXELS // 10**6} megapixels (or claims to "
-                       f"be): scale it down first; the video is at most 1280*720.")
+                       f"be): scale it down first, the video is made at 1280*720 or less.")
 
 
 def _first_line(error: BaseException) -> str:
@@ -230,8 +230,8 @@ def fitted_size(width: int, height: int, area: int, grid: int, rule: str, key: s
     size = (area_size if rule == "area" else crop_size)(width, height, area, grid)
     if min(size) < grid or max(size) > ROPE_POSITIONS * grid:
         raise WanOptError(f"A {width}*{height} {key} fitted into an area of {area} pixels is {size[0]}*{size[1]}, "
-                          f"which the {grid}-pixel grid cannot hold: ask for a size= between "
-                          f"{4 * grid}*{4 * grid} and 1280*720.")
+                          f"which the {grid}-pixel grid cannot hold: ask for an area that suits its shape, "
+                          f"e.g. size=1280*720.")
     return size
 
 
@@ -289,15 +289,15 @@ def condition_request(cfg, request, required: bool = True):
     use = check_image_knobs(model, cfg.image, cfg.last_image, required)
     if not cfg.image:
         return request, None
+    if cfg.last_image and request.frames < 5:
+        raise WanOptError(f"last_image= is the last of the video's frames and frames={request.frames} leaves none "
+                          f"between it and the first: pass frames=5 or more.")
     source = read_image(cfg.image, "image")
     area = request.width * request.height
     size = fitted_size(source.image.width, source.image.height, area, model.pixel_grid, use.fit)
     first, how = fit(source.image, size, use.fit)
     record = {"image": {**source.record, "fit": {**how, "area": f"{request.width}*{request.height}"}}}
     last = None
-    if cfg.last_image and request.frames < 5:
-        raise WanOptError(f"last_image= is the last of the video's frames and frames={request.frames} leaves none "
-                          f"between it and the first: pass frames=5 or more.")
     if cfg.last_image:
         last_source = read_image(cfg.last_image, "last_image")
         last, last_how = last_frame_fit(last_source.image, size, use.fit)

@@ -140,8 +140,9 @@ def predict(sizes: ModelSizes, req: Request, mech: Mechanisms, compute_dtype: st
         "denoise_high_noise": max(resident_experts, expert_on_gpu) + te_gpu + vae + act,
         "decode": resident_experts + te_gpu + vae + decode,
     }
-    if req.image_frames:
-        stages["vae_encode"] = resident_experts + te_gpu + vae + vae_encode_gib(req, mech, vae_dtype)
+    if req.image_frames:  # between the text encode and the first step
+        encoded = resident_experts + te_gpu + vae + vae_encode_gib(req, mech, vae_dtype)
+        stages = {"encode": stages.pop("encode"), "vae_encode": encoded, **stages}
     if sizes.experts == 2:
         stages["denoise_low_noise"] = stages["denoise_high_noise"]
         stages["switch"] = resident_experts + te_gpu + vae + (expert if mech.experts == "swap" else 0.0)
