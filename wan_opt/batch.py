@@ -24,11 +24,9 @@ from rich.table import Table
 
 from wan_opt.config import RunConfig
 from wan_opt.errors import WanOptError
-from wan_opt.request import control_characters, literal
+from wan_opt.request import REQUEST_KEYS, control_characters, literal
 
-# What one line of a prompt file may set: the run's own knobs.
-LINE_KEYS = ("prompt", "negative_prompt", "seed", "steps", "guidance", "guidance_2", "size", "frames", "fps",
-             "image", "last_image")
+LINE_KEYS = REQUEST_KEYS  # what one line of a prompt file may set: the run's own knobs
 IMAGE_KEYS = ("image", "last_image")  # paths, relative to the prompt file's folder unless absolute
 RESULTS_FILE = "results.json"
 MAX_PROMPT_FILE_BYTES = 64 * 2**20  # read whole: a million prompts fit; a mistaken video or dump does not

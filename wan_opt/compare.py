@@ -104,10 +104,6 @@ def _write_plot(psnr: list[float], ssim: list[float], a: Path, b: Path, path: Pa
     return write_figure(fig, path)
 
 
-def _finite_or_none(x: float) -> float | None:
-    return x if np.isfinite(x) else None  # JSON has no infinity; null means infinite PSNR (identical)
-
-
 def compare_videos(a: Path, b: Path, out_dir: Path | None = None) -> ComparisonResult:
     a, b = Path(a), Path(b)
     fa, fps = read_video(a)
@@ -132,8 +128,8 @@ def compare_videos(a: Path, b: Path, out_dir: Path | None = None) -> ComparisonR
         write_json({
             "a": str(a.resolve()), "b": str(b.resolve()), "fps": fps,
             "shape": {"frames": n, "height": h, "width": w},
-            "psnr_db": [_finite_or_none(x) for x in psnr], "ssim": ssim,
-            "psnr_db_mean": _finite_or_none(result.psnr_mean), "ssim_mean": result.ssim_mean,
+            "psnr_db": psnr, "ssim": ssim,  # write_json: infinite PSNR (identical frames) as null
+            "psnr_db_mean": result.psnr_mean, "ssim_mean": result.ssim_mean,
             "worst_psnr_frame": int(np.argmin(psnr)), "worst_ssim_frame": int(np.argmin(ssim)),
             "note": "psnr_db is null where PSNR is infinite (identical frames); means are over frames.",
             "outputs": {"plot": str(plot), "side_by_side": str(video)},

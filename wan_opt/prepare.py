@@ -26,7 +26,7 @@ from wan_opt.image import ConditionImages, condition_request, image_use
 from wan_opt.memory import budget
 from wan_opt.memory.plan import (Layout, Mechanisms, ModelSizes, Plan, Request, host_plan, host_refusal,
                                  next_plan_down, no_plan_fits, plan_layout, plan_memory, predict, tokens)
-from wan_opt.request import GenerationRequest, raw_value, resolve_request, text_as_data
+from wan_opt.request import REQUEST_KEYS, GenerationRequest, raw_value, resolve_request, text_as_data
 
 HARDWARE_OVERRIDE = re.compile(r"^[+~]{0,2}hardware=")
 
@@ -100,8 +100,7 @@ def resolve_hardware(cfg: DictConfig, overrides: Sequence[str]) -> tuple[DictCon
     kept = [o for o in overrides if not HARDWARE_OVERRIDE.match(o)]
     resolved = _compose([*kept, f"hardware={detected['profile']}"])
     # Values a batch line set on this job's config (prompt, seed, ...) are not overrides: carry them over.
-    for key in ("prompt", "negative_prompt", "seed", "steps", "guidance", "guidance_2", "size", "frames", "fps",
-                "image", "last_image"):
+    for key in REQUEST_KEYS:
         resolved[key] = raw_value(cfg, key)  # as written: a prompt's `${` stays text
     return resolved, detected
 

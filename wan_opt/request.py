@@ -25,6 +25,11 @@ ROPE_POSITIONS = 1024
 MAX_FRAMES = 4 * (ROPE_POSITIONS - 1) + 1
 
 
+# The knobs one request sets over the model's defaults: a prompt-file line may set these, and nothing else.
+REQUEST_KEYS = ("prompt", "negative_prompt", "seed", "steps", "guidance", "guidance_2", "size", "frames", "fps",
+                "image", "last_image")
+
+
 @dataclass(frozen=True)
 class GenerationRequest:
     prompt: str

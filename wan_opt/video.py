@@ -209,20 +209,20 @@ def write_video(frames: Iterable[np.ndarray], path: Path, fps: float, preset: st
 # -- JSON, the video with its sidecar, figures ----------------------------------------------------------------
 
 
-def _strict(value: Any) -> Any:
+def json_safe(value: Any) -> Any:
     """NaN and infinities as null: the file stays JSON that any reader accepts."""
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, dict):
-        return {key: _strict(item) for key, item in value.items()}
+        return {key: json_safe(item) for key, item in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_strict(item) for item in value]
+        return [json_safe(item) for item in value]
     return value
 
 
 def write_json(data: dict[str, Any], path: Path) -> Path:
     """`data` as UTF-8 JSON under `path` (replacing a file of that name), written whole or not at all."""
-    payload = (json.dumps(_strict(data), indent=2, ensure_ascii=False, default=str) + "\n").encode("utf-8")
+    payload = (json.dumps(json_safe(data), indent=2, ensure_ascii=False, default=str) + "\n").encode("utf-8")
     try:
         with _temporary(path.parent, path.name) as tmp:
             _write_file(tmp, payload)

@@ -8,7 +8,6 @@ a comparison is read back instead of computed.
 from __future__ import annotations
 
 import json
-import math
 import threading
 from pathlib import Path
 
@@ -22,10 +21,6 @@ METRICS = "metrics.json"
 def _key(a: Path, b: Path) -> str:
     sa, sb = a.stat(), b.stat()
     return short_id(str(a), str(sa.st_size), str(sa.st_mtime_ns), str(b), str(sb.st_size), str(sb.st_mtime_ns))
-
-
-def _finite(values: list[float]) -> list[float | None]:
-    return [v if v is not None and math.isfinite(v) else None for v in values]
 
 
 class Comparisons:
@@ -51,7 +46,7 @@ class Comparisons:
                 result.side_by_side.replace(folder / "side_by_side.mp4")
                 result.plot.unlink(missing_ok=True)  # the page draws its own
             metrics = json.loads(stored.read_text(encoding="utf-8"))
-        return {"key": key, "psnr": _finite(metrics["psnr_db"]), "ssim": metrics["ssim"],
+        return {"key": key, "psnr": metrics["psnr_db"], "ssim": metrics["ssim"],
                 "psnr_mean": metrics["psnr_db_mean"], "ssim_mean": metrics["ssim_mean"],
                 "fps": metrics.get("fps"), "clip": f"{key}/side_by_side.mp4"}
 

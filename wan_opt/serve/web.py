@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,7 @@ from wan_opt.serve.files import Refused, Roots, media_type
 from wan_opt.serve.guard import Guard
 from wan_opt.serve.index import Index
 from wan_opt.serve.query import BadQuery, Query, card, run_query
+from wan_opt.video import json_safe
 
 STATIC = Path(__file__).parent / "static"
 PAGE_FILES = {"app.js": "text/javascript", "charts.js": "text/javascript", "compare.js": "text/javascript",
@@ -35,22 +35,11 @@ LARGEST_IMAGE = 32 * 2**20
 IMAGE_SUFFIXES = {"image/png": ".png", "image/jpeg": ".jpg", "image/webp": ".webp"}
 
 
-def _finite(tree: Any) -> Any:
-    """JSON has no NaN or infinity: null in their place."""
-    if isinstance(tree, float) and not math.isfinite(tree):
-        return None
-    if isinstance(tree, dict):
-        return {k: _finite(v) for k, v in tree.items()}
-    if isinstance(tree, (list, tuple)):
-        return [_finite(v) for v in tree]
-    return tree
-
-
 def answer(data: Any, status: int = 200) -> Response:
     try:
         body = json.dumps(data, ensure_ascii=False, allow_nan=False, default=str)
     except ValueError:
-        body = json.dumps(_finite(data), ensure_ascii=False, default=str)
+        body = json.dumps(json_safe(data), ensure_ascii=False, default=str)
     return Response(body, status, media_type="application/json", headers={"cache-control": "no-store"})
 
 
