@@ -18,7 +18,7 @@ from transformers import UMT5EncoderModel
 from tests.checkpoints import ORIGINAL_DITS, T5_FILE, TOKENIZER_DIR, VAE_FILES, write_original_checkpoint
 from wan_opt import convert
 from wan_opt.loading import original_names as original
-from wan_opt.loading.original import load_dit
+from wan_opt.loading.original import dtype_for, load_dit
 from wan_opt.loading.tiny import build_tiny_components
 
 REPO = Path(__file__).resolve().parent.parent
@@ -272,3 +272,19 @@ def test_refuses_a_non_empty_destination(a14b_copy, tmp_path, capsys):
     code, err = run_main(capsys, a14b_copy, dst)
     assert code == 2 and "not empty" in err
     assert [p.name for p in dst.iterdir()] == ["keep.txt"]
+
+
+def test_t5_keeps_float32_layers_only_where_transformers_does():
+    """transformers keeps UMT5's `wo` in float32 under float16 alone; diffusers keeps its list at any dtype."""
+    from diffusers import WanTransformer3DModel
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    with torch.device("meta"):
+        t5 = UMT5EncoderModel(UMT5Config(vocab_size=8, d_model=8, d_kv=2, d_ff=8, num_layers=1, num_heads=4))
+    wo = "encoder.block.0.layer.1.DenseReluDense.wo.weight"
+    assert dtype_for(t5, wo, torch.bfloat16) == torch.bfloat16
+    assert dtype_for(t5, wo, torch.float16) == torch.float32
+    assert dtype_for(t5, "shared.weight", torch.float16) == torch.float16
+    dit = WanTransformer3DModel
+    assert dtype_for(dit, "blocks.0.norm2.weight", torch.bfloat16) == torch.float32
+    assert dtype_for(dit, "blocks.0.ffn.net.0.proj.weight", torch.bfloat16) == torch.bfloat16

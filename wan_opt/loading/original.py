@@ -21,8 +21,19 @@ from wan_opt.loading.layouts import T5_FILE, VAE_FILES, Checkpoint, weight_files
 
 
 def dtype_for(module: torch.nn.Module, name: str, dtype: torch.dtype) -> torch.dtype:
-    """The libraries' rule: a name component listed in the class's _keep_in_fp32_modules stays float32."""
-    keep = getattr(module, "_keep_in_fp32_modules", None) or []
+    """The dtype the libraries' own loaders give parameter `name`: float32 where a name component is listed in
+    the class's keep-in-float32 modules, and `dtype` elsewhere.
+
+    diffusers keeps its list in float32 at any dtype. transformers keeps `_keep_in_fp32_modules` in float32 only
+    under float16 (UMT5's `wo` overflows there; in bfloat16 it loads as bfloat16, 1.9 GiB less for UMT5-XXL),
+    and `_keep_in_fp32_modules_strict` under float16 and bfloat16.
+    """
+    keep = set(getattr(module, "_keep_in_fp32_modules", None) or [])
+    if hasattr(module, "_keep_in_fp32_modules_strict"):  # a transformers model
+        if dtype != torch.float16:
+            keep = set()
+        if dtype in (torch.float16, torch.bfloat16):
+            keep |= set(module._keep_in_fp32_modules_strict or [])
     return torch.float32 if any(part in keep for part in name.split(".")) else dtype
 
 
