@@ -11,6 +11,7 @@ from wan_opt.app import run_job
 from wan_opt.prepare import compose_config
 from wan_opt.errors import WanOptError
 from wan_opt.loading.arch import model_sizes
+from wan_opt.memory.budget import CUDA_CONTEXT_GIB
 from wan_opt.memory.plan import Mechanisms, Request, plan_memory, predict
 from wan_opt.prepare import plan_for, user_memory_knobs
 
@@ -44,7 +45,9 @@ def test_predicted_peak_is_within_10_percent_of_the_measured_one(result, monkeyp
         if "peak_host_gib" in run:
             assert plan.mechanisms == record["plan"]["mechanisms"]
             assert plan.predicted_host_gb == pytest.approx(run["peak_host_gib"], rel=0.10), run["size"]
-            assert run["peak_reserved_gib"] <= plan.vram_budget_gb, "the allocator's reserve outgrew the budget"
+            # The budget leaves the card's last GiBs to the CUDA context and a desktop; the allocator's cache may
+            # reach into them at the decode, never past the card less the context.
+            assert run["peak_reserved_gib"] <= record["cap_gb"] - CUDA_CONTEXT_GIB, "the reserve outgrew the card"
 
 
 @pytest.mark.parametrize("profile", ["h100", "h200", "a100_80gb", "a100_40gb", "l40s", "rtx_a6000", "rtx4090",
