@@ -90,8 +90,14 @@ def h100_with_mig():
     ("NVIDIA GeForce RTX 3090 Ti", 24564, (8, 6), "rtx3090", True),
     ("NVIDIA GeForce RTX 5090", 32607, (12, 0), "rtx5090", True),
     ("NVIDIA RTX A5000", 24564, (8, 6), "rtx3090", False),  # no profile of its own: the nearest that fits
-    ("NVIDIA GeForce RTX 4070 Ti", 12282, (8, 9), "rtx_16gb", False),  # 12 GB: not a "4070 Ti SUPER"
-    ("NVIDIA GeForce RTX 4080 Laptop GPU", 12282, (8, 9), "rtx_16gb", False),  # named, but 12 GB
+    # the 12 GB class: "rtx 4070" names the 4070 Ti Super too, which gets the larger profile that fits it
+    ("NVIDIA GeForce RTX 4070", 12282, (8, 9), "rtx_12gb", True),
+    ("NVIDIA GeForce RTX 4070 SUPER", 12282, (8, 9), "rtx_12gb", True),
+    ("NVIDIA GeForce RTX 4070 Ti", 12282, (8, 9), "rtx_12gb", True),  # 12 GB: not a "4070 Ti SUPER"
+    ("NVIDIA GeForce RTX 5070", 12227, (12, 0), "rtx_12gb", True),
+    ("NVIDIA GeForce RTX 4080 Laptop GPU", 12282, (8, 9), "rtx_12gb", False),  # named by rtx_16gb, but 12 GB
+    ("NVIDIA GeForce RTX 4070 Laptop GPU", 8188, (8, 9), "rtx_12gb", False),  # 8 GB: the smallest, with a warning
+    ("NVIDIA GeForce RTX 3060", 12288, (8, 6), "rtx3090", False),  # Ampere: no fp8, so not the 12 GB profile
 ])
 def test_real_nvml_names_get_their_profile(nvml, name, mib, capability, profile, exact):
     fake = nvml(FakeCard(name, mib, capability, H100_UUID))
@@ -123,7 +129,7 @@ def test_fragments_match_whole_words_only():
 def test_load_profiles_reads_every_yaml():
     profiles = {p.name: p for p in load_profiles()}
     assert set(profiles) == {"a100_40gb", "a100_80gb", "cpu", "h100", "h200", "l40s", "rtx4090", "rtx_a6000",
-                             "h100x8", "h200x8", "a100_80gbx8", "rtx_16gb", "rtx3090", "rtx5090"}
+                             "h100x8", "h200x8", "a100_80gbx8", "rtx_16gb", "rtx_12gb", "rtx3090", "rtx5090"}
     assert {p.gpus for n, p in profiles.items() if n.endswith("x8")} == {8} and profiles["h100"].gpus == 1
     assert profiles["h200"].names == ("h200", "gh200")
     assert (profiles["l40s"].memory_gb, profiles["l40s"].capability) == (48, 8.9)
@@ -163,8 +169,8 @@ def test_ampere_card_never_gets_a_newer_profile(memory_gib):
 
 
 def test_card_too_small_for_every_profile_gets_smallest_with_warning():
-    choice = infer_profile("NVIDIA GeForce RTX 4070", 12.0, (8, 9), load_profiles())
-    assert (choice.profile, choice.exact) == ("rtx_16gb", False)
+    choice = infer_profile("NVIDIA GeForce RTX 4060", 8.0, (8, 9), load_profiles())
+    assert (choice.profile, choice.exact) == ("rtx_12gb", False)
     assert "may not fit" in choice.reason
 
 
@@ -173,6 +179,8 @@ def test_card_too_small_for_every_profile_gets_smallest_with_warning():
     ("NVIDIA GeForce RTX 5090", 31.8, (12, 0), "rtx5090", True),
     ("NVIDIA GeForce RTX 5080", 15.9, (12, 0), "rtx_16gb", True),
     ("NVIDIA GeForce RTX 4080", 16.0, (8, 9), "rtx_16gb", True),
+    ("NVIDIA GeForce RTX 4070", 12.0, (8, 9), "rtx_12gb", True),
+    ("NVIDIA GeForce RTX 5070", 11.9, (12, 0), "rtx_12gb", True),
 ])
 def test_geforce_profiles_say_what_was_not_measured(name, memory_gib, capability, profile, fp8):
     from omegaconf import OmegaConf

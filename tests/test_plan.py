@@ -31,7 +31,12 @@ def test_a14b_sizes_are_the_real_ones():
 def test_predicted_peak_is_within_10_percent_of_the_measured_one(result, monkeypatch):
     """GPU peaks of every record; host peaks (resident set) and the allocator's reserve where a record has them
     (benchmarks/memory_floor.py reads its weights from files written in a checkpoint layout)."""
-    record = json.loads(result.read_text())
+    check_record(json.loads(result.read_text()), monkeypatch)
+
+
+def check_record(record: dict, monkeypatch) -> None:
+    """The plan a record's run would get now, against what it measured. Planned from the record alone: its model,
+    profile, overrides, size and frames; its checkpoint need not be on this machine (a plan reads no files)."""
     monkeypatch.setenv("WORLD_SIZE", str(record.get("gpus", 1)))  # a torchrun record is one GPU's peak
     weights = ([f"model.ckpt_dir={record['ckpt_dir']}"] if record.get("ckpt_dir") else ["model.random_weights=true"])
     host = [] if any(o.startswith("hardware.memory.host_ram_gb=") for o in record["overrides"]) else [
@@ -48,6 +53,22 @@ def test_predicted_peak_is_within_10_percent_of_the_measured_one(result, monkeyp
             # The budget leaves the card's last GiBs to the CUDA context and a desktop; the allocator's cache may
             # reach into them at the decode, never past the card less the context.
             assert run["peak_reserved_gib"] <= record["cap_gb"] - CUDA_CONTEXT_GIB, "the reserve outgrew the card"
+
+
+def test_a_ti2v_5b_record_is_planned_with_its_own_model_size_and_frames(monkeypatch):
+    """What benchmarks/memory_floor.py writes for TI2V-5B under a 12 GiB cap, with the planner's own figures as the
+    measurements (so only the way a record is planned again is checked): its checkpoint is not on this machine."""
+    plan = {"mechanisms": {"experts": "resident", "weight_dtype": "float8_e4m3fn", "text_encoder": "cpu",
+                           "vae_tiling": True, "idle_weights": "checkpoint"}}
+    run = {"size": "1280*704", "frames": 121, "peak_gpu_gib": 9.28, "peak_host_gib": 12.58, "peak_reserved_gib": 9.9}
+    record = {"model": "wan22_ti2v_5b", "profile": "rtx_12gb", "ckpt_dir": "/nonexistent/wan-ti2v5b-random",
+              "overrides": ["hardware.memory.host_ram_gb=16", "hardware.speed.compile=none"], "gpus": 1,
+              "plan": plan, "runs": [run]}
+    check_record(record, monkeypatch)
+    with pytest.raises((AssertionError, WanOptError)):  # planned as A14B, the same record is another plan
+        check_record({**record, "model": "wan22_t2v_a14b"}, monkeypatch)
+    with pytest.raises(AssertionError):  # and at fewer frames, another peak
+        check_record({**record, "runs": [{**run, "frames": 61}]}, monkeypatch)
 
 
 @pytest.mark.parametrize("profile", ["h100", "h200", "a100_80gb", "a100_40gb", "l40s", "rtx_a6000", "rtx4090",
@@ -214,13 +235,38 @@ def test_a14b_720p_runs_on_the_cards_and_host_ram_people_have(profile, host, exp
 
 
 def test_ti2v_5b_at_1280x704_runs_with_12_gb_of_vram_and_16_gb_of_host_ram():
-    cfg = compose_config(["model=wan22_ti2v_5b", "size=1280*704", "frames=121", "hardware.memory.vram_budget_gb=11",
-                          "hardware.memory.host_ram_gb=16"], hardware="rtx_16gb")
-    plan, _ = plan_for(cfg, [])
-    assert plan.fits and plan.predicted_peak_gpu_gb <= 0.92 * 11 and plan.predicted_host_gb <= 0.92 * 16
-    # the 5 B DiT in fp8 on the card; UMT5-XXL encodes on the CPU, where it is read for the encode and dropped
-    assert plan.mechanisms["text_encoder"] == "cpu" and plan.mechanisms["idle_weights"] == "checkpoint"
+    """The issue's 12 GB + 16 GB, with the profile named as the one command names it (rtx_12gb)."""
+    cfg = compose_config(["model=wan22_ti2v_5b", "model.ckpt_dir=/models/Wan2.2-TI2V-5B", "size=1280*704",
+                          "frames=121", "hardware.memory.host_ram_gb=16"], hardware="rtx_12gb")
+    plan, decided = plan_for(cfg, [])
+    assert plan.fits and plan.vram_budget_gb == 10.5
+    assert plan.predicted_peak_gpu_gb <= 0.92 * 10.5 and plan.predicted_host_gb <= 0.92 * 16
+    # the 5 B DiT resident in fp8 (4.7 GiB); UMT5-XXL encodes on the CPU, read for the encode and dropped
+    assert plan.mechanisms == {"experts": "resident", "weight_dtype": "float8_e4m3fn", "text_encoder": "cpu",
+                               "vae_tiling": True, "idle_weights": "checkpoint"}
+    assert decided == {"experts": "planner", "weight_dtype": "planner", "text_encoder": "profile",
+                       "vae_tiling": "profile", "idle_weights": "profile"}
     assert plan.host_stages["encode"] == plan.predicted_host_gb > plan.host_stages["denoise_high_noise"] + 10
+    assert plan.stages["denoise_high_noise"] == plan.predicted_peak_gpu_gb
+    assert plan.read_gb_per_request == pytest.approx(11.4, abs=0.1)  # the text encoder, nothing else
+    # with 32 GB the profile stands as written: lossless, the bf16 DiT streamed block by block from one pinned copy
+    cfg = compose_config(["model=wan22_ti2v_5b", "model.ckpt_dir=/models/Wan2.2-TI2V-5B", "size=1280*704",
+                          "frames=121", "hardware.memory.host_ram_gb=32"], hardware="rtx_12gb")
+    plan, decided = plan_for(cfg, [])
+    assert plan.fits and set(decided.values()) == {"profile"}
+    assert plan.mechanisms["experts"] == "offload" and plan.mechanisms["weight_dtype"] == "bfloat16"
+
+
+def test_a14b_on_the_12gb_profile_needs_32_gb_of_host_ram_and_says_so():
+    overrides = ["model=wan22_t2v_a14b", "model.ckpt_dir=/models/Wan2.2-T2V-A14B", "size=1280*720"]
+    with pytest.raises(WanOptError) as error:
+        plan_for(compose_config([*overrides, "hardware.memory.host_ram_gb=16"], hardware="rtx_12gb"), [])
+    needs = float(re.search(r"with 10.5 GB of VRAM it needs (\d+\.\d) GB of host RAM", str(error.value))[1])
+    assert 24 < needs <= 32
+    plan, _ = plan_for(compose_config([*overrides, "hardware.memory.host_ram_gb=32"], hardware="rtx_12gb"), [])
+    assert plan.fits and plan.predicted_host_gb <= 0.92 * 32
+    assert {"experts": "offload", "weight_dtype": "float8_e4m3fn", "text_encoder": "cpu",
+            "idle_weights": "checkpoint"}.items() <= plan.mechanisms.items()
 
 
 def test_host_memory_is_planned_per_stage():
