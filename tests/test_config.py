@@ -186,7 +186,7 @@ def test_auto_with_mode_fast_keeps_the_fp8_settings_and_passes_its_checks(monkey
     from wan_opt.prepare import prepare
 
     monkeypatch.setattr(hardware, "detect", lambda: hardware.HardwareChoice("h100", "H100 matches", None))
-    overrides = ["mode=fast", "model=wan22_t2v_a14b", "plan=true"]
+    overrides = ["mode=fast", "model=wan22_t2v_a14b", "plan=true", "hardware.memory.host_ram_gb=128"]
     prepared = prepare(compose_config(overrides, hardware="auto"), overrides)
     memory, speed = prepared.cfg.hardware.memory, prepared.cfg.hardware.speed
     assert prepared.cfg.hardware.name == "h100" and prepared.cfg.mode == "fast"

@@ -61,7 +61,8 @@ def test_a_ti2v_5b_record_is_planned_with_its_own_model_size_and_frames(monkeypa
     plan = {"mechanisms": {"experts": "resident", "weight_dtype": "float8_e4m3fn", "text_encoder": "cpu",
                            "vae_tiling": True, "idle_weights": "checkpoint"}}
     run = {"size": "1280*704", "frames": 121, "peak_gpu_gib": 9.28, "peak_host_gib": 12.58, "peak_reserved_gib": 9.9}
-    record = {"model": "wan22_ti2v_5b", "profile": "rtx_12gb", "ckpt_dir": "/nonexistent/wan-ti2v5b-random",
+    record = {"model": "wan22_ti2v_5b", "profile": "rtx_12gb", "cap_gb": 12.0,
+              "ckpt_dir": "/nonexistent/wan-ti2v5b-random",
               "overrides": ["hardware.memory.host_ram_gb=16", "hardware.speed.compile=none"], "gpus": 1,
               "plan": plan, "runs": [run]}
     check_record(record, monkeypatch)
