@@ -92,3 +92,4 @@ echo "WAN_OPT_HOPPER_KERNEL=${WAN_OPT_HOPPER_KERNEL:-1}"
 grep -E "^(HOPPER|Hopper|Triton)" "$OUT/probe.txt" 2>/dev/null
 grep -h -E "^(PASS|FAIL)" "$LOG" | head -3
 ls -la "$OUT"
+sleep 1  # the log's tee, to finish writing
