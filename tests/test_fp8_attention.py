@@ -3,6 +3,8 @@
 Without a GPU, tests/conftest.py switches Triton to its interpreter before anything imports it; with one,
 these tests run the compiled kernel on it (fp8 tensor cores needed).
 """
+import os
+
 import pytest
 import torch
 
@@ -210,14 +212,20 @@ triton.compile(ASTSource(qk_norm_rope_kernel, types, dict(HEADS=40, HEAD_DIM=128
 """
 
 
-def compile_for_hopper(script: str):
-    """Run a script that compiles kernels for sm_90, in a fresh process without Triton's CPU interpreter."""
+def compile_for_hopper(script: str, triton_path: str | None = None):
+    """Run a script that compiles kernels for sm_90, in a fresh process without Triton's CPU interpreter, on this
+    checkout's wan_opt; triton_path: a folder holding another Triton package, imported instead of the installed."""
     import os
     import subprocess
     import sys
+    from pathlib import Path
 
-    pytest.importorskip("triton.backends.nvidia", reason="needs Triton's CUDA backend (ptxas ships with it)")
+    if triton_path is None:
+        pytest.importorskip("triton.backends.nvidia", reason="needs Triton's CUDA backend (ptxas ships with it)")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    paths = [triton_path] if triton_path else []
+    env["PYTHONPATH"] = os.pathsep.join([*paths, str(Path(__file__).resolve().parent.parent),
+                                         *filter(None, [env.get("PYTHONPATH")])])
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
 
@@ -227,6 +235,17 @@ def test_the_hopper_kernel_compiles_without_a_gpu():
     moves no data (assert_trivial), before a GPU run."""
     pytest.importorskip("triton.experimental.gluon.language.nvidia.hopper", reason="needs a Triton with Gluon")
     compile_for_hopper(GLUON_COMPILE)
+
+
+OTHER_TRITONS = [p for p in os.environ.get("WAN_OPT_OTHER_TRITONS", "").split(os.pathsep) if p]
+
+
+@pytest.mark.skipif(not OTHER_TRITONS, reason="WAN_OPT_OTHER_TRITONS names no folders with other Tritons")
+@pytest.mark.parametrize("triton_path", OTHER_TRITONS)
+def test_the_hopper_kernel_compiles_on_other_tritons(triton_path):
+    """Gluon's API moves between releases: the kernel compiled on each Triton in WAN_OPT_OTHER_TRITONS (folders
+    that `pip install --no-deps --target` filled), e.g. 3.6, PyTorch 2.11's, beside the installed one."""
+    compile_for_hopper(GLUON_COMPILE, triton_path)
 
 
 def test_every_tile_shape_compiles_for_hopper_without_a_gpu():
