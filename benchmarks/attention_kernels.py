@@ -5,16 +5,22 @@ A14B's self-attention at 720p x 81 is 75,600 tokens, 40 heads of 128; at 480p x 
 TFLOP/s (4 N^2 d per head), milliseconds, and relative L2 against bf16 SDPA: for the fp8 attention as wan-opt
 runs it (on Hopper the warp-specialised kernel) alone and with the quantisation of Q, K and V before it, and for
 the Triton kernel (the one Ada and other head dimensions get); with --tiles, also each tile shape the Triton
-kernel's autotuner chooses from, timed one by one.
+kernel's autotuner chooses from, timed one by one; with --against COMMIT, also the fp8 attention as it was at
+that commit (its files read from git into a package of their own), for the speed of a change in one process.
 
     python benchmarks/attention_kernels.py --tokens 75600 32760 --tiles
+    python benchmarks/attention_kernels.py --tokens 75600 32760 --against e5e10d2
 """
 from __future__ import annotations
 
 import argparse
+import functools
+import importlib
 import json
 import os
+import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -23,8 +29,31 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from gpu_report import gpu_file_name, gpu_report, write_report  # noqa: E402  (this folder)
 from wan_opt.optim.attention import flash4_attention, flash4_available  # noqa: E402
-from wan_opt.optim.fp8_attention import (HOPPER_HEAD_DIM, _quantize_qkv, fp8_attention,  # noqa: E402
-                                   hopper_kernel_available, padded_length, quantize_qkv)
+from wan_opt.optim.fp8_attention import (HOPPER_HEAD_DIM, LOG2E, _quantize_qkv, fp8_attention,  # noqa: E402
+                                         hopper_kernel_available, padded_length, quantize_qkv)
+
+
+REPO = Path(__file__).resolve().parent.parent
+PREVIOUS = {"fp8_attention": "wan_opt/optim/fp8_attention.py", "fp8_qkv": "wan_opt/kernels/fp8_qkv.py",
+            "fp8_attention_triton": "wan_opt/kernels/fp8_attention_triton.py",
+            "fp8_attention_hopper": "wan_opt/kernels/fp8_attention_hopper.py"}
+
+
+@functools.cache
+def previous_fp8_attention(commit: str):
+    """fp8_attention as it was at `commit`, beside today's: its files from git into a package of their own, their
+    imports of each other and their custom ops' namespace renamed."""
+    package = Path(tempfile.mkdtemp()) / "previous_attention"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    for name, path in PREVIOUS.items():
+        source = subprocess.run(["git", "show", f"{commit}:{path}"], cwd=REPO, check=True, capture_output=True,
+                                text=True).stdout
+        for other, other_path in PREVIOUS.items():
+            source = source.replace(other_path.removesuffix(".py").replace("/", "."), f"previous_attention.{other}")
+        (package / f"{name}.py").write_text(source.replace('"wan_opt::', '"wan_opt_previous::'))
+    sys.path.insert(0, str(package.parent))
+    return importlib.import_module("previous_attention.fp8_attention").fp8_attention
 
 
 def tile_runs(q, k, v, flop: float, repeat: int) -> list[dict]:
@@ -32,19 +61,30 @@ def tile_runs(q, k, v, flop: float, repeat: int) -> list[dict]:
     from wan_opt.kernels.fp8_attention_triton import fp8_attention_kernel
 
     b, n, h, d = q.shape
-    q8, k8, vt8, qk_scale, v_scale, padded = quantize_qkv(q, k, v)
+    q16, k16, vt8, v_scale, v_mean, padded = quantize_qkv(q, k, v)
     out = torch.empty_like(q)
     runs = []
     for config in fp8_attention_kernel.configs:
         block_m = config.kwargs["BLOCK_M"]
         launch = lambda: fp8_attention_kernel.fn[(-(-padded // block_m), b * h)](  # noqa: E731
-            q8, k8, vt8, qk_scale, v_scale, out, n, h, padded, out.stride(0), out.stride(1), out.stride(2),
-            HEAD_DIM=d, num_warps=config.num_warps, num_stages=config.num_stages, **config.kwargs)
+            q16, k16, vt8, v_scale, v_mean, out, n, h, padded, out.stride(0), out.stride(1), out.stride(2),
+            HEAD_DIM=d, QK_SCALE=LOG2E / d ** 0.5, num_warps=config.num_warps, num_stages=config.num_stages,
+            **config.kwargs)
         ms = milliseconds(launch, repeat)
         runs.append({**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages,
                      "ms": round(ms, 2), "tflops": round(flop / ms / 1e9, 1)})
         print(json.dumps({"tokens": n, **runs[-1]}), flush=True)
     return runs
+
+
+def cudnn_attention(q, k, v):
+    """SDPA held to cuDNN's kernel, as a function of nothing for milliseconds()."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    def run():
+        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+            return F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v)))
+    return run
 
 
 def milliseconds(fn, repeat: int) -> float:
@@ -65,9 +105,12 @@ def main() -> None:
     parser.add_argument("--head-dim", type=int, default=128)
     parser.add_argument("--repeat", type=int, default=10)
     parser.add_argument("--tiles", action="store_true", help="also time each tile shape of the fp8 kernel")
+    parser.add_argument("--against", metavar="COMMIT", help="also time the fp8 attention as it was at COMMIT")
+    parser.add_argument("--suffix", default="", help="appended to the result file's name")
     parser.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
     args = parser.parse_args()
-    record = gpu_report(runs=[])
+    previous = previous_fp8_attention(args.against) if args.against else None
+    record = gpu_report(runs=[], against=args.against)
     for n in args.tokens:
         gen = torch.Generator(device="cuda").manual_seed(0)
         q, k, v = (torch.randn(1, n, args.heads, args.head_dim, device="cuda", dtype=torch.bfloat16, generator=gen)
@@ -75,11 +118,19 @@ def main() -> None:
         flop = 4 * n * n * args.head_dim * args.heads
         sdpa = lambda: F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v)))  # noqa: E731
         reference = sdpa().transpose(1, 2).float()
-        out = fp8_attention(q, k, v).float()
         hopper = args.head_dim == HOPPER_HEAD_DIM and hopper_kernel_available(q.device)
+        try:
+            out = fp8_attention(q, k, v, hopper=hopper).float()
+        except Exception as error:  # noqa: BLE001  the Hopper kernel not compiling here: recorded, Triton timed
+            if not hopper:
+                raise
+            record["hopper_error"] = f"{type(error).__name__}: {str(error)[-2000:]}"
+            print(f"the Hopper kernel failed, timing the Triton one: {record['hopper_error']}", flush=True)
+            hopper = False
+            out = fp8_attention(q, k, v, hopper=False).float()
         run = {"tokens": n, "heads": args.heads, "head_dim": args.head_dim, "fp8_kernel": "hopper" if hopper else "triton",
                "sdpa_bf16_ms": milliseconds(sdpa, args.repeat),
-               "fp8_with_quantisation_ms": milliseconds(lambda: fp8_attention(q, k, v), args.repeat),
+               "fp8_with_quantisation_ms": milliseconds(lambda: fp8_attention(q, k, v, hopper=hopper), args.repeat),
                "quantisation_ms": milliseconds(lambda: quantize_qkv(q, k, v, hopper), args.repeat),
                # the same arithmetic in eager PyTorch (what a CPU runs; on a GPU, Triton kernels do it)
                "quantisation_pytorch_ms": milliseconds(
@@ -87,6 +138,11 @@ def main() -> None:
                "fp8_rel_l2_vs_sdpa": float((out - reference).norm() / reference.norm())}
         run["fp8_kernel_ms"] = run["fp8_with_quantisation_ms"] - run["quantisation_ms"]
         names = ["sdpa_bf16", "fp8_with_quantisation", "fp8_kernel"]
+        try:  # cuDNN's bf16 attention by name (SDPA's own choice above may differ by GPU and release)
+            run["cudnn_bf16_ms"] = milliseconds(cudnn_attention(q, k, v), args.repeat)
+            names.append("cudnn_bf16")
+        except RuntimeError as error:
+            run["cudnn_bf16_error"] = str(error)[-500:]
         if hopper:  # the Triton kernel on the same inputs, for comparison
             triton_kernel = lambda: fp8_attention(q, k, v, hopper=False)  # noqa: E731
             run["fp8_triton_kernel_ms"] = (milliseconds(triton_kernel, args.repeat)
@@ -98,13 +154,18 @@ def main() -> None:
             run["flash4_bf16_ms"] = milliseconds(flash4, args.repeat)
             run["flash4_rel_l2_vs_sdpa"] = float((flash4().float() - reference).norm() / reference.norm())
             names.append("flash4_bf16")
+        if previous:  # with its quantisation, as fp8_with_quantisation
+            run["previous_fp8_with_quantisation_ms"] = milliseconds(lambda: previous(q, k, v), args.repeat)
+            error = previous(q, k, v).float() - reference
+            run["previous_fp8_rel_l2_vs_sdpa"] = float(error.norm() / reference.norm())
+            names.append("previous_fp8_with_quantisation")
         for name in names:
             run[f"{name}_tflops"] = round(flop / run[f"{name}_ms"] / 1e9, 1)
         if args.tiles:
             run["fp8_kernel_by_tile"] = tile_runs(q, k, v, flop, args.repeat)
         record["runs"].append(run)
         print(json.dumps(run), flush=True)
-    write_report(record, Path(args.out) / gpu_file_name("attention_kernels", record))
+    write_report(record, Path(args.out) / gpu_file_name("attention_kernels", record, args.suffix))
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
-"""e4m3, the fp8 format of wan-opt's weights, activations and attention: its range, the scale that puts a
-largest magnitude at its top, and the per-row quantisation in PyTorch that every fp8 kernel matches."""
+"""e4m3, the fp8 format of wan-opt's weights and activations: its range, the scale that puts a largest magnitude
+at its top (or at int8's, for the attention's V), and the per-row quantisation in PyTorch that every fp8 kernel
+matches."""
 from __future__ import annotations
 
 import torch
@@ -9,11 +10,18 @@ FP8 = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8).max  # 448
 MIN_SCALE = 1e-12  # an all-zero row or channel must not divide by zero
 WIDEST_KERNEL_ROW = 16384  # the quantisation kernel holds a row in registers: Wan's widest is 14,336 (TI2V-5B)
+INT8_MAX = 127  # the attention's V and P are int8, symmetric: -127..127
+# Rounding to int8 without the conversion unit (the kernels' exponentials use its quarter rate): for |x| < 2^22,
+# x + 1.5 * 2^23 is an fp32 whose unit is one, so round(x) (ties to even) is its bits less ROUND_MAGIC_BITS, and
+# an int32 i becomes the float i by the reverse; ROUND_MAGIC_BITS' low byte is zero, so the low byte alone is an
+# int8 already.
+ROUND_MAGIC = 12582912.0  # 1.5 * 2^23
+ROUND_MAGIC_BITS = 0x4B400000  # its bit pattern
 
 
-def scale_for(amax: torch.Tensor) -> torch.Tensor:
-    """The float32 scale that puts a largest magnitude `amax` at e4m3's largest value."""
-    return (amax.float() / FP8_MAX).clamp(min=MIN_SCALE)
+def scale_for(amax: torch.Tensor, top: float = FP8_MAX) -> torch.Tensor:
+    """The float32 scale that puts a largest magnitude `amax` at `top` (e4m3's largest value unless told)."""
+    return (amax.float() / top).clamp(min=MIN_SCALE)
 
 
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,13 +1,16 @@
 """The Triton kernel behind wan_opt.optim.fp8_attention (imported only when that attention is used: needs triton)."""
+import math
 import os
 
 import torch
 import triton
 import triton.language as tl
 
+from wan_opt.kernels.e4m3 import INT8_MAX
+from wan_opt.kernels.fp8_qkv import ROUND_MAGIC, ROUND_MAGIC_BITS, round_small
+
 # Globals a kernel reads must be constexpr.
-SCALE_BLOCK = tl.constexpr(64)  # query rows per scale (fp8_attention.SCALE_BLOCK); a 128-row tile reads two
-LOG2_P_SCALE = tl.constexpr(8.8)  # P leaves exp2 scaled by 2^8.8 = 446, just under e4m3's largest (448)
+LOG2_P_TOP = tl.constexpr(math.log2(INT8_MAX))  # P leaves exp2 as 127 P: a block's largest is int8's top
 
 # The kernel builds its tensor descriptors (Hopper's TMA copies) itself, in scratch memory that Triton asks
 # this allocator for; the graphs torch.compile builds set the same one.
@@ -17,9 +20,9 @@ triton.set_allocator(lambda size, alignment, stream: torch.empty(size, dtype=tor
 def _configs():
     """Tile shapes to try on the GPU once per sequence length; Triton's CPU interpreter gets one.
 
-    64 query rows on 4 warps with 3 stages were fastest on an H100 (two programs share an SM, and one's softmax
-    runs beside the other's MMAs; by tile in docs/measured.md, 'Attention kernels'). The autotuner still tries
-    them all: the best tile may differ on other GPUs and lengths.
+    With fp8 Q and K, 64 query rows on 4 warps with 3 stages were fastest on an H100 (two programs shared an SM;
+    by tile in docs/measured.md, 'Attention kernels'). bf16 K tiles take twice the shared memory, so the
+    autotuner tries them all: the best tile may differ on other GPUs and lengths.
     """
     if os.environ.get("TRITON_INTERPRET") == "1":
         return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64})]
@@ -28,34 +31,42 @@ def _configs():
 
 
 @triton.jit
-def _key_blocks(acc, l_i, m_i, q, qk_scale, k_desc, vt_desc, k_row, vt_row, offs_n, start, stop, n_ctx,
-                BLOCK_N: tl.constexpr, MASKED: tl.constexpr):
+def _key_blocks(acc, l_i, m_i, q, k_desc, vt_desc, k_row, vt_row, offs_n, start, stop, n_ctx,
+                QK_SCALE: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr):
     """The online softmax over keys [start, stop); only the last, partly padded block needs MASKED."""
     for start_n in range(start, stop, BLOCK_N):
         k = k_desc.load([k_row + start_n, 0])
-        s = tl.dot(q, k.T)  # raw fp8 scores; scaled below, in the same FMA that subtracts the max
+        s = tl.dot(q, k.T) * QK_SCALE  # log2-domain logits from bf16 products, exact in fp32
         if MASKED:
             s = tl.where((start_n + offs_n)[None, :] < n_ctx, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
-        # P * 446 straight out of exp2: e4m3's range without a multiply; the factor cancels in acc / l.
-        p = tl.math.exp2(s * qk_scale[:, None] - (m_new - LOG2_P_SCALE)[:, None])
+        block_max = tl.max(s, 1)
+        m_new = tl.maximum(m_i, block_max)
+        # 127 P against this block's own row max, rounded to int8: the precision follows the block's weights;
+        # the block's factor to the running max scales its integer P V and its row sum after.
+        p = tl.math.exp2(s - (block_max - LOG2_P_TOP)[:, None])
         alpha = tl.math.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
+        beta = tl.math.exp2(block_max - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1) * beta
         vt = vt_desc.load([vt_row, start_n])
-        acc = tl.dot(p.to(tl.float8e4nv), vt.T, acc * alpha[:, None])
+        pv = tl.dot(round_small(p).to(tl.int8), vt.T, out_dtype=tl.int32)  # exact: |pv| < 127 * 127 * 128 < 2^22
+        # pv to float by its bits, on the FMA pipe rather than the conversion unit's quarter rate (which the
+        # exponentials use); the constant comes off in the FMA with alpha
+        acc = (acc * alpha[:, None] - (beta * ROUND_MAGIC)[:, None]
+               + (pv + ROUND_MAGIC_BITS).to(tl.float32, bitcast=True) * beta[:, None])
         m_i = m_new
     return acc, l_i, m_i
 
 
 @triton.autotune(configs=_configs(), key=["n_pad", "HEAD_DIM"])
 @triton.jit
-def fp8_attention_kernel(Q, K, VT, QK_SCALE, V_SCALE, OUT, n_ctx, n_heads, n_pad, stride_ob, stride_on, stride_oh,
-                         HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def fp8_attention_kernel(Q, K, VT, V_SCALE, V_MEAN, OUT, n_ctx, n_heads, n_pad, stride_ob, stride_on, stride_oh,
+                         HEAD_DIM: tl.constexpr, QK_SCALE: tl.constexpr, BLOCK_M: tl.constexpr,
+                         BLOCK_N: tl.constexpr):
     """One program: BLOCK_M queries of one (batch, head) against every key.
 
-    Q, K: (B*H, n_pad, HEAD_DIM) e4m3; VT: (B*H, HEAD_DIM, n_pad) e4m3; QK_SCALE: (B*H, n_pad / 64) float32,
-    the factor from fp8 scores to log2-domain logits; V_SCALE: (B*H, HEAD_DIM); OUT: (B, n_ctx, H, HEAD_DIM)
-    with its strides. n_pad is a multiple of 128, so every tile shape divides it.
+    Q, K: (B*H, n_pad, HEAD_DIM) bf16; VT: (B*H, HEAD_DIM, n_pad) int8; V_SCALE, V_MEAN: (B*H, HEAD_DIM) float32;
+    QK_SCALE: log2(e) / sqrt(HEAD_DIM); OUT: (B, n_ctx, H, HEAD_DIM) with its strides. n_pad is a multiple of
+    128, so every tile shape divides it.
     """
     start_m = tl.program_id(0)
     bh = tl.program_id(1)
@@ -69,19 +80,19 @@ def fp8_attention_kernel(Q, K, VT, QK_SCALE, V_SCALE, OUT, n_ctx, n_heads, n_pad
     offs_d = tl.arange(0, HEAD_DIM)
 
     q = q_desc.load([bh * n_pad + start_m * BLOCK_M, 0])
-    qk_scale = tl.load(QK_SCALE + bh * (n_pad // SCALE_BLOCK) + offs_m // SCALE_BLOCK)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     k_row, vt_row = bh * n_pad, bh * HEAD_DIM
     full = (n_ctx // BLOCK_N) * BLOCK_N
-    acc, l_i, m_i = _key_blocks(acc, l_i, m_i, q, qk_scale, k_desc, vt_desc, k_row, vt_row, offs_n, 0, full, n_ctx,
+    acc, l_i, m_i = _key_blocks(acc, l_i, m_i, q, k_desc, vt_desc, k_row, vt_row, offs_n, 0, full, n_ctx, QK_SCALE,
                                 BLOCK_N, False)
-    acc, l_i, m_i = _key_blocks(acc, l_i, m_i, q, qk_scale, k_desc, vt_desc, k_row, vt_row, offs_n, full, n_pad, n_ctx,
-                                BLOCK_N, True)
+    # The partly padded block, if any (a block of padding alone would have no row max)
+    acc, l_i, m_i = _key_blocks(acc, l_i, m_i, q, k_desc, vt_desc, k_row, vt_row, offs_n, full,
+                                tl.cdiv(n_ctx, BLOCK_N) * BLOCK_N, n_ctx, QK_SCALE, BLOCK_N, True)
 
     v_scale = tl.load(V_SCALE + bh * HEAD_DIM + offs_d)
-    out = acc * (v_scale[None, :] / l_i[:, None])
+    out = acc * (v_scale[None, :] / l_i[:, None]) + tl.load(V_MEAN + bh * HEAD_DIM + offs_d)[None, :]
     b = bh // n_heads
     h = bh % n_heads
     pointers = OUT + b * stride_ob + offs_m[:, None] * stride_on + h * stride_oh + offs_d[None, :]
