@@ -231,3 +231,15 @@ def test_on_a_gpu_weights_read_when_needed_give_the_same_video(written, knobs):
     if "hardware.memory.experts=swap" in knobs:
         assert all(p.numel() == 0 for p in pipe.transformer.parameters())
         assert all(p.device.type == "cuda" for p in pipe.transformer_2.parameters())
+
+
+def test_a_module_read_onto_a_device_takes_its_computed_buffers_along(written):
+    """The DiT's rotary tables are computed when the skeleton is built, on the CPU: a resident expert read onto the
+    GPU needs them there (the meta device stands in for the GPU here)."""
+    _, ckpts = written
+    module = skeleton(ckpts["diffusers"], "transformer", torch.bfloat16)
+    buffers = dict(module.named_buffers())
+    assert buffers and all(b.device.type == "cpu" for b in buffers.values())
+    read_module(module, role_tensors(ckpts["diffusers"], "transformer"), torch.device("meta"), CPU, torch.bfloat16)
+    assert all(t.device.type == "meta" for t in [*module.buffers(), *module.parameters()])
+    assert set(dict(module.named_buffers())) == set(buffers)

@@ -205,6 +205,16 @@ def read_module(module: torch.nn.Module, tensors: dict[str, torch.Tensor], devic
         else:
             place(owner, attr, name, value)
         advise(src, MADV_DONTNEED)
+    move_buffers(module, device)
+
+
+def move_buffers(module: torch.nn.Module, device: torch.device) -> None:
+    """The buffers a module computes when it is built (the DiT's rotary tables) go where its weights went: a
+    resident expert runs on the GPU with them."""
+    for owner in module.modules():
+        for name, buffer in owner._buffers.items():
+            if buffer is not None and buffer.device != device:
+                owner._buffers[name] = buffer.to(device)
 
 
 def _is_view_of(param: torch.Tensor, src: torch.Tensor) -> bool:
