@@ -1,5 +1,12 @@
 """A CPU smoke of the benchmark's code path on the tiny model (the benchmark itself runs on a GPU)."""
+import contextlib
 import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 
@@ -96,3 +103,100 @@ def test_image_to_video_runs_against_diffusers_image_pipeline(tmp_path):
         assert report["runs"][name]["frames_rel_l2"] < 1e-5 and report["runs"][name]["forward_rel_l2"] < 1e-6
     assert 1e-4 < report["runs"][fast_like]["forward_rel_l2"] < 0.1
     assert path.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_whole_request_is_measured_beside_its_extrapolation(tmp_path):
+    """--steps 8 is the tiny model's own request: every run's whole timed call is the request, measured."""
+    assert main(["--tiny", "--profiles", "cpu", "--steps", "8", "--out", str(tmp_path)]) == 0
+    [path] = tmp_path.glob("bench_tiny-cpu_*.json")
+    report = json.loads(path.read_text())
+    for name, run in report["runs"].items():
+        assert run["steps"] == run["request_steps"] == 8, name
+        assert run["request_seconds_measured"] == run["total_seconds"], name
+        # the same stages, summed rather than timed as one call: close, not equal
+        assert run["request_seconds_measured"] == pytest.approx(run["request_seconds_extrapolated"], rel=0.5), name
+    cpu = report["runs"]["cpu"]
+    assert cpu["request_speedup_measured"] == pytest.approx(
+        report["runs"]["diffusers"]["request_seconds_measured"] / cpu["request_seconds_measured"], rel=1e-2)
+    assert cpu["frames_rel_l2"] < 1e-5
+    assert "s measured (" in path.with_suffix(".md").read_text()
+
+
+def test_baseline_steps_measure_the_profiles_request_and_extrapolate_diffusers(tmp_path):
+    assert main(["--tiny", "--profiles", "cpu", "--baseline-steps", "2", "--steps", "8", "--out", str(tmp_path)]) == 0
+    [path] = tmp_path.glob("bench_tiny-cpu_*.json")
+    report = json.loads(path.read_text())
+    base, cpu = report["runs"]["diffusers"], report["runs"]["cpu"]
+    assert report["baseline_steps"] == 2 and report["steps"] == 8
+    assert len(base["step_seconds"]) == 2 and len(cpu["step_seconds"]) == 8
+    assert base["request_seconds_measured"] is None and base["request_seconds_extrapolated"] > 0
+    assert cpu["request_seconds_measured"] == cpu["total_seconds"] and cpu["request_speedup_measured"] is None
+    # per step against per step; frames 2 steps apart say nothing of the kernels, the forward still does
+    assert cpu["speedup"] > 0 and cpu["frames_rel_l2"] is None and cpu["forward_rel_l2"] < 1e-6
+    assert "not compared" in report["frames_rel_l2_null"]
+    table = path.with_suffix(".md").read_text()
+    assert "8 steps (diffusers: 2)" in table and "not compared" in table and "| - |" in table
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["--baseline-steps", "0"], "--baseline-steps 0: a run needs at least one step."),
+    (["--steps", "-1"], "--steps -1: a run needs at least one step."),
+    (["--profiles", "nosuch", "--detach"], "Could not find 'hardware/nosuch'"),  # checked before detaching
+])
+def test_bad_steps_and_detached_requests_fail_in_the_foreground(argv, says, tmp_path, capsys, monkeypatch):
+    import wan_opt.bench as bench
+
+    monkeypatch.setattr(bench, "build", lambda *a: pytest.fail("built before the request was checked"))
+    monkeypatch.setattr(bench.subprocess, "Popen", lambda *a, **k: pytest.fail("detached a bad request"))
+    assert main(["--tiny", *argv, "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and says in err and len(err.splitlines()) == 1
+    assert not any(tmp_path.iterdir())
+
+
+def test_detach_returns_at_once_and_collect_reports_the_run_then_its_result(tmp_path, capsys, monkeypatch):
+    import wan_opt
+    import wan_opt.bench as bench
+
+    # the child imports this checkout's wan_opt, wherever pytest was started
+    root = str(Path(wan_opt.__file__).parents[1])
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
+    out = tmp_path / "results"
+    assert main(["--tiny", "--profiles", "cpu", "--steps", "2", "--out", str(out), "--detach"]) == 0
+    [record] = out.glob("bench_detached_*.json")
+    started = json.loads(record.read_text())
+    assert "--detach" not in started["command"] and started["command"][1:3] == ["-m", "wan_opt.bench"]
+    try:
+        # returned while the child still imports torch: it runs, in a session of its own (no terminal's hang-up)
+        assert os.getsid(started["pid"]) == started["pid"] != os.getsid(0)
+        assert main(["--collect", str(out)]) == 3
+        assert "still running" in capsys.readouterr().out
+        deadline = time.monotonic() + 120
+        while (code := main(["--collect", str(out)])) == 3 and time.monotonic() < deadline:
+            time.sleep(1)
+        said = capsys.readouterr().out
+        assert code == 0, said + Path(started["log"]).read_text()
+        assert "finished" in said and "| `cpu` |" in said and "| `diffusers` |" in said
+        assert record.exists()  # records stay
+    finally:  # the child is this process's: stopped where the test failed before it ended, and reaped
+        if bench.still_running(started):
+            os.kill(started["pid"], 9)
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(started["pid"], 0)
+
+
+def test_collect_reports_a_run_that_ended_without_a_result(tmp_path, capsys):
+    ended = subprocess.Popen(["true"])
+    ended.wait()  # reaped: its pid is gone
+    command = [sys.executable, "-m", "wan_opt.bench", "--tiny"]
+    # a pid that ended, and a live pid that is not the benchmark (a pid reused by another program)
+    for name, pid in (("gone", ended.pid), ("reused", os.getpid())):
+        log = tmp_path / f"bench_detached_{name}.log"
+        log.write_text("loading\nTraceback (most recent call last):\nRuntimeError: CUDA out of memory\n")
+        (tmp_path / f"bench_detached_{name}.json").write_text(json.dumps(
+            {"detached": True, "pid": pid, "command": command, "cwd": str(tmp_path), "log": str(log),
+             "started": "2026-01-01T00:00:00", "host": socket.gethostname()}))
+    assert main(["--collect", str(tmp_path)]) == 1
+    said = capsys.readouterr().out
+    assert said.count("ended without a result") == 2 and "still running" not in said
+    assert said.count("RuntimeError: CUDA out of memory") == 2
