@@ -67,7 +67,7 @@ def test_tiny_smoke_writes_a_report(tmp_path):
      "cannot be unfused: benchmark them in separate commands."),
 ])
 def test_bad_profiles_get_one_sentence_before_anything_is_built(profiles, says, tmp_path, capsys, monkeypatch):
-    import wan_opt.bench as bench
+    import wan_opt.bench.measure as bench
 
     monkeypatch.setattr(bench, "build", lambda *a: pytest.fail("built before the profiles were checked"))
     assert main(["--tiny", "--profiles", *profiles, "--out", str(tmp_path)]) == 2
@@ -144,10 +144,11 @@ def test_baseline_steps_measure_the_profiles_request_and_extrapolate_diffusers(t
     (["--profiles", "nosuch", "--detach"], "Could not find 'hardware/nosuch'"),  # checked before detaching
 ])
 def test_bad_steps_and_detached_requests_fail_in_the_foreground(argv, says, tmp_path, capsys, monkeypatch):
-    import wan_opt.bench as bench
+    import wan_opt.bench.detached as detached
+    import wan_opt.bench.measure as bench
 
     monkeypatch.setattr(bench, "build", lambda *a: pytest.fail("built before the request was checked"))
-    monkeypatch.setattr(bench.subprocess, "Popen", lambda *a, **k: pytest.fail("detached a bad request"))
+    monkeypatch.setattr(detached.subprocess, "Popen", lambda *a, **k: pytest.fail("detached a bad request"))
     assert main(["--tiny", *argv, "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and says in err and len(err.splitlines()) == 1
@@ -156,7 +157,7 @@ def test_bad_steps_and_detached_requests_fail_in_the_foreground(argv, says, tmp_
 
 def test_detach_returns_at_once_and_collect_reports_the_run_then_its_result(tmp_path, capsys, monkeypatch):
     import wan_opt
-    import wan_opt.bench as bench
+    import wan_opt.bench.detached as bench
 
     # the child imports this checkout's wan_opt, wherever pytest was started
     root = str(Path(wan_opt.__file__).parents[1])

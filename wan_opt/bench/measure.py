@@ -1,37 +1,12 @@
-"""The GPU benchmark: diffusers' WanPipeline (WanImageToVideoPipeline for image-to-video) as people run it today
-against wan-opt profiles, in one process.
-
-Builds the full-size architectures with random weights on the GPU (no checkpoint), runs the same request
-(a few steps) under (a) diffusers' defaults and (b) each profile, and writes a JSON with seconds per CFG step
-and per stage, achieved TFLOP/s, peak memory, the speedup over (a), and each profile's deviation from (a) on
-the same inputs (one denoiser forward, and the decoded frames). Random weights say nothing of visual quality.
-An image-to-video model (--model wan22_i2v_a14b) starts from a generated picture of the request's size.
-
-A whole request is extrapolated from the measured stages; a run that runs its request's every step (--steps 40
-for A14B, 4 for a distilled preset) and decodes also has it measured end to end. --baseline-steps keeps diffusers'
-run short while the profiles run whole requests; --detach starts a run longer than a job may last in the
-background, and --collect prints its result later.
-
-    python -m wan_opt.bench --profiles h100 --size 1280*720 --frames 81 --steps 3
-    python -m wan_opt.bench --profiles h100 h100,hardware.speed.cfg_truncation=0.25 --size 832*480
-    python -m wan_opt.bench --model wan22_i2v_a14b --profiles h200 h200,mode=fast --steps 2
-    python -m wan_opt.bench --profiles h200 h200,mode=fast --steps 40 --baseline-steps 2 --detach
-    python -m wan_opt.bench --collect benchmarks/results    # 0: every result in, 1: a run ended without, 3: running
-    python -m wan_opt.bench --tiny          # a CPU smoke of the same code path, seconds
-"""
+"""The benchmark's runs: diffusers' pipeline as people load it, then each profile on the same modules and inputs,
+each timed stage by stage; and the command line that checks them all before anything is built."""
 from __future__ import annotations
 
 import argparse
 import contextlib
 import json
-import os
-import re
-import shlex
-import socket
-import subprocess
 import sys
 import tempfile
-import textwrap
 import time
 import traceback
 from pathlib import Path
@@ -40,12 +15,12 @@ import numpy as np
 import torch
 
 from wan_opt import image as images
+from wan_opt.bench.detached import collect, detach
+from wan_opt.bench.report import chart, markdown, rel_l2, request_steps, summarize, write
 from wan_opt.checks import check_device
 from wan_opt.errors import WanOptError
 from wan_opt.prepare import compose_config, prepare
 from wan_opt.request import parse_size, run_guidance
-from wan_opt.app import library_versions
-from wan_opt.video import new_figure, write_figure, write_json
 
 PROMPT, NEGATIVE = "a red fox running through fresh snow", "blurry, static"
 
@@ -65,11 +40,6 @@ def timed(fn, device: torch.device):
     out = fn()
     sync()
     return out, time.perf_counter() - start
-
-
-def rel_l2(a, b) -> float:
-    a, b = torch.as_tensor(np.asarray(a), dtype=torch.float64), torch.as_tensor(np.asarray(b), dtype=torch.float64)
-    return float((a - b).norm() / b.norm())
 
 
 BENCHED = {"t2v_a14b": "t2v_a14b", "tiny": "t2v_a14b", "i2v_a14b": "i2v_a14b", "tiny_i2v": "i2v_a14b"}
@@ -231,11 +201,6 @@ def bench_model(args) -> str:
         else "tiny"
 
 
-def request_steps(cfg) -> int:
-    """The step count of the request a run stands for: the run's `steps=` override, or its model's own."""
-    return int(cfg.steps or cfg.model.steps)
-
-
 def guidance_of(cfg) -> tuple[float, float]:
     g, g2 = run_guidance(cfg)
     return float(g), float(g if g2 is None else g2)
@@ -279,7 +244,9 @@ def profile_run(pipe, cfg, args, device: torch.device, one_forward) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m wan_opt.bench", description=__doc__.split("\n\n")[0])
+    from wan_opt import bench  # the package's docstring is the command's
+
+    parser = argparse.ArgumentParser(prog="python -m wan_opt.bench", description=bench.__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="wan22_t2v_a14b",
                         help="the preset benchmarked: wan22_t2v_a14b, or wan22_i2v_a14b (image-to-video)")
     parser.add_argument("--profiles", nargs="+", default=["h100"],
@@ -382,253 +349,3 @@ def main(argv: list[str] | None = None) -> int:
     report["failed"] = failed
     write(report, args)
     return 1 if failed else 0
-
-
-def detach(argv: list[str], out: Path) -> int:
-    """Start this benchmark without --detach in a session of its own (no terminal to hang up on it, and it
-    outlives this process), its output to a log in `out`, and write a record beside the log for --collect."""
-    # argparse takes any unambiguous prefix of --detach (--det, --deta...): the child must see none of them
-    own = [arg for arg in argv if not (arg.startswith("--det") and "--detach".startswith(arg))]
-    command = [sys.executable, "-m", "wan_opt.bench", *own]
-    out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"bench_detached_{time.strftime('%Y%m%d_%H%M%S')}_{os.getpid()}"
-    log, record = stem.with_suffix(".log"), stem.with_suffix(".json")
-    with open(log, "wb") as sink:  # the child holds its own copy of the descriptor
-        child = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=sink, stderr=subprocess.STDOUT,
-                                 start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    # Never waited for here: it outlives this process (init reaps it), and Popen would warn that it still runs.
-    child.returncode = 0
-    # A list, not a string, under "command": the page's index takes a string command for a result file.
-    write_json({"detached": True, "pid": child.pid, "command": command, "cwd": os.getcwd(), "log": str(log.resolve()),
-                "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "host": socket.gethostname()}, record)
-    print(f"started pid {child.pid} on {socket.gethostname()}: {shlex.join(command)}\n  log:    {log}\n"
-          f"  record: {record}\n  collect with: python -m wan_opt.bench --collect {out}")
-    return 0
-
-
-COLLECT_DONE, COLLECT_ENDED, COLLECT_RUNNING = 0, 1, 3
-
-
-def collect(folder: Path) -> int:
-    """Report each detached run recorded in `folder`: its result, that it still runs, or how its log ends.
-    Exit 3 while any still runs (come back later), else 1 where any ended without a result, else 0."""
-    records = sorted(folder.glob("bench_detached_*.json"))
-    if not records:
-        print(f"error: {folder} holds no record of a detached run (bench_detached_*.json).", file=sys.stderr)
-        return 2
-    codes = [collect_one(json.loads(path.read_text()), path) for path in records]
-    return COLLECT_RUNNING if COLLECT_RUNNING in codes else max(codes)
-
-
-def collect_one(record: dict, path: Path) -> int:
-    """One record's state, printed: its result once its log names one that exists, whatever the host (the folder
-    may be shared); else running, judged by its pid on its own host only; else ended, with its log's end."""
-    log = Path(record["log"])
-    text = log.read_text(errors="replace") if log.exists() else ""
-    result = result_of(text, Path(record["cwd"]))
-    if result is not None and result.exists():
-        report = json.loads(result.read_text())
-        failed = "".join(f"\n  failed {name}: {why}" for name, why in report.get("failed", {}).items())
-        print(f"{path.name}: finished, {result}{failed}\n\n{markdown(report)}")
-        return COLLECT_DONE
-    if record["host"] != socket.gethostname() and result is None:
-        print(f"{path.name}: pid {record['pid']} runs, or ran, on {record['host']}, not here: collect it there.")
-        return COLLECT_RUNNING
-    if result is None and still_running(record):
-        print(f"{path.name}: still running (pid {record['pid']}, started {record['started']}); log: {log}")
-        return COLLECT_RUNNING
-    ended = f"wrote {result}, which is gone" if result is not None else "ended without a result"
-    tail = "\n".join(f"  {line}" for line in text.splitlines()[-20:]) or "  (the log is empty or gone)"
-    print(f"{path.name}: pid {record['pid']} {ended}; the end of {log}:\n{tail}")
-    return COLLECT_ENDED
-
-
-def result_of(log: str, cwd: Path) -> Path | None:
-    """The result file a run's log names (write() prints `wrote <json>, <png> and <md>`), from the run's folder."""
-    found = re.findall(r"^wrote (.+\.json), ", log, flags=re.MULTILINE)
-    return cwd / found[-1] if found else None
-
-
-def still_running(record: dict) -> bool:
-    """Whether the record's process still runs this benchmark: a pid alone may since have gone to another program.
-    Its arguments after the interpreter must be the record's; an ended, unreaped process reads as ended."""
-    if not Path("/proc/self").exists():  # not Linux: no arguments to read, the pid alone
-        try:
-            os.kill(record["pid"], 0)
-        except ProcessLookupError:
-            return False
-        return True
-    try:
-        argv = Path(f"/proc/{record['pid']}/cmdline").read_bytes().decode(errors="replace").split("\0")[:-1]
-    except OSError:  # gone
-        return False
-    own = record["command"][1:]  # -m wan_opt.bench ...: the interpreter's path may read otherwise there
-    return len(argv) > len(own) and argv[-len(own):] == own
-
-
-def seconds_per_forward(row: dict) -> float:
-    """The measured denoising time over the denoiser passes it made (2 a step with guidance, 1 without): a step
-    cache's cheap steps count here, where the median step would hide them."""
-    return float(sum(row["step_seconds"]) / sum(row["forwards"]))
-
-
-def request_seconds(row: dict) -> float:
-    """A whole request extrapolated from measured stages: encode, the request's denoiser passes (its own step
-    count and guidance schedule) at the measured time per pass, decode (when the benchmark decoded)."""
-    stages = row["stage_seconds"]
-    return (stages.get("text_encoding", 0.0) + stages.get("vae_encode", 0.0)
-            + row["request_forwards"] * seconds_per_forward(row) + stages.get("vae_decode", 0.0))
-
-
-def measured_request(row: dict, steps: int, request: int, decode: bool) -> float | None:
-    """The whole timed call (text encoding, VAE encode, every step, decode) where it was a whole request: the
-    run ran its request's every step and decoded; else None, and only the extrapolation stands."""
-    return round(row["seconds"], 3) if steps == request and decode else None
-
-
-def summarize(rows: dict, configs: dict, args, step_flops: float, device: torch.device) -> dict:
-    base = rows["diffusers"]
-    base_step = float(np.median(base["step_seconds"]))
-    base_request = request_seconds(base)
-    base_measured = measured_request(base, args.baseline_steps, request_steps(configs["diffusers"]), args.decode)
-    report = {"command": " ".join(["python -m wan_opt.bench", *sys.argv[1:]]), "size": args.size,
-              "frames": args.frames, "steps": args.steps, "baseline_steps": args.baseline_steps,
-              "device": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu",
-              "versions": library_versions(), "cfg_step_tflop": step_flops / 1e12,
-              "frames_rel_l2_of": "frames" if args.decode else "latents", "runs": {}}
-    if args.baseline_steps != args.steps:
-        # A run of 8 steps and one of 2 end at different noise levels: their distance says nothing of the kernels.
-        report["frames_rel_l2_null"] = (f"diffusers ran {args.baseline_steps} steps and the profiles {args.steps}: "
-                                        "frames of different step counts are not compared; forward_rel_l2 is")
-    for name, row in rows.items():
-        step = float(np.median(row["step_seconds"]))
-        request = request_seconds(row)
-        steps = args.baseline_steps if name == "diffusers" else args.steps
-        measured = measured_request(row, steps, request_steps(configs[name]), args.decode)
-        comparable = name != "diffusers" and steps == args.baseline_steps
-        report["runs"][name] = {
-            "steps": steps,
-            "seconds_per_cfg_step": round(step, 4), "step_seconds": [round(s, 4) for s in row["step_seconds"]],
-            "stage_seconds": {k: round(v, 3) for k, v in row.get("stage_seconds", {}).items()},
-            "total_seconds": round(row["seconds"], 3), "tflops": round(step_flops / step / 1e12, 1),
-            "peak_gpu_gib": None if row["peak_gib"] is None else round(row["peak_gib"], 2),
-            "speedup": round(base_step / step, 3),
-            # Extrapolated: the model's own step count (40 for A14B, 4 distilled) and guidance schedule (CFG
-            # truncation drops passes) at the measured time per pass, plus encode and decode. A step cache's hits
-            # depend on the weights: its row's time per pass is what random weights gave.
-            "seconds_per_forward": round(seconds_per_forward(row), 4),
-            "request_steps": request_steps(configs[name]),
-            "request_forwards": row["request_forwards"], "request_seconds_extrapolated": round(request, 2),
-            "request_speedup_extrapolated": round(base_request / request, 3),
-            # Measured: the whole request timed end to end, where the run was one (and the baseline's, for the ratio).
-            "request_seconds_measured": measured,
-            "request_speedup_measured": round(base_measured / measured, 3) if measured and base_measured else None,
-            "forward_rel_l2": row.get("forward_rel_l2", 0.0),
-            "frames_rel_l2": rel_l2(row["frames"], base["frames"]) if comparable else
-            (0.0 if name == "diffusers" else None),
-        }
-    return report
-
-
-def request_text(run: dict, digits: int = 0) -> str:
-    """A run's whole request and its speedup: measured where both it and the baseline's were timed end to end,
-    else extrapolated (a measured request against an extrapolated baseline says so)."""
-    measured, speedup = run.get("request_seconds_measured"), run.get("request_speedup_measured")
-    if measured is None:
-        seconds, speedup = run["request_seconds_extrapolated"], run["request_speedup_extrapolated"]
-        return f"{seconds:.{digits}f} s extrapolated ({speedup:.2f}x)"
-    ratio = f"{speedup:.2f}x" if speedup is not None else f"{run['request_speedup_extrapolated']:.2f}x extrapolated"
-    return f"{measured:.{digits}f} s measured ({ratio})"
-
-
-def rel_l2_text(value: float | None, digits: int) -> str:
-    return "-" if value is None else f"{value:.{digits}e}"
-
-
-def write(report: dict, args) -> Path:
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title=f"{report['device']}: {args.size} x {args.frames} frames, {steps_text(report)}")
-    for column in ("run", "s / CFG step", "TFLOP/s", "peak GiB", "speedup", "whole request", "forward rel L2",
-                   "frames rel L2"):
-        table.add_column(column)
-    for name, r in report["runs"].items():
-        table.add_row(name, f"{r['seconds_per_cfg_step']:.3f}", f"{r['tflops']}", str(r["peak_gpu_gib"]),
-                      f"{r['speedup']:.2f}x", request_text(r, 1), f"{r['forward_rel_l2']:.2e}",
-                      rel_l2_text(r["frames_rel_l2"], 2))
-    Console().print(table)
-    if "frames_rel_l2_null" in report:
-        print(f"frames rel L2: {report['frames_rel_l2_null']}")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    tag = "tiny-cpu" if args.tiny else report["device"].replace(" ", "-")
-    model = "" if args.model == "wan22_t2v_a14b" else f"{args.model}_"
-    path = out / f"bench_{tag}_{model}{args.size.replace('*', 'x')}x{args.frames}.json"
-    write_json(report, path)
-    chart(report, path.with_suffix(".png"))
-    path.with_suffix(".md").write_text(markdown(report))
-    print(f"wrote {path}, {path.with_suffix('.png').name} and {path.with_suffix('.md').name}")
-    return path
-
-
-def steps_text(report: dict) -> str:
-    """The steps each run ran: "8 steps", or "8 steps (diffusers: 2)" under --baseline-steps."""
-    base = report.get("baseline_steps", report["steps"])  # reports from before --baseline-steps lack it
-    return f"{report['steps']} steps" + (f" (diffusers: {base})" if base != report["steps"] else "")
-
-
-def markdown(report: dict) -> str:
-    """The report as a README table, each row with the command that reproduces it."""
-    lines = [f"{report['device']}, {report['size']} x {report['frames']} frames; per-step times measured over "
-             f"{steps_text(report)}; a whole request measured end to end where the run ran its every step and "
-             "decoded, else extrapolated from the measured stages.", "",
-             "| run | s / CFG step | speedup | steps (passes) | whole request | forward rel L2 | "
-             f"{report['frames_rel_l2_of']} rel L2 |", "|---|---|---|---|---|---|---|"]
-    for name, r in report["runs"].items():
-        lines.append(f"| `{name}` | {r['seconds_per_cfg_step']:.2f} | {r['speedup']:.2f}x | "
-                     f"{r['request_steps']} ({r['request_forwards']}) | {request_text(r)} | "
-                     f"{r['forward_rel_l2']:.1e} | {rel_l2_text(r['frames_rel_l2'], 1)} |")
-    note = [f"{report['frames_rel_l2_of'].capitalize()} rel L2: {report['frames_rel_l2_null']}.", ""] \
-        if "frames_rel_l2_null" in report else []
-    return "\n".join([*lines, "", *note, f"`{report['command']}`", ""])
-
-
-STAGES = (("text_encoding", "text encoding"), ("vae_encode", "VAE encode"), ("denoise", "denoising"),
-          ("denoise_high_noise", "high-noise expert"),
-          ("denoise_low_noise", "low-noise expert"), ("vae_decode", "VAE decode"))
-
-
-def run_label(name: str) -> str:
-    """A run's name for a chart: the knob names without their config path, wrapped."""
-    words = [word.rpartition(".")[2] if word.startswith("hardware.") else word for word in name.split(",")]
-    return "\n".join(textwrap.wrap(", ".join(words), 34))
-
-
-def chart(report: dict, path: Path) -> Path:
-    """Seconds of the benchmarked request per run, stacked by stage, with the speedup per CFG step on each bar."""
-    names = list(report["runs"])
-    labels = [run_label(name) for name in names]
-    fig = new_figure(10, 1.6 + sum(0.45 + 0.2 * label.count("\n") for label in labels))
-    ax = fig.subplots()
-    for i, name in enumerate(names):
-        left, stages = 0.0, report["runs"][name]["stage_seconds"]
-        for key, label in STAGES:
-            if stages.get(key):
-                ax.barh(i, stages[key], left=left, color=f"C{[k for k, _ in STAGES].index(key)}",
-                        label=label if label not in ax.get_legend_handles_labels()[1] else None)
-                left += stages[key]
-        run = report["runs"][name]
-        unguided = run["seconds_per_cfg_step"] < 1.5 * run["seconds_per_forward"]  # one pass a step: no CFG
-        ax.text(left, i, f"  {run['speedup']:.2f}x per step" + (" (no CFG)" if unguided else ""), va="center")
-    ax.set_yticks(range(len(names)), labels)
-    ax.invert_yaxis()
-    ax.set_xlabel(f"seconds for {steps_text(report)} at {report['size']} x {report['frames']} frames")
-    ax.set_title(f"{report['device']}: wan-opt profiles against diffusers' {report.get('reference', 'WanPipeline')}")
-    ax.legend(loc="lower right", fontsize="small")
-    ax.margins(x=0.25)
-    return write_figure(fig, path)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
