@@ -1,8 +1,6 @@
 """Image-to-video: WanOptPipeline against diffusers' WanImageToVideoPipeline on tiny random models (float32, CPU),
 and the whole path around it: the command line, prompt files, the Python API, checkpoints, LoRAs, knobs."""
 import json
-import os
-import socket
 
 import numpy as np
 import pytest
@@ -11,6 +9,7 @@ import torch.multiprocessing as mp
 from PIL import Image
 
 from tests.checkpoints import write_diffusers_checkpoint, write_original_checkpoint
+from tests.gloo import as_torchrun_rank, free_port
 from wan_opt.bench import reference_pipeline
 from wan_opt.conditioning import frame_mask
 from wan_opt.errors import WanOptError
@@ -367,15 +366,8 @@ def test_a_t2v_lora_on_the_i2v_experts_is_one_sentence(tmp_path):
 
 # -- several processes (gloo on the CPU, as torchrun starts them) --------------------------------------------
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _worker(rank: int, world: int, port: int, cfg_parallel: bool, out: str) -> None:
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
+    as_torchrun_rank(rank, world, port)
     from omegaconf import OmegaConf
 
     from wan_opt import parallel
@@ -394,7 +386,7 @@ def test_two_processes_give_the_single_process_video(tmp_path):
     """Ulysses: each process holds half of every forward's tokens (the 36-channel input split after patching)."""
     single = WanOptPipeline.from_diffusers(diffusers_i2v())(**CALL, image=IMAGE,
                                                             generator=torch.Generator().manual_seed(3)).frames
-    mp.spawn(_worker, args=(2, _free_port(), False, str(tmp_path / "frames")), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port(), False, str(tmp_path / "frames")), nprocs=2, join=True)
     for rank in range(2):
         assert np.abs(np.load(tmp_path / f"frames.{rank}.npy") - single.numpy()).max() < 1e-5, rank
 

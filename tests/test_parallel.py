@@ -1,7 +1,5 @@
 """Several processes (gloo on the CPU, as torchrun starts them): the split result equals the single-process one."""
 import json
-import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +10,7 @@ import torch
 import torch.multiprocessing as mp
 from omegaconf import OmegaConf
 
+from tests.gloo import as_torchrun_rank, free_port
 from wan_opt.errors import WanOptError
 from wan_opt.hardware import infer_profile, load_profiles
 from wan_opt.parallel import Layout, plan_layout
@@ -88,15 +87,8 @@ def test_a_released_text_encoder_is_planned_whole_under_fsdp2(monkeypatch):
 
 # ---------------------------------------------------------------------------------------------- gloo runs
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _worker(rank: int, world: int, port: int, knobs: dict, out: str) -> None:
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
+    as_torchrun_rank(rank, world, port)
     from diffusers import WanPipeline
 
     from wan_opt import parallel
@@ -134,7 +126,7 @@ def single_process_frames():
     {"cfg_parallel": False, "compiled": True},                # Ulysses with regionally compiled blocks
 ], ids=["cfg-parallel", "ulysses", "ulysses+fsdp2", "ulysses+compile"])
 def test_two_processes_give_the_single_process_video(knobs, single_process_frames, tmp_path):
-    mp.spawn(_worker, args=(2, _free_port(), knobs, str(tmp_path / "frames")), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port(), knobs, str(tmp_path / "frames")), nprocs=2, join=True)
     for rank in range(2):
         frames = np.load(tmp_path / f"frames.{rank}.npy")
         assert np.abs(frames - single_process_frames).max() < 1e-5, rank
@@ -142,7 +134,7 @@ def test_two_processes_give_the_single_process_video(knobs, single_process_frame
 
 def test_four_processes_split_both_ways(single_process_frames, tmp_path):
     """Two guidance halves of two Ulysses ranks each: the layout of h100x8, at a size a CPU runs."""
-    mp.spawn(_worker, args=(4, _free_port(), {"cfg_parallel": True}, str(tmp_path / "frames")), nprocs=4, join=True)
+    mp.spawn(_worker, args=(4, free_port(), {"cfg_parallel": True}, str(tmp_path / "frames")), nprocs=4, join=True)
     frames = np.load(tmp_path / "frames.3.npy")
     assert np.abs(frames - single_process_frames).max() < 1e-5
 
@@ -150,7 +142,7 @@ def test_four_processes_split_both_ways(single_process_frames, tmp_path):
 @pytest.mark.slow
 def test_torchrun_writes_one_video_from_rank_0(tmp_path):
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
-               str(_free_port()), str(ROOT / "run.py"), "hardware=cpu", "model=tiny", "prompt=a red fox",
+               str(free_port()), str(ROOT / "run.py"), "hardware=cpu", "model=tiny", "prompt=a red fox",
                "steps=2", "size=96*64", "frames=9", f"hydra.run.dir={tmp_path / 'run'}"]
     done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
