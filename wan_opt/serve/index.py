@@ -43,6 +43,7 @@ class Snapshot:
     sets: list[dict] = field(default_factory=list)
     plans: list[dict] = field(default_factory=list)
     benchmarks: list[dict] = field(default_factory=list)
+    benchmark_charts: dict[str, dict] = field(default_factory=dict)  # id -> its chart, drawn from the parsed file
     full: dict[str, dict] = field(default_factory=dict)  # id -> the record with its sidecar and every knob
 
 
@@ -165,8 +166,8 @@ class Index:
     def _build(self, jsons: list[Path], sweeps: set[Path]) -> Snapshot:
         snap, sets = Snapshot(), {}
         parsed = {path: self._parsed[path].data for path in jsons}
-        batches = {p.parent for p, d in parsed.items() if p.name == "results.json" and _results(d)}
-        batches -= {p for p in batches if any(s == p or p.is_relative_to(s) for s in sweeps)}
+        with_results = {p.parent for p, d in parsed.items() if p.name == "results.json" and _results(d)}
+        batches = {p for p in with_results if not any(s == p or p.is_relative_to(s) for s in sweeps)}
         for path, data in parsed.items():
             if _is_sidecar(data):
                 run = self._run(path, data, sweeps, batches, sets)
@@ -175,11 +176,12 @@ class Index:
             elif path.name == "plan.json" and charts.is_plan(data):
                 snap.plans.append(self._plan(path, data))
             elif charts.is_benchmark(data):
-                snap.benchmarks.append({"id": short_id("bench", self.roots.ref(path) or ""),
-                                        "file": self.roots.ref(path), "name": path.stem,
+                bench_id = short_id("bench", self.roots.ref(path) or "")
+                snap.benchmarks.append({"id": bench_id, "file": self.roots.ref(path), "name": path.stem,
                                         "device": data.get("device") or data.get("gpu"),
                                         "command": data.get("command")})
-        for failure in self._failures(parsed, sweeps, batches, sets):
+                snap.benchmark_charts[bench_id] = charts.benchmark_chart(data)
+        for failure in self._failures(parsed, with_results, sweeps, batches, sets):
             snap.full[failure["id"]] = failure
         for record in snap.full.values():
             sets[record["set"]]["runs" if record["status"] == "ok" else "failed"] += 1
@@ -244,36 +246,37 @@ class Index:
                     return self.roots.ref(candidate.resolve())
         return None
 
-    def _failures(self, parsed: dict[Path, Any], sweeps, batches, sets) -> list[dict]:
-        """Failed items from results.json files; from a summary.json only where no results.json says it."""
+    def _failures(self, parsed: dict[Path, Any], with_results: set[Path], sweeps, batches, sets) -> list[dict]:
+        """Failed items from results.json files; from a summary.json only where no results.json says it
+        (`with_results`: the folders with a results.json that lists items)."""
         failures = []
-        with_results = {p.parent for p, d in parsed.items() if p.name == "results.json" and _results(d)}
         for path, data in parsed.items():
             if path.name == "summary.json":
                 if path.parent in with_results or any(p.parent == path.parent for p in with_results):
                     continue
             elif path.name != "results.json":
                 continue
-            for number, item in enumerate(_results(data)):
-                if item.get("status") == "ok":
-                    continue
-                folder = path.parent
-                job = str(item.get("job") or "")
-                config = self._job_config(folder)
+            folder = path.parent
+            failed = [(number, item) for number, item in enumerate(_results(data)) if item.get("status") != "ok"]
+            if not failed:
+                continue
+            set_id = self._set_of(folder, sweeps, batches, sets)
+            config_knobs = knobs.config_knobs(self._job_config(folder))  # one file's items share their job's config
+            for number, item in failed:
                 failures.append({
                     "id": short_id("failed", self.roots.ref(path) or "", str(number)),
                     "status": "failed",
                     "outcome": str(item.get("status") or "failed"),  # failed, or interrupted
-                    "set": self._set_of(folder, sweeps, batches, sets),
+                    "set": set_id,
                     "folder": self.roots.ref(folder),
                     "item": str(item.get("item") or ""),
-                    "job": job,
+                    "job": str(item.get("job") or ""),
                     "prompt": str(item.get("prompt") or ""),
                     "error": str(item.get("error") or "failed, with no message recorded"),
                     "seconds": knobs.as_number(item.get("seconds")),
                     "created": self._stamps[path][0] / 1e9,
                     "figures": {},
-                    "knobs": knobs.config_knobs(config),
+                    "knobs": config_knobs,
                     "data": item,
                 })
         return failures

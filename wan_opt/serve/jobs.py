@@ -71,8 +71,9 @@ def options(group: str) -> list[str]:
     return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml") if p.stem != "auto")
 
 
-def form_schema(enabled: bool) -> dict:
-    """What the page's form offers: each group's options, the defaults here, each model's own defaults."""
+def form_schema() -> dict:
+    """What the page's form offers (where it is on): each group's options, the defaults here, each model's own
+    defaults."""
     detected = detection_record()
     with COMPOSING:
         base = compose_config([], hardware=detected["profile"])
@@ -83,7 +84,7 @@ def form_schema(enabled: bool) -> dict:
         models[name] = {"sizes": list(model.sizes), "steps": model.steps, "frames": model.frames, "fps": model.fps,
                         "guidance": model.guidance, "guidance_2": model.guidance_2}
     gpu = detected["profile"] != "cpu"
-    return {"enabled": enabled, "detected": detected, "groups": {g: options(g) for g in GROUPS},
+    return {"enabled": True, "detected": detected, "groups": {g: options(g) for g in GROUPS},
             "defaults": {"model": "tiny" if not gpu else OmegaConf.select(base, "model.name"),
                          "hardware": detected["profile"], "mode": OmegaConf.select(base, "mode") or "lossless"},
             "models": models, "image": IMAGE in base}

@@ -60,7 +60,7 @@ class Site:
 
     def form(self) -> dict:
         if self._form is None:
-            self._form = jobs.form_schema(self.queue is not None) if self.queue else {"enabled": False}
+            self._form = jobs.form_schema() if self.queue else {"enabled": False}
         return self._form
 
     def record(self, ident: str) -> dict | None:
@@ -158,11 +158,11 @@ class Pages:
 
     def benchmark(self, request: Request) -> Response:
         self.site.index.refresh()
-        found = next((b for b in self.site.index.snapshot.benchmarks if b["id"] == request.path_params["id"]), None)
+        snapshot = self.site.index.snapshot
+        found = next((b for b in snapshot.benchmarks if b["id"] == request.path_params["id"]), None)
         if found is None:
             return refusal(404, "There is no such benchmark file.")
-        data = json.loads(self.site.roots.resolve(found["file"]).read_text(encoding="utf-8"))
-        return answer({**found, "chart": charts.benchmark_chart(data)})
+        return answer({**found, "chart": snapshot.benchmark_charts[found["id"]]})
 
     def plans(self, request: Request) -> Response:
         self.site.index.refresh()
