@@ -55,12 +55,12 @@ def plan_table(plan, decided: dict[str, str]) -> Table:
     table.add_column("predicted GPU GB / value", justify="right")
     table.add_column("host GB", justify="right")  # the stage's predicted peak resident set
     table.add_column("set by")
-    host = getattr(plan, "host_stages", {}) or {}
+    host = plan.host_stages
     for stage, gb in plan.stages.items():
         table.add_row(stage, f"{gb:.1f}", f"{host[stage]:.1f}" if stage in host else "", "")
     for knob, value in plan.mechanisms.items():
         table.add_row(knob, str(value), "", decided.get(knob, ""))
-    if getattr(plan, "read_gb_per_request", 0):
+    if plan.read_gb_per_request:
         table.add_row("read again per request", f"{plan.read_gb_per_request:.0f} GB from the checkpoint", "", "")
     return table
 

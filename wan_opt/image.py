@@ -26,11 +26,11 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from wan_opt.errors import WanOptError
+from wan_opt.request import ROPE_POSITIONS
 
 FORMATS = {"PNG": "PNG", "JPEG": "JPEG", "MPO": "JPEG", "WEBP": "WebP"}  # MPO: a camera's JPEG with extra frames
 MAX_PIXELS = 8192 * 8192  # 67 megapixels: any camera's photo, far from PIL's own 179 MP bomb limit
 MAX_ASPECT = 4.0  # 4:1 either way; Wan 2.2 is trained at 16:9 and 9:16
-ROPE_POSITIONS = 1024  # Wan 2.2's rotary tables: at most 1024 latent positions a side
 BACKGROUND = (255, 255, 255)  # what transparent pixels are flattened onto
 RESAMPLING = "Lanczos"
 

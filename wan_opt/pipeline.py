@@ -298,11 +298,17 @@ class WanOptPipeline:
     # -- images -----------------------------------------------------------------------------------------
 
     @property
-    def takes_image(self) -> str | None:
-        """"required" (I2V-A14B: the denoiser's input is wider than its latents), "optional" (TI2V-5B), or None."""
+    def image_use(self) -> images.ImageUse | None:
+        """What these modules do with an image (wan_opt.image.IMAGE_USE), told from the modules themselves:
+        TI2V-5B's per-token timesteps, or I2V-A14B's denoiser input wider than its latents; None: text only."""
         if self.expand_timesteps:
-            return "optional"
-        return "required" if self.transformer.config.in_channels > self.vae.config.z_dim else None
+            return images.IMAGE_USE["ti2v_5b"]
+        return images.IMAGE_USE["i2v_a14b"] if self.transformer.config.in_channels > self.vae.config.z_dim else None
+
+    @property
+    def takes_image(self) -> str | None:
+        """"required" (I2V-A14B), "optional" (TI2V-5B), or None (text only)."""
+        return None if self.image_use is None else self.image_use.needs
 
     def _image_inputs(self, image, last_image, width: int | None, height: int | None, num_frames: int):
         """(image, last_image, width, height) of a call: the images checked and read, the size fitted to the image
@@ -325,7 +331,7 @@ class WanOptPipeline:
         if image is None and takes == "required":
             raise WanOptError("This model animates an image: pass image= (a PIL image or the path of a PNG, JPEG "
                               "or WebP).")
-        if last_image is not None and self.expand_timesteps:
+        if last_image is not None and not self.image_use.last_frame:
             raise WanOptError("TI2V-5B takes a first frame only (its image path has no last frame): drop last_image.")
         first = None if image is None else images.api_image(image, "image")
         return first, None if last_image is None else images.api_image(last_image, "last_image")
@@ -341,7 +347,7 @@ class WanOptPipeline:
         request = self.prepared.request if self.prepared is not None else None
         area = 832 * 480 if request is None else request.width * request.height
         grid = self.vae.config.scale_factor_spatial * self.transformer.config.patch_size[1]
-        rule = "crop" if self.expand_timesteps else "area"
+        rule = self.image_use.fit
         size = images.fitted_size(image.size[0], image.size[1], area, grid, rule)
         image = images.fit(image, size, rule)[0]
         if last_image is not None and hasattr(last_image, "size"):

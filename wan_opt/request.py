@@ -4,7 +4,6 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -126,9 +125,6 @@ def resolve_request(cfg: DictConfig, prompt_required: bool = True) -> Generation
                           f"{MAX_STEPS}, the scheduler's timesteps (the model's default is {model.steps}).")
     guidance, guidance_2 = run_guidance(cfg)
     for name, value in (("guidance", guidance), ("guidance_2", guidance_2)):
-        if value is not None and not math.isfinite(value):
-            raise WanOptError(f"{name}={value} is not a number: pass a finite value, 0 or more "
-                              f"(1 turns classifier-free guidance off).")
         if value is not None and value < 0:
             raise WanOptError(f"{name}={value} is negative: pass 0 or more (1 turns classifier-free guidance off).")
     if guidance_2 is not None and model.boundary is None:
