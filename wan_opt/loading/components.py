@@ -82,17 +82,13 @@ def load_diffusers_layout(ckpt: Checkpoint, model: DictConfig, memory: MemoryPol
 
 
 def load_original_layout(ckpt: Checkpoint, model: DictConfig, memory: MemoryPolicy, device: torch.device) -> dict:
-    from transformers import AutoTokenizer
-
-    from wan_opt.loading.layouts import TOKENIZER_DIR
     from wan_opt.loading.original import load_original_modules
 
-    roles = (*EXPERTS, "text_encoder", "vae")
+    roles = (*EXPERTS, "text_encoder")
     components = load_original_modules(
         ckpt, dtypes={role: component_dtype(role, memory) for role in roles},
         devices={role: memory.load_device(role, device) for role in roles})
-    components["tokenizer"] = AutoTokenizer.from_pretrained(ckpt.root / TOKENIZER_DIR)
-    components["scheduler"] = scheduler_for(model.shift)
+    components.update(load_vae_and_tokenizer(ckpt, model, memory, device))
     return components
 
 

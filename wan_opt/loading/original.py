@@ -17,7 +17,7 @@ from safetensors import safe_open
 from wan_opt.loading import original_names as original
 from wan_opt.errors import WanOptError
 from wan_opt.loading.layouts import DIT_MODEL_TYPES as MODEL_TYPES  # WanModel config.json "model_type"
-from wan_opt.loading.layouts import T5_FILE, VAE_FILES, Checkpoint, weight_files
+from wan_opt.loading.layouts import T5_FILE, Checkpoint, weight_files
 
 
 def dtype_for(module: torch.nn.Module, name: str, dtype: torch.dtype) -> torch.dtype:
@@ -118,7 +118,8 @@ def load_vae(path: Path, dtype: torch.dtype, device: torch.device):
 
 
 def load_original_modules(ckpt: Checkpoint, dtypes: dict[str, torch.dtype], devices: dict[str, torch.device]) -> dict:
-    """Every module of an original-layout checkpoint, each in its dtype and on its device (keyed by role)."""
+    """The experts and the text encoder of an original-layout checkpoint, each in its dtype and on its device
+    (keyed by role); the VAE comes with the tokenizer (wan_opt.loading.components.load_vae_and_tokenizer)."""
     from wan_opt.loading.layouts import DIFFUSERS_DITS
 
     modules = {"transformer_2": None}
@@ -126,5 +127,4 @@ def load_original_modules(ckpt: Checkpoint, dtypes: dict[str, torch.dtype], devi
         modules[name] = load_dit(folder, ckpt.family, dtypes[name], devices[name])
     modules["text_encoder"] = load_text_encoder(ckpt.root / T5_FILE, dtypes["text_encoder"],
                                                 devices["text_encoder"])
-    modules["vae"] = load_vae(ckpt.root / VAE_FILES[ckpt.family], dtypes["vae"], devices["vae"])
     return modules

@@ -40,20 +40,6 @@ def cgroup_memory_limit(root: Path = Path("/sys/fs/cgroup")) -> int | None:
         if text.isdigit() and int(text) < 2**60:  # v2 writes "max" for no limit, v1 a huge number
             return int(text)
     return None
-    for line in lines:
-        _, controllers, path = line.split(":", 2)
-        for name, folder in (("memory.max", root / path.lstrip("/")) if controllers == "" else (None, None),
-                             ("memory.limit_in_bytes", root / "memory" / path.lstrip("/"))
-                             if "memory" in controllers.split(",") else (None, None)):
-            if name is None:
-                continue
-            try:
-                text = (folder / name).read_text().strip()
-            except OSError:
-                continue
-            if text.isdigit() and int(text) < 2**60:  # v1 writes a huge number for "no limit", v2 "max"
-                return int(text)
-    return None
 
 
 CUDA_CONTEXT_GIB = 0.5  # what this process's CUDA context will take of the free memory

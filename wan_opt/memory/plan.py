@@ -197,16 +197,18 @@ def host_stages(sizes: ModelSizes, req: Request, mech: Mechanisms, compute_dtype
     """
     mapped = mech.idle_weights == "checkpoint"
     outside = (sizes.expert_params_b - sizes.expert_block_linear_params_b) * BYTES[compute_dtype] * 1e9 / GIB
-    copies = 0 if mech.experts == "resident" else (1 if mapped else sizes.experts)
-    if mapped and mech.experts == "swap":
-        copies = 0
-    waiting = copies * pinned_gib(expert) + (sizes.experts * outside if mech.experts == "offload" else 0.0)
+    # pinned expert copies: none resident, nor swapped from the files (read straight to the GPU); one arena
+    # when offloaded from the files; every expert otherwise
+    none = mech.experts == "resident" or (mapped and mech.experts == "swap")
+    copies = 0 if none else (1 if mapped else sizes.experts)
+    outside_blocks = sizes.experts * outside if mech.experts == "offload" else 0.0
+    waiting = copies * pinned_gib(expert) + outside_blocks
     kept_te = 0.0 if mapped else {"gpu": 0.0, "gpu_release": pinned_gib(te), "cpu": te}[mech.text_encoder]
     encoding_te = kept_te if not mapped else {"gpu": 0.0, "gpu_release": TE_READ_TRANSIENT_GIB,
                                                "cpu": te}[mech.text_encoder]
     transient = READ_TRANSIENT_GIB if mapped else 0.0
     if mapped:  # the arena is allocated after the modules that never wait were read (a kept encoder: its embedding)
-        load = waiting - (sizes.experts * outside if mech.experts == "offload" else 0.0) + transient
+        load = waiting - outside_blocks + transient
         load = max(load, TE_READ_TRANSIENT_GIB if mech.text_encoder == "gpu" else 0.0)
     else:
         # transformers maps the encoder's file while it copies it into host memory: both count in the resident

@@ -130,15 +130,15 @@ class MemoryPolicy(MemoryConfig):
     def prepare(self, pipe, device: torch.device) -> None:
         """Apply the storage and offloading mechanisms to freshly loaded modules."""
         source = getattr(pipe, "weight_source", None)
-        reads = self.idle_weights == "checkpoint" and source is not None
+        reads = self.idle_weights == "checkpoint" and source is not None  # weights read from the files when needed
         for expert in pipe.experts():
             self.shape_for_storage(expert, device)
-        if reads and self.experts != "resident":
+        if reads and self.waits_in_checkpoint("transformer"):
             # Offloaded experts stream from one pinned arena that each expert's weights are read into in turn.
             arena = device.type == "cuda" and self.experts == "offload" and self.offload_use_stream
             roles = dict(zip(EXPERTS, pipe.experts()))
             pipe.expert_swapper = CheckpointSwapper(source, roles, torch.device("cpu") if arena else device, arena)
-        if reads and self.text_encoder != "gpu":
+        if reads and self.waits_in_checkpoint("text_encoder"):
             on = device if self.text_encoder == "gpu_release" else torch.device("cpu")
             pipe.text_encoder_swapper = CheckpointSwapper(source, {"text_encoder": pipe.text_encoder}, on)
         for expert in pipe.experts():
