@@ -215,7 +215,6 @@ triton.compile(ASTSource(qk_norm_rope_kernel, types, dict(HEADS=40, HEAD_DIM=128
 def compile_for_hopper(script: str, triton_path: str | None = None):
     """Run a script that compiles kernels for sm_90, in a fresh process without Triton's CPU interpreter, on this
     checkout's wan_opt; triton_path: a folder holding another Triton package, imported instead of the installed."""
-    import os
     import subprocess
     import sys
     from pathlib import Path

@@ -28,7 +28,7 @@ from wan_opt.kernels import e4m3
 _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
 
 # Globals a kernel reads must be constexpr.
-LOG2_P_TOP = gl.constexpr(math.log2(e4m3.INT8_MAX))  # P leaves exp2 as 127 P: a block's largest is int8's top
+LOG2_P_TOP = gl.constexpr(e4m3.LOG2_P_TOP)
 MAGIC = gl.constexpr(e4m3.ROUND_MAGIC)  # rounding and int32 -> float by the bits of an fp32 (e4m3.ROUND_MAGIC)
 MAGIC_BITS = gl.constexpr(e4m3.ROUND_MAGIC_BITS)
 ROWS = gl.constexpr(64)  # query rows per consumer warpgroup: one wgmma's M

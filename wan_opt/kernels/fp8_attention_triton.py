@@ -1,16 +1,15 @@
 """The Triton kernel behind wan_opt.optim.fp8_attention (imported only when that attention is used: needs triton)."""
-import math
 import os
 
 import torch
 import triton
 import triton.language as tl
 
-from wan_opt.kernels.e4m3 import INT8_MAX
+from wan_opt.kernels import e4m3
 from wan_opt.kernels.fp8_qkv import ROUND_MAGIC, ROUND_MAGIC_BITS, round_small
 
 # Globals a kernel reads must be constexpr.
-LOG2_P_TOP = tl.constexpr(math.log2(INT8_MAX))  # P leaves exp2 as 127 P: a block's largest is int8's top
+LOG2_P_TOP = tl.constexpr(e4m3.LOG2_P_TOP)
 
 # The kernel builds its tensor descriptors (Hopper's TMA copies) itself, in scratch memory that Triton asks
 # this allocator for; the graphs torch.compile builds set the same one.
