@@ -7,6 +7,7 @@ from wan_opt.memory.policy import MemoryPolicy
 from wan_opt.pipeline import WanOptPipeline
 from wan_opt.optim.speed import SpeedPolicy
 from wan_opt.loading.tiny import build_tiny_components
+from wan_opt.bench.report import rel_l2
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -23,10 +24,6 @@ def run(memory: MemoryPolicy, speed: SpeedPolicy | None = None) -> np.ndarray:
     return pipe(**CALL, generator=torch.Generator().manual_seed(0)).frames
 
 
-def rel_l2(a, b) -> float:
-    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
-
-
 @pytest.fixture(scope="module")
 def resident():
     return run(MemoryPolicy(experts="resident", text_encoder="gpu", weight_dtype="float32", compute_dtype="float32"))
@@ -38,6 +35,7 @@ def resident():
     dict(experts="offload", text_encoder="cpu"),
     dict(experts="offload", offload_granularity="leaf", text_encoder="gpu"),
     dict(experts="resident", text_encoder="gpu", vae_tiling=True),
+    dict(experts="resident", text_encoder="gpu", vae_release=True),
 ])
 def test_placement_mechanisms_do_not_change_the_result(resident, knobs):
     out = run(MemoryPolicy(weight_dtype="float32", compute_dtype="float32", **knobs))
@@ -61,6 +59,19 @@ def test_swap_keeps_one_expert_on_the_gpu():
     swapper.activate(pipe.transformer_2)
     assert all(p.device.type == "cuda" for p in pipe.transformer_2.parameters())
     assert all(p.device.type == "cpu" for p in pipe.transformer.parameters())
+
+
+def test_a_released_vae_waits_pinned_and_is_on_the_gpu_only_for_its_call():
+    components = build_tiny_components(seed=2)
+    memory = MemoryPolicy(vae_release=True, weight_dtype="float32", compute_dtype="float32")
+    for name in ("transformer", "transformer_2", "text_encoder", "vae"):
+        components[name].to(memory.load_device(name, torch.device("cuda")))
+    pipe = WanOptPipeline(**components, boundary_ratio=0.875, memory=memory, device="cuda")
+    pipe.apply_policies()
+    assert all(p.device.type == "cpu" and p.is_pinned() for p in pipe.vae.parameters())
+    with memory.vae_on_gpu(pipe):
+        assert all(p.device.type == "cuda" for p in pipe.vae.parameters())
+    assert all(p.device.type == "cpu" for p in pipe.vae.parameters())
 
 
 def test_fp8_matmul_on_tensor_cores_stays_close_to_bf16():

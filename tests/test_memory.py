@@ -57,3 +57,36 @@ def test_the_policy_says_which_modules_wait_in_pinned_memory_as_loaded():
     assert not MemoryPolicy(experts="swap", weight_dtype="float8_e4m3fn").waits_pinned("transformer")  # requantized
     assert not MemoryPolicy(experts="resident", text_encoder="cpu").waits_pinned("text_encoder")
     assert not swap.waits_pinned("vae")
+    released = MemoryPolicy(vae_release=True)
+    assert released.waits_pinned("vae") and released.load_device("vae", torch.device("cuda")).type == "cpu"
+    assert MemoryPolicy().load_device("vae", torch.device("cuda")).type == "cuda"
+
+
+class RecordingSwapper:
+    def __init__(self, calls: list):
+        self.calls = calls
+
+    def activate(self, module):
+        self.calls.append("vae in")
+
+    def release(self):
+        self.calls.append("vae out")
+
+
+def test_a_released_vae_comes_in_for_the_decode_and_the_image_encode_only(monkeypatch):
+    """The pipeline asks the policy for the VAE around its two calls, and at no other time."""
+    from PIL import Image
+
+    from wan_opt.loading.tiny import build_tiny_components as build
+    from wan_opt.pipeline import WanOptPipeline
+
+    calls: list[str] = []
+    pipe = WanOptPipeline(**build(seed=0, family="i2v_a14b"), boundary_ratio=0.875)
+    pipe.vae_swapper = RecordingSwapper(calls)
+    for name in ("encode", "decode"):
+        real = getattr(pipe.vae, name)
+        monkeypatch.setattr(pipe.vae, name, lambda *a, _real=real, _name=name, **k: (calls.append(_name), _real(*a, **k))[1])
+    monkeypatch.setattr(pipe, "denoise", lambda expert, hidden, *a, **k: (calls.append("step"), hidden[:, :16] * 0)[1])
+    image = Image.new("RGB", (96, 64), (200, 30, 30))
+    pipe("a fox", image=image, height=64, width=96, num_frames=9, num_inference_steps=2)
+    assert calls == ["vae in", "encode", "vae out", "step", "step", "vae in", "decode", "vae out"]

@@ -99,6 +99,9 @@ class MemoryConfig:
     compute_dtype: ComputeDtype = ComputeDtype.bfloat16
     vae_dtype: ComputeDtype = ComputeDtype.float32
     vae_tiling: bool = False
+    # the VAE waits in pinned host memory and comes to the GPU only for its encode and decode (a Wan 2.2 VAE's
+    # 1.3 GiB in bf16 left out of the denoising steps' peak)
+    vae_release: bool = False
     # checkpoint: the text encoder is read for each encode and dropped (its output kept), one expert is held at a
     # time (the next read at the boundary), each read tensor by tensor from the memory-mapped files
     idle_weights: IdleWeights = IdleWeights.host

@@ -32,7 +32,8 @@ def settings_table(cfg: DictConfig, request: GenerationRequest, hardware_reason:
         ("guidance", f"{request.guidance}" + ("" if request.guidance_2 is None else f" / {request.guidance_2}")),
         ("experts", f"{mem.experts}, stored as {mem.weight_dtype}, computed in {mem.compute_dtype}"),
         ("text encoder", mem.text_encoder),
-        ("VAE", f"{mem.vae_dtype}" + (", tiled" if mem.vae_tiling else "")),
+        ("VAE", f"{mem.vae_dtype}" + (", tiled" if mem.vae_tiling else "")
+                + (", on the GPU for its calls only" if mem.vae_release else "")),
         ("kernels", f"attention {speed.attention}, compile {speed.compile}, TF32 {'on' if speed.tf32 else 'off'}, "
                     f"CFG {speed.cfg}"),
     ]

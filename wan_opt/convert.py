@@ -21,7 +21,8 @@ from pathlib import Path
 import torch
 
 from wan_opt.errors import WanOptError
-from wan_opt.loading.layouts import DIFFUSERS_DITS, T5_FILE, TOKENIZER_DIR, VAE_FILES, Checkpoint, check_checkpoint, original_family
+from wan_opt.loading.layouts import (DIFFUSERS_DITS, PER_TOKEN_TIMESTEPS, T5_FILE, TOKENIZER_DIR, VAE_FILES, Checkpoint,
+                                     check_checkpoint, original_family)
 from wan_opt.loading.original import load_dit, load_text_encoder, load_vae
 
 FLOW_SHIFT = {"t2v_a14b": 12.0, "i2v_a14b": 5.0, "ti2v_5b": 5.0}  # the Wan team's sample_shift
@@ -45,7 +46,7 @@ def write_model_index(dst: Path, family: str, tokenizer_cls: type) -> None:
         "_class_name": "WanImageToVideoPipeline" if i2v else "WanPipeline",
         "_diffusers_version": importlib.metadata.version("diffusers"),
         "boundary_ratio": BOUNDARY.get(family),
-        "expand_timesteps": family == "ti2v_5b",  # TI2V-5B denoises with per-token timesteps
+        "expand_timesteps": family in PER_TOKEN_TIMESTEPS,
         **({"image_encoder": [None, None], "image_processor": [None, None]} if i2v else {}),
         "scheduler": _library_entry(UniPCMultistepScheduler),
         "text_encoder": _library_entry(UMT5EncoderModel),

@@ -53,7 +53,7 @@ class WanOptPipeline:
         self.speed = speed or SpeedPolicy()
         self.device = torch.device(device) if device is not None else next(transformer.parameters()).device
         self.video_processor = VideoProcessor(vae_scale_factor=vae.config.scale_factor_spatial)
-        self.expert_swapper = self.text_encoder_swapper = None  # set by MemoryPolicy.prepare on a GPU
+        self.expert_swapper = self.text_encoder_swapper = self.vae_swapper = None  # set by MemoryPolicy.prepare
         self.parallel = None  # set by wan_opt.parallel.apply under torchrun
         self.prepared = None  # the checked request and memory plan it was loaded for (from_prepared)
         self.weight_source = weight_source  # idle_weights=checkpoint: the files modules are read from when needed
@@ -246,7 +246,8 @@ class WanOptPipeline:
         condition = None
         if image is not None:
             start = time.perf_counter()
-            condition = encode_condition(self, image, last_image, height, width, num_frames)
+            with self.memory.vae_on_gpu(self):
+                condition = encode_condition(self, image, last_image, height, width, num_frames)
             sync()
             seconds["vae_encode"] = time.perf_counter() - start
 
@@ -280,7 +281,8 @@ class WanOptPipeline:
 
         # 5. Decode the latents to frames.
         start = time.perf_counter()
-        frames = self.decode(latents, output_type)
+        with self.memory.vae_on_gpu(self):
+            frames = self.decode(latents, output_type)
         sync()
         seconds["vae_decode"] = time.perf_counter() - start
         return WanOptOutput(frames, seconds, step_seconds)

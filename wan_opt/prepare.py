@@ -160,7 +160,7 @@ def user_memory_knobs(overrides: Sequence[str]) -> dict:
         key, _, value = override.lstrip("+~").partition("=")
         name = key.removeprefix("hardware.memory.")
         if key.startswith("hardware.memory.") and name in Mechanisms.__dataclass_fields__:
-            knobs[name] = value.lower() == "true" if name == "vae_tiling" else value
+            knobs[name] = value.lower() == "true" if name in ("vae_tiling", "vae_release") else value
     return knobs
 
 
@@ -216,7 +216,7 @@ def plan_for_config(cfg: DictConfig, request: GenerationRequest, layout: Layout 
     """
     mem = cfg.hardware.memory
     sizes, req = sizes or model_sizes(cfg.model.family), planner_request(cfg, request, layout)
-    profile = Mechanisms(mem.experts, mem.weight_dtype, mem.text_encoder, mem.vae_tiling, mem.idle_weights)
+    profile = Mechanisms(**{knob: mem[knob] for knob in Mechanisms.__dataclass_fields__})
     host = mem.host_ram_gb or budget.host_ram_gb()
     kept = kept_knobs(cfg, layout, fixed)
 

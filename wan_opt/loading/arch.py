@@ -14,8 +14,10 @@ from diffusers import AutoencoderKLWan, WanTransformer3DModel
 from transformers import UMT5Config, UMT5EncoderModel
 
 from wan_opt.loading import tiny
+from wan_opt.loading.layouts import DIFFUSERS_DITS
 from wan_opt.loading.modules import cast_module, scheduler_for
 from wan_opt.loading.original_names import WAN22_LATENTS_MEAN, WAN22_LATENTS_STD
+from wan_opt.loading.verify import params_b, sizes_of
 from wan_opt.memory.plan import ModelSizes
 from wan_opt.memory.policy import EXPERTS, MemoryPolicy, move_to_pinned, torch_dtype
 
@@ -79,7 +81,7 @@ def build_random_components(family: str, memory: MemoryPolicy, device: torch.dev
 
     torch.manual_seed(0)
     components: dict = {"transformer_2": None}
-    names = EXPERTS[:1] if family == "ti2v_5b" else EXPERTS
+    names = EXPERTS[:len(DIFFUSERS_DITS[family])]
     for name in names:
         components[name] = _place(build_random_expert(family, memory.load_dtype, device), name, memory, device)
     with _building(device, torch_dtype(memory.compute_dtype)):
@@ -100,20 +102,15 @@ def build_random_components(family: str, memory: MemoryPolicy, device: torch.dev
 @functools.cache
 def model_sizes(family: str) -> ModelSizes:
     """Counted from the real classes built on the meta device (no memory, no weights)."""
-    dit, vae, te = {
-        "t2v_a14b": (A14B_EXPERT, WAN21_VAE, UMT5_XXL),
-        "i2v_a14b": (I2V_A14B_EXPERT, WAN21_VAE, UMT5_XXL),
-        "ti2v_5b": (TI2V_5B_DIT, WAN22_VAE, UMT5_XXL),
-        "tiny": (tiny.TINY_TRANSFORMER, tiny.TINY_VAE, tiny.TINY_TEXT_ENCODER),
-        "tiny_i2v": (tiny.TINY_I2V_TRANSFORMER, tiny.TINY_VAE, tiny.TINY_TEXT_ENCODER),
-    }[family]
+    if family in DIT_CONFIGS:
+        dit, vae, te, experts = DIT_CONFIGS[family], VAE_CONFIGS[family], UMT5_XXL, len(DIFFUSERS_DITS[family])
+    else:  # the tiny presets' own sizes: two experts of the tiny T2V or I2V shape
+        dit = {"tiny": tiny.TINY_TRANSFORMER, "tiny_i2v": tiny.TINY_I2V_TRANSFORMER}[family]
+        vae, te, experts = tiny.TINY_VAE, tiny.TINY_TEXT_ENCODER, 2
     with torch.device("meta"):
-        count = lambda m: sum(p.numel() for p in m.parameters()) / 1e9  # noqa: E731
         dit_module = WanTransformer3DModel(**dit)
-        dit_b = count(dit_module)
-        block_linear_b = sum(count(m) for m in dit_module.blocks.modules() if type(m) is torch.nn.Linear)
         vae_module = AutoencoderKLWan(**vae)
-        te_b = count(UMT5EncoderModel(UMT5Config(**te)))
-    spatial = vae_module.config.scale_factor_spatial * dit["patch_size"][1]
-    return ModelSizes(dit_b, 1 if family == "ti2v_5b" else 2, te_b, count(vae_module), dit["in_channels"], spatial,
-                      expert_block_linear_params_b=block_linear_b, attention_heads=dit["num_attention_heads"])
+        encoder = UMT5EncoderModel(UMT5Config(**te))
+    return sizes_of(dit_module, experts, family, params_b(encoder),
+                    encoder.get_input_embeddings().weight.numel() / 1e9, params_b(vae_module),
+                    vae_module.config.scale_factor_spatial, vae_module.config.scale_factor_temporal)

@@ -12,7 +12,7 @@ import torch
 from omegaconf import DictConfig
 
 from wan_opt.errors import WanOptError
-from wan_opt.loading.layouts import Checkpoint, check_checkpoint
+from wan_opt.loading.layouts import PER_TOKEN_TIMESTEPS, Checkpoint, check_checkpoint
 from wan_opt.loading.modules import cast_module, scheduler_for
 from wan_opt.memory.policy import EXPERTS, MemoryPolicy, torch_dtype
 
@@ -57,7 +57,7 @@ def load_components(model: DictConfig, memory: MemoryPolicy, device: torch.devic
         components = loader(ckpt, model, memory, device)
     components.setdefault("transformer_2", None)
     components["boundary_ratio"] = model.boundary
-    components["expand_timesteps"] = model.family == "ti2v_5b"
+    components["expand_timesteps"] = model.family in PER_TOKEN_TIMESTEPS
     log.info("Loaded %s in %.1f s", model.name, time.perf_counter() - start)
     return components
 

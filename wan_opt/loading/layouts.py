@@ -26,6 +26,8 @@ DIFFUSERS_DITS = {"t2v_a14b": ("transformer", "transformer_2"), "i2v_a14b": ("tr
 # What a DiT's config.json says of its family: the original WanModel's model_type, diffusers' input channels.
 DIT_MODEL_TYPES = {"t2v_a14b": "t2v", "i2v_a14b": "i2v", "ti2v_5b": "ti2v"}
 DIT_IN_CHANNELS = {"t2v_a14b": 16, "i2v_a14b": 36, "ti2v_5b": 48}
+# TI2V-5B denoises with a timestep per latent token (diffusers' expand_timesteps), the first frame's at 0.
+PER_TOKEN_TIMESTEPS = frozenset({"ti2v_5b"})
 MODEL_NAMES = {"t2v_a14b": "Wan2.2-T2V-A14B", "i2v_a14b": "Wan2.2-I2V-A14B", "ti2v_5b": "Wan2.2-TI2V-5B"}
 
 
@@ -87,6 +89,12 @@ def weight_map(index: Path) -> dict[str, str]:
 def safetensors_header(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
     """Tensor name -> (dtype, shape) from a safetensors file's header, read without its tensors. A header
     that cannot be read, or a file shorter or longer than its header says (a cut download), is a sentence."""
+    return {name: (dtype, shape) for name, (dtype, shape, _) in safetensors_entries(path)[1].items()}
+
+
+def safetensors_entries(path: Path) -> tuple[int, dict[str, tuple[str, tuple[int, ...], tuple[int, int]]]]:
+    """Where a safetensors file's tensor data starts, and each tensor's (dtype, shape, (begin, end)) byte range
+    from there: its header read and checked against the file as safetensors_header says."""
     def bad(why: str) -> WanOptError:
         return WanOptError(f"{path} is not a whole safetensors file ({why}): re-download it.")
 
@@ -114,11 +122,11 @@ def safetensors_header(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
         if dtype in SAFETENSORS_BYTES and stop - begin != math.prod(shape) * SAFETENSORS_BYTES[dtype]:
             raise bad(f"{name!r} has {stop - begin} bytes where its shape {list(shape)} needs "
                       f"{math.prod(shape) * SAFETENSORS_BYTES[dtype]}")
-        tensors[name], end = (dtype, shape), max(end, stop)
+        tensors[name], end = (dtype, shape, (begin, stop)), max(end, stop)
     if end != size - 8 - length:
         raise bad(f"its header lists {end} bytes of tensors and the file holds {size - 8 - length}"
                   + ("; it was cut short" if end > size - 8 - length else ""))
-    return tensors
+    return 8 + length, tensors
 
 
 def detect_layout(root: str | Path, family: str) -> Checkpoint:

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from wan_opt.errors import WanOptError
-from wan_opt.loading.layouts import (T5_FILE, VAE_FILES, Checkpoint, read_json, required_files,
+from wan_opt.loading.layouts import (PER_TOKEN_TIMESTEPS, T5_FILE, VAE_FILES, Checkpoint, read_json, required_files,
                                      safetensors_header, weight_files, weight_map)
 from wan_opt.memory.plan import ModelSizes
 
@@ -47,18 +47,38 @@ def _inspect(ckpt: Checkpoint, stamp: tuple) -> Inspection:
     if ckpt.layout == "diffusers":
         text_encoder, vae = diffusers_text_encoder(ckpt.root / "text_encoder"), diffusers_vae(ckpt.root / "vae")
         te_params, vae_params = params_b(text_encoder), params_b(vae)
+        embedding = text_encoder.get_input_embeddings().weight.numel() / 1e9
         spatial, temporal = vae.config.scale_factor_spatial, vae.config.scale_factor_temporal
     else:
-        te_params = params_b(torch_file(ckpt.root / T5_FILE))
+        t5_state = torch_file(ckpt.root / T5_FILE)
+        te_params = params_b(t5_state)
+        embedding = t5_state["token_embedding.weight"].numel() / 1e9 if "token_embedding.weight" in t5_state else 0.0
         vae_state = torch_file(ckpt.root / VAE_FILES[ckpt.family])
         from wan_opt.loading.original_names import is_wan22_vae
 
         vae_params, spatial, temporal = params_b(vae_state), 16 if is_wan22_vae(vae_state) else 8, 4
     dit = dits[0]
-    blocks = sum(p.numel() for m in dit.blocks.modules() if type(m) is torch.nn.Linear for p in m.parameters())
-    sizes = ModelSizes(params_b(dit), len(dits), te_params, vae_params, dit.config.out_channels,
-                       spatial * dit.config.patch_size[1], temporal, blocks / 1e9, dit.config.num_attention_heads)
+    sizes = sizes_of(dit, len(dits), ckpt.family, te_params, embedding, vae_params, spatial, temporal)
     return Inspection(sizes, {k: v for k, v in dit.config.items() if not k.startswith("_")})
+
+
+# The Wan 2.2 VAE's tiled decode took 1.5 times the Wan 2.1 VAE's working set in bf16 and in float32 (TI2V-5B at
+# 1280*704 x 121 on an H200: docs/memory-floor.md); its spatial stride of 16 (the 2.1 VAE's is 8) tells them apart.
+WAN22_VAE_DECODE_SCALE = 1.5
+
+
+def sizes_of(dit: torch.nn.Module, experts: int, family: str, te_params_b: float, te_embedding_params_b: float,
+             vae_params_b: float, vae_spatial: int, vae_temporal: int) -> ModelSizes:
+    """What the memory plan counts with, from a DiT module (real or on the meta device) and the other modules'
+    parameter counts."""
+    blocks = sum(p.numel() for m in dit.blocks.modules() if type(m) is torch.nn.Linear for p in m.parameters())
+    config = dit.config
+    return ModelSizes(params_b(dit), experts, te_params_b, vae_params_b, config.out_channels,
+                      vae_spatial * config.patch_size[1], vae_temporal, blocks / 1e9, config.num_attention_heads,
+                      width=config.num_attention_heads * config.attention_head_dim,
+                      per_token_timesteps=family in PER_TOKEN_TIMESTEPS,
+                      text_encoder_embedding_params_b=te_embedding_params_b,
+                      vae_decode_scale=WAN22_VAE_DECODE_SCALE if vae_spatial == 16 else 1.0)
 
 
 def params_b(module_or_state) -> float:

@@ -15,7 +15,8 @@ log = logging.getLogger(__name__)
 
 GIB = 2**30
 SAFETY = 0.92  # plan to 92% of the budget: allocator fragmentation and the CUDA context live in the rest
-ACT_GIB_PER_TOKEN = 1.0e-4  # per latent token and batch element (7.6 GiB at 75,600 tokens)
+ACT_GIB_PER_TOKEN = 1.0e-4  # per latent token and batch element of an A14B expert (7.6 GiB at 75,600 tokens)
+MEASURED_WIDTH = 5120  # an A14B expert's hidden size: narrower DiTs scale the per-token activations by their width
 ACT_FIXED_GIB = 0.5
 DECODE_720P_GIB = {"float32": 20.2, "bfloat16": 10.1, "float16": 10.1}  # untiled, 1280*720*81
 DECODE_TILED_GIB = {"float32": 3.9, "bfloat16": 2.0, "float16": 2.0}
@@ -27,14 +28,13 @@ PIXELS_720P_81 = 1280 * 720 * 81
 ENCODE_720P_GIB = {"float32": 14.0, "bfloat16": 7.0, "float16": 7.0}
 ENCODE_TILED_GIB = {"float32": 1.0, "bfloat16": 0.5, "float16": 0.5}
 PIXELS_720P = 1280 * 720
-# What the measurements above were taken on: an A14B expert and the Wan 2.1 VAE (billions of parameters).
-MEASURED_EXPERT_PARAMS_B = 14.29
+# The VAE the decode figures above were measured on: the Wan 2.1 VAE (billions of parameters).
 MEASURED_VAE_PARAMS_B = 0.127
 FRAME_COPIES = 3  # the decoded video in float32 as the VAE returns it, post-processed, and as numpy
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "float8_e4m3fn": 1}
 # Seconds a mechanism adds, from the H100 measurements; used only to rank plans, never reported as a result.
 COST = {"offload_per_step_fraction": 0.08, "swap_seconds": 2.0, "te_release_seconds": 0.5,
-        "te_cpu_seconds": 4.6, "tiling_seconds": 6.0, "read_gb_per_second": 2.0}
+        "te_cpu_seconds": 4.6, "tiling_seconds": 6.0, "read_gb_per_second": 2.0, "vae_release_seconds": 0.3}
 # Host memory (docs/memory-floor.md). The process beside its weights: Python, torch and the libraries, the CUDA
 # context's host side (a 24 GiB-capped run peaked at 65.4 GiB with 63.8 GiB of weights in host memory; the VAE's
 # convolutions load cuDNN's kernels later).
@@ -60,6 +60,10 @@ class ModelSizes:
     temporal_compression: int = 4
     expert_block_linear_params_b: float = 0.0  # the part fp8 storage quantizes; the rest stays in compute dtype
     attention_heads: int = 0
+    width: int = 0  # the DiT's hidden size
+    per_token_timesteps: bool = False  # a time embedding per latent token (TI2V-5B), not one per sample
+    text_encoder_embedding_params_b: float = 0.0  # its token embedding: read from a mapped file only where looked up
+    vae_decode_scale: float = 1.0  # the VAE's decode working set against the Wan 2.1 VAE's measured one
 
 
 @dataclass(frozen=True)
@@ -83,6 +87,7 @@ class Mechanisms:
     text_encoder: str = "gpu"  # gpu | gpu_release | cpu
     vae_tiling: bool = False
     idle_weights: str = "host"  # host | checkpoint: where an idle expert or text encoder waits
+    vae_release: bool = False  # the VAE waits in pinned host memory outside its encode and decode
 
 
 @dataclass
@@ -127,17 +132,19 @@ def predict(sizes: ModelSizes, req: Request, mech: Mechanisms, compute_dtype: st
     if mech.text_encoder == "gpu":
         te = te / req.weight_shards
     vae = sizes.vae_params_b * 1e9 * BYTES[vae_dtype] / GIB
+    vae_idle = 0.0 if mech.vae_release else vae  # on the GPU outside the VAE's own stages
     batch = 2 if (req.batched_cfg and req.guided) else 1
-    act = ACT_FIXED_GIB + ACT_GIB_PER_TOKEN * tokens(sizes, req) * batch / req.sequence_parallel
+    act = activations_gib(sizes, req, batch) / req.sequence_parallel + ACT_FIXED_GIB
     # Offloaded experts stream block by block: a few blocks in flight plus the non-block weights.
     expert_on_gpu = {"resident": expert, "swap": expert, "offload": expert * 0.06}[mech.experts]
     resident_experts = expert * sizes.experts if mech.experts == "resident" else 0.0
     te_gpu = te if mech.text_encoder == "gpu" else 0.0
     pixels = req.width * req.height * req.frames / PIXELS_720P_81
-    decode = DECODE_TILED_GIB[vae_dtype] if mech.vae_tiling else DECODE_720P_GIB[vae_dtype] * pixels
+    decode = (DECODE_TILED_GIB[vae_dtype] if mech.vae_tiling else DECODE_720P_GIB[vae_dtype] * pixels
+              ) * sizes.vae_decode_scale
     stages = {
-        "encode": resident_experts + te + vae + 0.3 if mech.text_encoder != "cpu" else resident_experts + vae,
-        "denoise_high_noise": max(resident_experts, expert_on_gpu) + te_gpu + vae + act,
+        "encode": resident_experts + vae_idle + (te + 0.3 if mech.text_encoder != "cpu" else 0.0),
+        "denoise_high_noise": max(resident_experts, expert_on_gpu) + te_gpu + vae_idle + act,
         "decode": resident_experts + te_gpu + vae + decode,
     }
     if req.image_frames:  # between the text encode and the first step
@@ -145,28 +152,41 @@ def predict(sizes: ModelSizes, req: Request, mech: Mechanisms, compute_dtype: st
         stages = {"encode": stages.pop("encode"), "vae_encode": encoded, **stages}
     if sizes.experts == 2:
         stages["denoise_low_noise"] = stages["denoise_high_noise"]
-        stages["switch"] = resident_experts + te_gpu + vae + (expert if mech.experts == "swap" else 0.0)
+        stages["switch"] = resident_experts + te_gpu + vae_idle + (expert if mech.experts == "swap" else 0.0)
     mapped = mech.idle_weights == "checkpoint"
     # Loading: read from the files, every tensor goes to its place in its final dtype; loaded by the libraries,
     # an fp8-stored expert is whole in the compute dtype before it is quantized.
     loaded = expert if mapped else expert_gib(sizes, compute_dtype if mech.weight_dtype.startswith("float8")
                                               else mech.weight_dtype, compute_dtype) / req.weight_shards
-    stages = {"load": (loaded * sizes.experts if mech.experts == "resident" else 0.0) + te_gpu + vae + (
+    stages = {"load": (loaded * sizes.experts if mech.experts == "resident" else 0.0) + te_gpu + vae_idle + (
         READ_TRANSIENT_GIB if mapped else 0.0), **stages}
-    hosts = host_stages(sizes, req, mech, compute_dtype, expert, loaded, te, stages)
+    hosts = host_stages(sizes, req, mech, compute_dtype, expert, loaded, te, stages,
+                        pinned_gib(vae) if mech.vae_release else 0.0)
     host = max(hosts.values())
     peak = max(stages.values())
     extra = (COST["offload_per_step_fraction"] * steps * 10.0 * (mech.experts == "offload")
              + COST["swap_seconds"] * (mech.experts == "swap")
              + COST["te_release_seconds"] * (mech.text_encoder == "gpu_release")
              + COST["te_cpu_seconds"] * (mech.text_encoder == "cpu")
-             + COST["tiling_seconds"] * mech.vae_tiling)
+             + COST["tiling_seconds"] * mech.vae_tiling
+             + COST["vae_release_seconds"] * mech.vae_release)
     reads = reread_gb(sizes, mech)
     extra += reads / COST["read_gb_per_second"]
     fits = peak <= vram_budget_gb * SAFETY and host <= host_ram_gb * SAFETY
     return Plan(fits, round(peak, 2), vram_budget_gb, host_ram_gb, round(host, 2), asdict(mech),
                 {k: round(v, 2) for k, v in stages.items()}, round(extra, 1),
                 host_stages={k: round(v, 2) for k, v in hosts.items()}, read_gb_per_request=round(reads, 1))
+
+
+def activations_gib(sizes: ModelSizes, req: Request, batch: int) -> float:
+    """A forward's working set beyond ACT_FIXED_GIB, scaled by the DiT's width. With a timestep per token,
+    diffusers' WanTransformer3DModel also keeps a time embedding per token: its 6 modulation vectors and the
+    output's in bf16 for the whole forward, and each block adds the 6 to its table in float32 (38 bytes per
+    token and channel; 3.0 GiB at TI2V-5B's 27,280 tokens, where 3.0 is what the measured peak leaves)."""
+    width = sizes.width or MEASURED_WIDTH
+    per_token = ACT_GIB_PER_TOKEN * width / MEASURED_WIDTH + (
+        (7 * 2 + 6 * 4) * width / GIB if sizes.per_token_timesteps else 0.0)
+    return per_token * tokens(sizes, req) * batch
 
 
 def vae_encode_gib(req: Request, mech: Mechanisms, vae_dtype: str) -> float:
@@ -185,7 +205,7 @@ def pinned_gib(gib: float) -> float:
 
 
 def host_stages(sizes: ModelSizes, req: Request, mech: Mechanisms, compute_dtype: str, expert: float,
-                loaded: float, te: float, stages: dict) -> dict[str, float]:
+                loaded: float, te: float, stages: dict, vae_pinned: float = 0.0) -> dict[str, float]:
     """Predicted peak resident set (GiB) of each stage, beside the GPU's: the process, the weights waiting in host
     memory, and what the stage adds (a module read from the files, the decoded frames).
 
@@ -193,7 +213,8 @@ def host_stages(sizes: ModelSizes, req: Request, mech: Mechanisms, compute_dtype
     released to the GPU, plain on the CPU); loaded by the libraries, those experts come whole in the compute
     dtype first. idle_weights=checkpoint holds one pinned expert (offload; none with swap, which reads straight
     to the GPU) and the text encoder only while it encodes. An offloaded expert's weights outside its blocks move
-    to plain host memory once it has run (diffusers' group offloading copies them back each forward).
+    to plain host memory once it has run (diffusers' group offloading copies them back each forward). A released
+    VAE waits pinned in every stage.
     """
     mapped = mech.idle_weights == "checkpoint"
     outside = (sizes.expert_params_b - sizes.expert_block_linear_params_b) * BYTES[compute_dtype] * 1e9 / GIB
@@ -204,8 +225,10 @@ def host_stages(sizes: ModelSizes, req: Request, mech: Mechanisms, compute_dtype
     outside_blocks = sizes.experts * outside if mech.experts == "offload" else 0.0
     waiting = copies * pinned_gib(expert) + outside_blocks
     kept_te = 0.0 if mapped else {"gpu": 0.0, "gpu_release": pinned_gib(te), "cpu": te}[mech.text_encoder]
+    # a text encoder that runs on the CPU from its mapped file: only the embedding's rows it looks up are read
+    embedding = sizes.text_encoder_embedding_params_b * BYTES[compute_dtype] * 1e9 / GIB
     encoding_te = kept_te if not mapped else {"gpu": 0.0, "gpu_release": TE_READ_TRANSIENT_GIB,
-                                               "cpu": te}[mech.text_encoder]
+                                               "cpu": te - embedding}[mech.text_encoder]
     transient = READ_TRANSIENT_GIB if mapped else 0.0
     if mapped:  # the arena is allocated after the modules that never wait were read (a kept encoder: its embedding)
         load = waiting - outside_blocks + transient
@@ -223,7 +246,7 @@ def host_stages(sizes: ModelSizes, req: Request, mech: Mechanisms, compute_dtype
     if "switch" in stages:
         hosts["switch"] = waiting + kept_te + transient
     hosts["decode"] = waiting + kept_te + frames
-    return {stage: HOST_BASE_GIB + gib for stage, gib in hosts.items()}
+    return {stage: HOST_BASE_GIB + vae_pinned + gib for stage, gib in hosts.items()}
 
 
 def reread_gb(sizes: ModelSizes, mech: Mechanisms) -> float:
@@ -240,8 +263,9 @@ def reread_gb(sizes: ModelSizes, mech: Mechanisms) -> float:
 def candidates(allow_fp8: bool) -> list[Mechanisms]:
     """Every combination, lossless (bf16 storage) before fp8 storage."""
     dtypes = ["bfloat16", "float8_e4m3fn"] if allow_fp8 else ["bfloat16"]
-    return [Mechanisms(e, d, t, v, i) for d, e, t, v, i in itertools.product(
-        dtypes, ("resident", "swap", "offload"), ("gpu", "gpu_release", "cpu"), (False, True), ("host", "checkpoint"))]
+    return [Mechanisms(e, d, t, v, i, r) for d, e, t, v, i, r in itertools.product(
+        dtypes, ("resident", "swap", "offload"), ("gpu", "gpu_release", "cpu"), (False, True), ("host", "checkpoint"),
+        (False, True))]
 
 
 def plan_memory(sizes: ModelSizes, req: Request, vram_budget_gb: float, host_ram_gb: float, compute_dtype: str = "bfloat16",
@@ -292,19 +316,18 @@ def host_plan(sizes: ModelSizes, req: Request, mech: Mechanisms, compute_dtype: 
               host_ram_gb: float) -> Plan:
     """The plan of a run on the CPU. Every module stays in host memory and the largest working set comes on
     top: a forward's activations or the VAE decode, as measured for the full-size modules (above) and scaled
-    down for smaller ones (activations with the DiT's width, the square root of its parameters; the decode
-    with the VAE's parameters), plus the decoded frames themselves, which no VAE makes smaller."""
+    down for smaller ones (activations with the DiT's width; the decode with the VAE's parameters), plus the
+    decoded frames themselves, which no VAE makes smaller."""
     plan = predict(sizes, req, mech, compute_dtype, vae_dtype, float("inf"), host_ram_gb)  # stages, for the table
     weights = (sizes.experts * expert_gib(sizes, mech.weight_dtype, compute_dtype)
                + (sizes.text_encoder_params_b * BYTES[compute_dtype] + sizes.vae_params_b * BYTES[vae_dtype])
                * 1e9 / GIB)
-    width = min(1.0, (sizes.expert_params_b / MEASURED_EXPERT_PARAMS_B) ** 0.5)
     batch = 2 if (req.batched_cfg and req.guided) else 1
-    act = ACT_FIXED_GIB + ACT_GIB_PER_TOKEN * tokens(sizes, req) * batch * width
+    act = ACT_FIXED_GIB + activations_gib(sizes, req, batch)
     pixels = req.width * req.height * req.frames
     decode = (DECODE_TILED_GIB[vae_dtype] if mech.vae_tiling else DECODE_720P_GIB[vae_dtype] * pixels / PIXELS_720P_81)
     frames_out = pixels * 3 * 4 * FRAME_COPIES / GIB  # float32 RGB: the decoder's output and its conversions
-    decode = decode * min(1.0, sizes.vae_params_b / MEASURED_VAE_PARAMS_B) + frames_out
+    decode = decode * min(1.0, sizes.vae_params_b / MEASURED_VAE_PARAMS_B) * sizes.vae_decode_scale + frames_out
     plan.vram_budget_gb = 0.0
     plan.host_stages = {}  # one total on the CPU (below), not the stages of a GPU run
     plan.predicted_host_gb = round(weights + max(act, decode), 2)

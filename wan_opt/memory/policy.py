@@ -1,7 +1,8 @@
 """The memory policy: where each module lives, in what dtype, and what moves when.
 
 A profile's `memory:` block is instantiated into a `MemoryPolicy`. Loading asks it where each component
-should land (`load_device`), the pipeline calls it around each stage (`encoding`, `activate_expert`), and
+should land (`load_device`), the pipeline calls it around each stage (`encoding`, `activate_expert`,
+`vae_on_gpu`), and
 it applies the mechanisms (fp8 weight storage, group offloading, expert swapping, VAE tiling, and with
 idle_weights=checkpoint the experts and text encoder read from their files when needed: CheckpointSwapper).
 """
@@ -92,6 +93,8 @@ class MemoryPolicy(MemoryConfig):
             return device if self.experts == "resident" else cpu
         if component == "text_encoder":
             return device if self.text_encoder == "gpu" else cpu
+        if component == "vae":
+            return cpu if self.vae_release else device
         return device
 
     def waits_pinned(self, component: str) -> bool:
@@ -99,6 +102,8 @@ class MemoryPolicy(MemoryConfig):
         released text encoder). fp8-stored experts are not: quantizing replaces their weights after loading."""
         if component in EXPERTS:
             return self.experts == "swap" and not self.stores_fp8
+        if component == "vae":
+            return self.vae_release
         return component == "text_encoder" and self.text_encoder == "gpu_release"
 
     def waits_in_checkpoint(self, component: str) -> bool:
@@ -158,6 +163,8 @@ class MemoryPolicy(MemoryConfig):
                                    if self.experts == "swap" else None)
             pipe.text_encoder_swapper = (PinnedSwapper([pipe.text_encoder], device)
                                          if self.text_encoder == "gpu_release" else None)
+        if device.type == "cuda" and self.vae_release:
+            pipe.vae_swapper = PinnedSwapper([pipe.vae], device)
         if self.vae_tiling:
             pipe.vae.enable_tiling()
 
@@ -173,6 +180,19 @@ class MemoryPolicy(MemoryConfig):
         swapper.activate(pipe.text_encoder)
         try:
             yield swapper.device
+        finally:
+            swapper.release()
+
+    @contextlib.contextmanager
+    def vae_on_gpu(self, pipe) -> Iterator[None]:
+        """The VAE where it runs for one encode or decode; `vae_release` brings it in for the call only."""
+        swapper = getattr(pipe, "vae_swapper", None)
+        if swapper is None:
+            yield
+            return
+        swapper.activate(pipe.vae)
+        try:
+            yield
         finally:
             swapper.release()
 
