@@ -30,6 +30,10 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from wan_opt.bench.report import rel_l2  # noqa: E402
+from wan_opt.kernels.e4m3 import qk_scale  # noqa: E402
+
 CASES = ("gaussian_std1", "gaussian_std2", "gaussian_std4", "gaussian_std8", "gaussian_std16", "smooth_q_is_k",
          "q_near_k_key_bias", "sink_keys")
 SINKS = 8  # sink keys per head
@@ -89,11 +93,6 @@ def exact_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     finally:
         torch.backends.cuda.matmul.allow_tf32 = allow
     return out.transpose(1, 2), entropy / (q.shape[0] * q.shape[1] * q.shape[2])
-
-
-def rel_l2(out: torch.Tensor, reference: torch.Tensor) -> float:
-    out, reference = out.double(), reference.double()
-    return ((out - reference).norm() / reference.norm()).item()
 
 
 # --- The emulation: a kernel's arithmetic in PyTorch, each part named by what it rounds -------------------------
@@ -175,7 +174,7 @@ def emulate(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scores: str, prob
     qq, kk = _scores_operands(q, k, scores)
     vv, shift = _values_operand(v, values)
     h, n, d = q.shape
-    factor = math.log2(math.e) / math.sqrt(d)
+    factor = qk_scale(d)
     m = torch.full((h, n, 1), -math.inf)
     l, acc = torch.zeros(h, n, 1), torch.zeros(h, n, d)
     for start in range(0, n, block):

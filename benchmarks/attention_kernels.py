@@ -29,7 +29,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from gpu_report import gpu_file_name, gpu_report, write_report  # noqa: E402  (this folder)
 from wan_opt.optim.attention import flash4_attention, flash4_available  # noqa: E402
-from wan_opt.optim.fp8_attention import (HOPPER_HEAD_DIM, LOG2E, _quantize_qkv, fp8_attention,  # noqa: E402
+from wan_opt.kernels.e4m3 import qk_scale  # noqa: E402
+from wan_opt.optim.fp8_attention import (HOPPER_HEAD_DIM, _quantize_qkv, fp8_attention,  # noqa: E402
                                          hopper_kernel_available, padded_length, quantize_qkv)
 
 
@@ -68,7 +69,7 @@ def tile_runs(q, k, v, flop: float, repeat: int) -> list[dict]:
         block_m = config.kwargs["BLOCK_M"]
         launch = lambda: fp8_attention_kernel.fn[(-(-padded // block_m), b * h)](  # noqa: E731
             q16, k16, vt8, v_scale, v_mean, out, n, h, padded, out.stride(0), out.stride(1), out.stride(2),
-            HEAD_DIM=d, QK_SCALE=LOG2E / d ** 0.5, num_warps=config.num_warps, num_stages=config.num_stages,
+            HEAD_DIM=d, QK_SCALE=qk_scale(d), num_warps=config.num_warps, num_stages=config.num_stages,
             **config.kwargs)
         ms = milliseconds(launch, repeat)
         runs.append({**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages,

@@ -19,6 +19,7 @@ from wan_opt.memory.policy import MemoryPolicy
 from wan_opt.optim.speed import SpeedPolicy
 from wan_opt.pipeline import WanOptPipeline
 from wan_opt.prepare import compose_config, prepare
+from wan_opt.bench.report import rel_l2
 
 # 4 steps at shift 5: t = 1000, 938 (high-noise expert), 833, 625 (low-noise expert, below the boundary of 900)
 CALL = dict(prompt="a red fox in the snow", negative_prompt="blurry, static", height=48, width=64, num_frames=5,
@@ -26,11 +27,6 @@ CALL = dict(prompt="a red fox in the snow", negative_prompt="blurry, static", he
 TI2V_CALL = {**CALL, "height": 64, "width": 64, "guidance_scale_2": None}
 # Of another size and shape than the video: the preprocessing (Lanczos resize, [-1, 1]) is part of the comparison.
 IMAGE, LAST = sample_picture(150, 90, seed=3), sample_picture(70, 100, seed=4)
-
-
-def rel_l2(a, b) -> float:
-    a, b = torch.as_tensor(np.asarray(a), dtype=torch.float64), torch.as_tensor(np.asarray(b), dtype=torch.float64)
-    return ((a - b).norm() / b.norm()).item()
 
 
 def diffusers_i2v(family: str = "i2v_a14b", seed: int = 1, shift: float = 5.0):

@@ -7,14 +7,10 @@ from wan_opt.memory.policy import MemoryPolicy
 from wan_opt.pipeline import WanOptPipeline
 from wan_opt.optim.speed import SpeedPolicy
 from wan_opt.loading.tiny import build_tiny_components
+from wan_opt.bench.report import rel_l2
 
 CALL = dict(prompt="a red fox in the snow", negative_prompt="blurry, static", height=64, width=96, num_frames=9,
             num_inference_steps=6, guidance_scale=4.0, guidance_scale_2=3.0, output_type="np")
-
-
-def rel_l2(a, b) -> float:
-    a, b = torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64)
-    return ((a - b).norm() / b.norm()).item()
 
 
 def diffusers_pipe(family: str) -> WanPipeline:

@@ -14,6 +14,12 @@ MIN_SCALE = 1e-12  # an all-zero row or channel must not divide by zero
 WIDEST_KERNEL_ROW = 16384  # the quantisation kernel holds a row in registers: Wan's widest is 14,336 (TI2V-5B)
 INT8_MAX = 127  # the attention's V and P are int8, symmetric: -127..127
 LOG2_P_TOP = math.log2(INT8_MAX)  # the attention's P leaves exp2 as 127 P: a block's largest is int8's top
+LOG2E = math.log2(math.e)  # the attention kernels' softmax runs on exp2
+
+
+def qk_scale(head_dim: int) -> float:
+    """What the attention kernels multiply Q K^T by: softmax's 1 / sqrt(d), in log2 units for exp2."""
+    return LOG2E / math.sqrt(head_dim)
 # Rounding to int8 without the conversion unit (the kernels' exponentials use its quarter rate): for |x| < 2^22,
 # x + 1.5 * 2^23 is an fp32 whose unit is one, so round(x) (ties to even) is its bits less ROUND_MAGIC_BITS, and
 # an int32 i becomes the float i by the reverse; ROUND_MAGIC_BITS' low byte is zero, so the low byte alone is an

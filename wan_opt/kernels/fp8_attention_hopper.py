@@ -14,8 +14,6 @@ The design, what the instruction stream needed and the variants measured and not
 Gluon as Triton 3.6 has it (PyTorch 2.11's), and compiled for sm_90 there and on 3.8 by the tests' script;
 wan_opt.optim.fp8_attention.HOPPER_KERNEL takes it out of use.
 """
-import math
-
 import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
@@ -222,6 +220,6 @@ def fp8_attention_hopper(q, k, vt8, v_scale, v_mean, out, n_ctx: int):
     # consumers take CONSUMER_REGS and the loader 24.
     fp8_attention_hopper_kernel[grid](*descriptors(q, k, vt8), v_scale, v_mean, out, n_ctx, h, n_pad, out.stride(0),
                                       out.stride(1), out.stride(2), HEAD_DIM=d,
-                                      QK_SCALE=math.log2(math.e) / math.sqrt(d), BLOCK_N=BLOCK_N, STAGES=STAGES,
+                                      QK_SCALE=e4m3.qk_scale(d), BLOCK_N=BLOCK_N, STAGES=STAGES,
                                       CONSUMER_REGS=CONSUMER_REGS, num_warps=4, maxnreg=168)
     return out

@@ -25,7 +25,7 @@ import torch
 
 from wan_opt.errors import WanOptError
 from wan_opt.loading import original_names as original
-from wan_opt.loading.layouts import DIFFUSERS_DITS, T5_FILE, Checkpoint, weight_files
+from wan_opt.loading.layouts import DIFFUSERS_DITS, T5_FILE, Checkpoint, safetensors_entries, weight_files
 from wan_opt.loading.original import dtype_for
 from wan_opt.optim.fp8 import Fp8Linear, quantize_rows
 
@@ -45,22 +45,18 @@ Specs = dict[str, tuple[tuple[int, ...], torch.dtype]]  # parameter name -> (sha
 
 def map_safetensors(path: Path) -> dict[str, torch.Tensor]:
     """Every tensor of a safetensors file as a view of the file's mapping (copy-on-write: the file never
-    changes). The header is trusted here: wan_opt.loading.verify has checked it against the file."""
+    changes), its header checked against the file first."""
+    start, entries = safetensors_entries(path)
     with open(path, "rb") as file:
-        length = int.from_bytes(file.read(8), "little")
-        header = json.loads(file.read(length))
         mapping = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_COPY)
     tensors = {}
-    for name, entry in header.items():
-        if name == "__metadata__":
-            continue
-        begin, end = entry["data_offsets"]
-        dtype = SAFETENSORS_DTYPES[entry["dtype"]]
+    for name, (dtype_name, shape, (begin, end)) in entries.items():
+        dtype = SAFETENSORS_DTYPES[dtype_name]
         if end == begin:
-            tensors[name] = torch.empty(entry["shape"], dtype=dtype)
+            tensors[name] = torch.empty(shape, dtype=dtype)
             continue
-        raw = torch.frombuffer(mapping, dtype=torch.uint8, count=end - begin, offset=8 + length + begin)
-        tensors[name] = raw.view(dtype).reshape(entry["shape"])
+        raw = torch.frombuffer(mapping, dtype=torch.uint8, count=end - begin, offset=start + begin)
+        tensors[name] = raw.view(dtype).reshape(shape)
     return tensors
 
 

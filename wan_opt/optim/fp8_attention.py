@@ -32,10 +32,9 @@ import torch
 
 from wan_opt.hardware import device_capability, is_hopper
 from wan_opt.optim.attention import SelfAttnProcessor
-from wan_opt.kernels.e4m3 import INT8_MAX, scale_for
+from wan_opt.kernels.e4m3 import INT8_MAX, qk_scale, scale_for
 
 PAD = 128  # sequences are padded to the largest tile, so that every tile shape the kernel tries divides them
-LOG2E = math.log2(math.e)  # the kernel's softmax runs on exp2
 HEAD_DIMS = (64, 128)  # A14B and TI2V-5B use 128; the kernel's tile shapes need a power of two >= 16
 HOPPER_HEAD_DIM = 128  # the one head dimension the Hopper kernel is built and tested for
 
@@ -143,7 +142,7 @@ def fp8_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     out = query.new_empty(query.shape)  # contiguous: the kernels write channels at unit stride, whatever query's
     grid = lambda meta: (triton.cdiv(padded, meta["BLOCK_M"]), b * h)  # noqa: E731  the tile is autotuned
     fp8_attention_kernel[grid](q, k, vt8, v_scale, v_mean, out, n, h, padded, out.stride(0), out.stride(1),
-                               out.stride(2), HEAD_DIM=d, QK_SCALE=LOG2E / math.sqrt(d))
+                               out.stride(2), HEAD_DIM=d, QK_SCALE=qk_scale(d))
     return out
 
 
