@@ -130,9 +130,9 @@ def write_checkpoint(folder: Path, model: Model, device: str = "cuda", shapes: d
     from transformers import UMT5Config, UMT5EncoderModel
 
     sys.path.insert(0, str(ROOT))
-    from wan_opt.convert import FLOW_SHIFT, write_model_index
+    from wan_opt.convert import write_scheduler_and_index
     from wan_opt.loading.arch import DIT_CONFIGS, UMT5_XXL, VAE_CONFIGS, _building
-    from wan_opt.loading.modules import cast_module, scheduler_for
+    from wan_opt.loading.modules import cast_module
     from wan_opt.loading.tiny import tiny_tokenizer
 
     shapes = shapes or {"dit": DIT_CONFIGS[model.family], "text_encoder": UMT5_XXL, "vae": VAE_CONFIGS[model.family]}
@@ -159,8 +159,7 @@ def write_checkpoint(folder: Path, model: Model, device: str = "cuda", shapes: d
         AutoencoderKLWan(**shapes["vae"]).save_pretrained(partial / "vae")
     tokenizer = tiny_tokenizer()
     tokenizer.save_pretrained(partial / "tokenizer")
-    scheduler_for(FLOW_SHIFT[model.family]).save_pretrained(partial / "scheduler")
-    write_model_index(partial, model.family, type(tokenizer))
+    write_scheduler_and_index(partial, model.family, type(tokenizer))
     (partial / MARKER).write_text(json.dumps({"written_by": "benchmarks/memory_floor.py", "model": model.name,
                                               "weights": "random"}) + "\n")
     os.replace(partial, folder)

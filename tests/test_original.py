@@ -288,3 +288,21 @@ def test_t5_keeps_float32_layers_only_where_transformers_does():
     dit = WanTransformer3DModel
     assert dtype_for(dit, "blocks.0.norm2.weight", torch.bfloat16) == torch.float32
     assert dtype_for(dit, "blocks.0.ffn.net.0.proj.weight", torch.bfloat16) == torch.bfloat16
+
+
+@pytest.mark.parametrize("family, shift, boundary, experts", [
+    ("t2v_a14b", 12.0, 0.875, 2), ("i2v_a14b", 5.0, 0.9, 2), ("ti2v_5b", 5.0, None, 1)])
+def test_a_converted_checkpoint_samples_with_its_preset(tmp_path, family, shift, boundary, experts):
+    """The scheduler and model_index.json a conversion writes carry the Wan team's shift and boundary, read from
+    the family's model preset, the one place those numbers live."""
+    import json
+
+    from transformers import PreTrainedTokenizerFast
+
+    from wan_opt.convert import write_scheduler_and_index
+
+    write_scheduler_and_index(tmp_path, family, PreTrainedTokenizerFast)
+    index = json.loads((tmp_path / "model_index.json").read_text())
+    scheduler = json.loads((tmp_path / "scheduler" / "scheduler_config.json").read_text())
+    assert scheduler["flow_shift"] == shift and index["boundary_ratio"] == boundary
+    assert (index["transformer_2"] != [None, None]) == (experts == 2)

@@ -25,8 +25,6 @@ from wan_opt.loading.layouts import (DIFFUSERS_DITS, PER_TOKEN_TIMESTEPS, T5_FIL
                                      check_checkpoint, original_family)
 from wan_opt.loading.original import load_dit, load_text_encoder, load_vae
 
-FLOW_SHIFT = {"t2v_a14b": 12.0, "i2v_a14b": 5.0, "ti2v_5b": 5.0}  # the Wan team's sample_shift
-BOUNDARY = {"t2v_a14b": 0.875, "i2v_a14b": 0.9}  # where the A14B experts switch (the Wan team's `boundary`)
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 CPU = torch.device("cpu")
 
@@ -35,7 +33,18 @@ def _library_entry(cls: type | None) -> list:
     return [cls.__module__.split(".")[0], cls.__name__] if cls else [None, None]
 
 
-def write_model_index(dst: Path, family: str, tokenizer_cls: type) -> None:
+def write_scheduler_and_index(dst: Path, family: str, tokenizer_cls: type) -> None:
+    """The scheduler with the family's flow shift, and model_index.json with its experts' boundary: the Wan team's
+    sampling defaults, which the family's model preset (conf/model/wan22_<family>.yaml) is the one place of."""
+    from wan_opt.loading.modules import scheduler_for
+    from wan_opt.prepare import compose_config
+
+    preset = compose_config([f"model=wan22_{family}"], hardware="cpu").model
+    scheduler_for(preset.shift).save_pretrained(dst / "scheduler")
+    write_model_index(dst, family, tokenizer_cls, preset.boundary)
+
+
+def write_model_index(dst: Path, family: str, tokenizer_cls: type, boundary: float | None) -> None:
     """model_index.json as WanPipeline (WanImageToVideoPipeline for I2V-A14B, which has no CLIP image encoder)
     .save_pretrained writes it, without building the pipeline in memory."""
     from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanTransformer3DModel
@@ -45,14 +54,14 @@ def write_model_index(dst: Path, family: str, tokenizer_cls: type) -> None:
     index = {
         "_class_name": "WanImageToVideoPipeline" if i2v else "WanPipeline",
         "_diffusers_version": importlib.metadata.version("diffusers"),
-        "boundary_ratio": BOUNDARY.get(family),
+        "boundary_ratio": boundary,
         "expand_timesteps": family in PER_TOKEN_TIMESTEPS,
         **({"image_encoder": [None, None], "image_processor": [None, None]} if i2v else {}),
         "scheduler": _library_entry(UniPCMultistepScheduler),
         "text_encoder": _library_entry(UMT5EncoderModel),
         "tokenizer": _library_entry(tokenizer_cls),
         "transformer": _library_entry(WanTransformer3DModel),
-        "transformer_2": _library_entry(WanTransformer3DModel if family in BOUNDARY else None),
+        "transformer_2": _library_entry(WanTransformer3DModel if len(DIFFUSERS_DITS[family]) == 2 else None),
         "vae": _library_entry(AutoencoderKLWan),
     }
     (dst / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
@@ -60,7 +69,6 @@ def write_model_index(dst: Path, family: str, tokenizer_cls: type) -> None:
 
 def write_all(ckpt: Checkpoint, dst: Path, dtype: torch.dtype) -> None:
     """Each component converted, saved and released before the next, so one model is in memory at a time."""
-    from diffusers import UniPCMultistepScheduler
     from transformers import AutoTokenizer
 
     for component, folder in zip(DIFFUSERS_DITS[ckpt.family], ckpt.dit_dirs()):
@@ -73,9 +81,7 @@ def write_all(ckpt: Checkpoint, dst: Path, dtype: torch.dtype) -> None:
     print(f"vae: converted from {VAE_FILES[ckpt.family]}", flush=True)
     tokenizer = AutoTokenizer.from_pretrained(ckpt.root / TOKENIZER_DIR)
     tokenizer.save_pretrained(dst / "tokenizer")
-    UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, num_train_timesteps=1000,
-                            flow_shift=FLOW_SHIFT[ckpt.family]).save_pretrained(dst / "scheduler")
-    write_model_index(dst, ckpt.family, type(tokenizer))
+    write_scheduler_and_index(dst, ckpt.family, type(tokenizer))
 
 
 def convert_checkpoint(src: str | Path, dst: str | Path, dtype: torch.dtype = torch.bfloat16) -> str:
