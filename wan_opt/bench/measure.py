@@ -215,7 +215,7 @@ def profile_run(pipe, cfg, args, device: torch.device, one_forward) -> dict:
     # The plan's knobs are in cfg (tiling as a run of this request would have it); placement is (a)'s, so
     # that the kernels are what differ.
     memory, speed = instantiate(cfg.hardware.memory), instantiate(cfg.hardware.speed)
-    memory.experts, memory.text_encoder = "resident", "gpu"
+    memory.experts, memory.text_encoder, memory.vae_release = "resident", "gpu", False
     experts = [e for e in (pipe.transformer, pipe.transformer_2) if e is not None]
     # Later runs share these modules: this run's attention processors, backends and cache hooks come off after.
     processors = [(e, e.attn_processors) for e in experts]

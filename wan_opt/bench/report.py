@@ -20,7 +20,7 @@ def request_steps(cfg) -> int:
 
 def rel_l2(a, b) -> float:
     """The relative L2 distance of `a` from `b`, in float64: arrays, or tensors on any device."""
-    a, b = (x.double() if isinstance(x, torch.Tensor) else torch.as_tensor(np.asarray(x), dtype=torch.float64)
+    a, b = (x.detach().double() if isinstance(x, torch.Tensor) else torch.as_tensor(np.asarray(x), dtype=torch.float64)
             for x in (a, b))
     return float((a - b).norm() / b.norm())
 

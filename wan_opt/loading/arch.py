@@ -91,7 +91,7 @@ def build_random_components(family: str, memory: MemoryPolicy, device: torch.dev
         torch.cuda.empty_cache()
     with _building(device, torch.float32):
         vae = AutoencoderKLWan(**VAE_CONFIGS[family])
-    components["vae"] = cast_module(vae, torch_dtype(memory.vae_dtype))
+    components["vae"] = _place(cast_module(vae, torch_dtype(memory.vae_dtype)), "vae", memory, device)
     for module in filter(None, components.values()):
         module.eval().requires_grad_(False)
     components["tokenizer"] = tiny.tiny_tokenizer()  # token ids only; a real vocabulary is not needed for noise
