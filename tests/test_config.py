@@ -145,7 +145,7 @@ def test_the_slurm_launcher_composes_with_one_gpu_per_job():
 
 def test_auto_becomes_the_profile_detected_where_the_job_runs(monkeypatch):
     from wan_opt import hardware
-    from wan_opt.prepare import plan_for, prepare, resolve_hardware
+    from wan_opt.prepare import prepare, resolve_hardware
 
     monkeypatch.setattr(hardware, "detect", lambda: hardware.HardwareChoice("a100_40gb", "A100 40GB matches", None))
     overrides = ["hardware.memory.vae_tiling=false"]

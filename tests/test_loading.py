@@ -11,7 +11,6 @@ from wan_opt.pipeline import WanOptPipeline
 from wan_opt.prepare import compose_config, prepare
 from wan_opt.errors import WanOptError
 from wan_opt.loading.layouts import check_checkpoint
-from wan_opt.pipeline import WanOptPipeline
 from wan_opt.loading.tiny import build_tiny_components
 
 MODELS = {"t2v_a14b": ("wan22_t2v_a14b", 12.0, "96*64"), "ti2v_5b": ("wan22_ti2v_5b", 5.0, "64*64")}
