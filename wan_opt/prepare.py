@@ -160,7 +160,7 @@ def user_memory_knobs(overrides: Sequence[str]) -> dict:
         key, _, value = override.lstrip("+~").partition("=")
         name = key.removeprefix("hardware.memory.")
         if key.startswith("hardware.memory.") and name in Mechanisms.__dataclass_fields__:
-            knobs[name] = value.lower() == "true" if name in ("vae_tiling", "vae_release") else value
+            knobs[name] = value.lower() == "true" if isinstance(getattr(Mechanisms(), name), bool) else value
     return knobs
 
 

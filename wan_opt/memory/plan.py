@@ -139,9 +139,7 @@ def predict(sizes: ModelSizes, req: Request, mech: Mechanisms, compute_dtype: st
     expert_on_gpu = {"resident": expert, "swap": expert, "offload": expert * 0.06}[mech.experts]
     resident_experts = expert * sizes.experts if mech.experts == "resident" else 0.0
     te_gpu = te if mech.text_encoder == "gpu" else 0.0
-    pixels = req.width * req.height * req.frames / PIXELS_720P_81
-    decode = (DECODE_TILED_GIB[vae_dtype] if mech.vae_tiling else DECODE_720P_GIB[vae_dtype] * pixels
-              ) * sizes.vae_decode_scale
+    decode = decode_gib(sizes, req, mech, vae_dtype)
     stages = {
         "encode": resident_experts + vae_idle + (te + 0.3 if mech.text_encoder != "cpu" else 0.0),
         "denoise_high_noise": max(resident_experts, expert_on_gpu) + te_gpu + vae_idle + act,
@@ -187,6 +185,19 @@ def activations_gib(sizes: ModelSizes, req: Request, batch: int) -> float:
     per_token = ACT_GIB_PER_TOKEN * width / MEASURED_WIDTH + (
         (7 * 2 + 6 * 4) * width / GIB if sizes.per_token_timesteps else 0.0)
     return per_token * tokens(sizes, req) * batch
+
+
+def decode_gib(sizes: ModelSizes, req: Request, mech: Mechanisms, vae_dtype: str) -> float:
+    """The VAE decode's working set: fixed when tiled, by the pixels untiled, and by the VAE against the Wan 2.1
+    VAE it was measured on."""
+    pixels = req.width * req.height * req.frames / PIXELS_720P_81
+    return (DECODE_TILED_GIB[vae_dtype] if mech.vae_tiling else DECODE_720P_GIB[vae_dtype] * pixels
+            ) * sizes.vae_decode_scale
+
+
+def frames_gib(req: Request) -> float:
+    """The decoded video in host memory: float32 RGB, FRAME_COPIES times (no VAE makes it smaller)."""
+    return req.width * req.height * req.frames * 3 * 4 * FRAME_COPIES / GIB
 
 
 def vae_encode_gib(req: Request, mech: Mechanisms, vae_dtype: str) -> float:
@@ -238,7 +249,7 @@ def host_stages(sizes: ModelSizes, req: Request, mech: Mechanisms, compute_dtype
         # set until the load returns (the resident 80 GB plan's record: 22.4 GiB at load, 12.5 GiB after)
         on_host = 0.0 if mech.experts == "resident" else sizes.experts * loaded
         load = on_host + (2 * te if mech.text_encoder != "gpu" else 0.0)
-    frames = req.width * req.height * req.frames * 3 * 4 * FRAME_COPIES / GIB
+    frames = frames_gib(req)
     hosts = {"load": load, "encode": waiting + encoding_te}
     for stage in stages:
         if stage.startswith("denoise") or stage == "vae_encode":
@@ -324,10 +335,8 @@ def host_plan(sizes: ModelSizes, req: Request, mech: Mechanisms, compute_dtype: 
                * 1e9 / GIB)
     batch = 2 if (req.batched_cfg and req.guided) else 1
     act = ACT_FIXED_GIB + activations_gib(sizes, req, batch)
-    pixels = req.width * req.height * req.frames
-    decode = (DECODE_TILED_GIB[vae_dtype] if mech.vae_tiling else DECODE_720P_GIB[vae_dtype] * pixels / PIXELS_720P_81)
-    frames_out = pixels * 3 * 4 * FRAME_COPIES / GIB  # float32 RGB: the decoder's output and its conversions
-    decode = decode * min(1.0, sizes.vae_params_b / MEASURED_VAE_PARAMS_B) * sizes.vae_decode_scale + frames_out
+    decode = decode_gib(sizes, req, mech, vae_dtype) * min(1.0, sizes.vae_params_b / MEASURED_VAE_PARAMS_B)
+    decode += frames_gib(req)
     plan.vram_budget_gb = 0.0
     plan.host_stages = {}  # one total on the CPU (below), not the stages of a GPU run
     plan.predicted_host_gb = round(weights + max(act, decode), 2)

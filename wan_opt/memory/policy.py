@@ -177,29 +177,30 @@ class MemoryPolicy(MemoryConfig):
             return
         if pipe.expert_swapper is not None:
             pipe.expert_swapper.release()  # the encoder and an expert need not share the GPU
-        swapper.activate(pipe.text_encoder)
-        try:
+        with _active(swapper, pipe.text_encoder):
             yield swapper.device
-        finally:
-            swapper.release()
 
-    @contextlib.contextmanager
-    def vae_on_gpu(self, pipe) -> Iterator[None]:
+    def vae_on_gpu(self, pipe) -> contextlib.AbstractContextManager:
         """The VAE where it runs for one encode or decode; `vae_release` brings it in for the call only."""
-        swapper = getattr(pipe, "vae_swapper", None)
-        if swapper is None:
-            yield
-            return
-        swapper.activate(pipe.vae)
-        try:
-            yield
-        finally:
-            swapper.release()
+        return _active(getattr(pipe, "vae_swapper", None), pipe.vae)
 
     def activate_expert(self, pipe, expert: torch.nn.Module) -> None:
         """Make `expert` ready to run; with swapping, the other one goes back to pinned host memory."""
         if pipe.expert_swapper is not None:
             pipe.expert_swapper.activate(expert)
+
+
+@contextlib.contextmanager
+def _active(swapper, module: torch.nn.Module) -> Iterator[None]:
+    """`module` brought in by its swapper for the block and released after, however the block ends."""
+    if swapper is None:
+        yield
+        return
+    swapper.activate(module)
+    try:
+        yield
+    finally:
+        swapper.release()
 
 
 class PinnedSwapper:
