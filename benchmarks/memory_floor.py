@@ -308,7 +308,8 @@ def run(args) -> Path:
                      "measured, not capped: the plan is for the host RAM above"),
         "cold_reads": args.cold,
         "plan": {"mechanisms": plan.mechanisms, "decided_by": prepared.decided, "vram_budget_gb": plan.vram_budget_gb,
-                 "host_ram_gb": plan.host_ram_gb, "read_gb_per_request": plan.read_gb_per_request},
+                 "host_ram_gb": plan.host_ram_gb, "read_gb_per_request": plan.read_gb_per_request,
+                 "vae_dtype": str(prepared.cfg.hardware.memory.vae_dtype)},
         "load_seconds": round(load_seconds, 2), "gpus": 1, "runs": [run_record],
     }
     path = Path(args.out) / record_name(model, args.profile, args.cap_gb, args.host_gb)

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
+from wan_opt.optim.vae import in_range
+
 
 @dataclass
 class Condition:
@@ -75,7 +77,7 @@ def encode_condition(pipe, image, last_image, height: int, width: int, num_frame
             last = pipe.video_processor.preprocess(last_image, height=height, width=width)
             frames.append(last.to(device, torch.float32).unsqueeze(2))
         video = torch.cat(frames, dim=2)
-    encoded = vae.encode(video.to(vae_device, vae.dtype)).latent_dist.mode()
+    encoded = in_range(vae, lambda: vae.encode(video.to(vae_device, vae.dtype)).latent_dist.mode(), "encode")
     latents = normalised(vae, encoded.to(device, torch.float32))
     latent_frames, lat_h, lat_w = (num_frames - 1) // temporal + 1, height // spatial, width // spatial
     if pipe.expand_timesteps:

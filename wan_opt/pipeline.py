@@ -28,6 +28,7 @@ from wan_opt.loading.lora import apply_expert_loras, lora_specs
 from wan_opt.loading.modules import resolve_device
 from wan_opt.memory.policy import MemoryPolicy
 from wan_opt.optim.speed import SpeedPolicy
+from wan_opt.optim.vae import in_range
 from wan_opt.prepare import Prepared, compose_config, prepare
 
 # on_step(step_index, total_steps, expert_label, seconds_of_this_step)
@@ -122,6 +123,7 @@ class WanOptPipeline:
 
     def apply_policies(self) -> None:
         self.speed.fuse(self.experts())  # first: fp8 storage and offloading take the weights over
+        self.speed.lay_out_vae(self.vae, self.memory)
         self.memory.prepare(self, self.device)
         self.speed.apply(self.experts(), self.device)
 
@@ -200,12 +202,15 @@ class WanOptPipeline:
     def decode(self, latents: torch.Tensor, output_type: str):
         """Undo the VAE's latent normalisation, decode, and convert to frames."""
         vae = self.vae
-        latents = latents.to(next(vae.parameters()).device, vae.dtype)
-        shape = (1, vae.config.z_dim, 1, 1, 1)
-        mean = torch.tensor(vae.config.latents_mean).view(shape).to(latents)
-        std = torch.tensor(vae.config.latents_std).view(shape).to(latents)
-        video = vae.decode(latents * std + mean, return_dict=False)[0]
-        return self.video_processor.postprocess_video(video, output_type=output_type)
+
+        def run() -> torch.Tensor:  # in the VAE's dtype when it runs (in_range may change it)
+            z = latents.to(next(vae.parameters()).device, vae.dtype)
+            shape = (1, vae.config.z_dim, 1, 1, 1)
+            mean = torch.tensor(vae.config.latents_mean).view(shape).to(z)
+            std = torch.tensor(vae.config.latents_std).view(shape).to(z)
+            return vae.decode(z * std + mean, return_dict=False)[0]
+
+        return self.video_processor.postprocess_video(in_range(vae, run, "decode"), output_type=output_type)
 
     # -- the call ---------------------------------------------------------------------------------------
 

@@ -15,6 +15,7 @@ from wan_opt.optim import magcache
 from wan_opt.optim.attention import Flash4SelfAttnProcessor, flash4_available, use_self_attention
 from wan_opt.optim.fp8_attention import Fp8SelfAttnProcessor
 from wan_opt.optim.fp8 import use_fp8_matmul
+from wan_opt.optim.vae import use_channels_last
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +115,13 @@ class SpeedPolicy(SpeedConfig):
         if self.fuse_qkv:
             for expert in experts:
                 fuse_attention_projections(expert)
+
+    def lay_out_vae(self, vae, memory) -> None:
+        """Channels-last convolutions for a VAE on the GPU that decodes whole frames (wan_opt.optim.vae), before
+        the memory policy takes its weights over. A tiled decode and a VAE kept in pinned host memory
+        (`vae_release`) keep diffusers' layout: their memory was measured in it."""
+        if next(vae.parameters()).is_cuda and not memory.vae_tiling and not memory.vae_release:
+            use_channels_last(vae)
 
     def apply(self, experts, device: torch.device) -> None:
         """Set the kernels of these denoisers for this run; called once after loading."""
