@@ -36,8 +36,10 @@ def test_tiny_smoke_writes_a_report(tmp_path):
     for name, run in lossless.items():
         assert len(run["step_seconds"]) == 3 and run["seconds_per_cfg_step"] > 0 and run["speedup"] > 0
         assert {"text_encoding", "vae_decode"} <= set(run["stage_seconds"])
-        # Same modules, same inputs: every profile's frames equal diffusers' on the CPU (no kernels change there).
-        assert run["frames_rel_l2"] < 1e-5 and run["forward_rel_l2"] < 1e-6
+        # Same modules, same inputs: every profile's frames equal diffusers' on the CPU (no kernels change there),
+        # but for the h100 profile's float16 decode, in its own copy of the VAE: the runs after it decode in float32.
+        assert run["frames_rel_l2"] < (1e-2 if name == "h100" else 1e-5) and run["forward_rel_l2"] < 1e-6
+    assert report["runs"]["h100"]["frames_rel_l2"] > 1e-5
     # A knob that drops forwards is reported with its deviation, which is no longer zero.
     assert report["runs"][truncated]["frames_rel_l2"] > 1e-4
     assert 1e-4 < report["runs"][fp8]["forward_rel_l2"] < 0.1

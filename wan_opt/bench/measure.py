@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import json
 import sys
 import tempfile
@@ -210,6 +211,8 @@ def profile_run(pipe, cfg, args, device: torch.device, one_forward) -> dict:
     """(b): WanOptPipeline on the same modules under a profile's speed and memory knobs."""
     from hydra.utils import instantiate
 
+    from wan_opt.loading.modules import cast_module
+    from wan_opt.memory.policy import torch_dtype
     from wan_opt.pipeline import WanOptPipeline
 
     # The plan's knobs are in cfg (tiling as a run of this request would have it); placement is (a)'s, so
@@ -217,6 +220,8 @@ def profile_run(pipe, cfg, args, device: torch.device, one_forward) -> dict:
     memory, speed = instantiate(cfg.hardware.memory), instantiate(cfg.hardware.speed)
     memory.experts, memory.text_encoder, memory.vae_release = "resident", "gpu", False
     experts = [e for e in (pipe.transformer, pipe.transformer_2) if e is not None]
+    # The VAE in the profile's dtype and layout, as a load would give it: a copy, so that (a)'s stays float32.
+    shared_vae, pipe.vae = pipe.vae, cast_module(copy.deepcopy(pipe.vae), torch_dtype(memory.vae_dtype))
     # Later runs share these modules: this run's attention processors, backends and cache hooks come off after.
     processors = [(e, e.attn_processors) for e in experts]
     backends = [(p, p._attention_backend) for _, procs in processors for p in procs.values()]
@@ -228,6 +233,7 @@ def profile_run(pipe, cfg, args, device: torch.device, one_forward) -> dict:
         with torch.inference_mode():  # with this run's kernels still in place
             result["forward"] = one_forward()
     finally:  # also after a failed run, so that the next runs get the plain modules
+        pipe.vae = shared_vae
         for expert, procs in processors:
             expert.set_attn_processor(procs)
             if expert.is_cache_enabled:
