@@ -56,6 +56,8 @@ def in_range(vae: torch.nn.Module, call: Callable[[], T], what: str) -> T:
         return call()
     with _overflow_watch(vae) as flags:
         result = call()
+    if isinstance(result, torch.Tensor):  # what follows the encoder or decoder (quant_conv) may overflow too
+        flags.append(~torch.isfinite(result).all())
     if not flags or not torch.stack(flags).any().item():
         return result
     log.warning("The VAE's float16 %s overflowed; it ran again in bfloat16. hardware.memory.vae_dtype=bfloat16 "
