@@ -31,7 +31,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from gpu_report import gpu_file_name, gpu_report, write_report  # noqa: E402
 from wan_opt.bench.report import rel_l2  # noqa: E402
+from wan_opt.conditioning import denormalised  # noqa: E402
 from wan_opt.loading.arch import VAE_CONFIGS  # noqa: E402
+from wan_opt.loading.modules import cast_module  # noqa: E402
 from diffusers.models.autoencoders.autoencoder_kl_wan import unpatchify  # noqa: E402
 from wan_opt.optim.vae import in_range, use_channels_last  # noqa: E402
 
@@ -105,23 +107,19 @@ def build_vae(family: str, variant: Variant, device: torch.device):
     torch.manual_seed(0)
     with device:
         vae = AutoencoderKLWan(**VAE_CONFIGS[family])
-    vae = vae.to(getattr(torch, variant.dtype)).eval().requires_grad_(False)
+    vae = cast_module(vae, getattr(torch, variant.dtype)).eval().requires_grad_(False)
     if variant.channels_last:
         use_channels_last(vae)
     return vae
 
 
-def latents(family: str, config, device: torch.device) -> torch.Tensor:
-    """Random latents of the family's 720p request, de-normalised as the pipeline hands them to the decoder
-    (`config`: the VAE's)."""
+def latents(family: str, vae, device: torch.device) -> torch.Tensor:
+    """Random latents of the family's 720p request, de-normalised as the pipeline hands them to the decoder."""
     width, height, frames = SIZES[family]
+    config = vae.config
     spatial, temporal = config.scale_factor_spatial, config.scale_factor_temporal
     shape = (1, config.z_dim, (frames - 1) // temporal + 1, height // spatial, width // spatial)
-    z = torch.randn(shape, generator=torch.Generator(device).manual_seed(0), device=device)
-    view = (1, config.z_dim, 1, 1, 1)
-    mean = torch.tensor(config.latents_mean, device=device).view(view)
-    std = torch.tensor(config.latents_std, device=device).view(view)
-    return z * std + mean
+    return denormalised(vae, torch.randn(shape, generator=torch.Generator(device).manual_seed(0), device=device))
 
 
 def eight_bit(frames: torch.Tensor) -> torch.Tensor:
@@ -150,7 +148,7 @@ def time_variant(family: str, variant: Variant, repeats: int, device: torch.devi
     torch.backends.cuda.matmul.allow_tf32 = variant.tf32
     torch.backends.cudnn.benchmark = variant.cudnn_benchmark
     vae = build_vae(family, variant, device)
-    z = latents(family, vae.config, device).to(vae.dtype)
+    z = latents(family, vae, device).to(vae.dtype)
     seconds, warnings = [], _Warnings()
     logging.getLogger("wan_opt.optim.vae").addHandler(warnings)
     with torch.inference_mode():

@@ -61,6 +61,15 @@ def normalised(vae, latents: torch.Tensor) -> torch.Tensor:
     return (latents - mean) * inverse_std
 
 
+def denormalised(vae, latents: torch.Tensor) -> torch.Tensor:
+    """Denoiser latents in the VAE's units, as its decoder takes them: times the channel deviations, plus the
+    channel means (the inverse of `normalised`)."""
+    shape = (1, vae.config.z_dim, 1, 1, 1)
+    mean = torch.tensor(vae.config.latents_mean).view(shape).to(latents)
+    std = torch.tensor(vae.config.latents_std).view(shape).to(latents)
+    return latents * std + mean
+
+
 @torch.inference_mode()
 def encode_condition(pipe, image, last_image, height: int, width: int, num_frames: int) -> Condition:
     """Preprocess the frame(s) as diffusers does (resize to height x width, scale to [-1, 1]), build the

@@ -21,7 +21,7 @@ from hydra.utils import instantiate
 
 from wan_opt import image as images
 from wan_opt import parallel
-from wan_opt.conditioning import Condition, encode_condition
+from wan_opt.conditioning import Condition, denormalised, encode_condition
 from wan_opt.errors import WanOptError
 from wan_opt.loading.components import load_components
 from wan_opt.loading.lora import apply_expert_loras, lora_specs
@@ -204,11 +204,8 @@ class WanOptPipeline:
         vae = self.vae
 
         def run() -> torch.Tensor:  # in the VAE's dtype when it runs (in_range may change it)
-            z = latents.to(next(vae.parameters()).device, vae.dtype)
-            shape = (1, vae.config.z_dim, 1, 1, 1)
-            mean = torch.tensor(vae.config.latents_mean).view(shape).to(z)
-            std = torch.tensor(vae.config.latents_std).view(shape).to(z)
-            return vae.decode(z * std + mean, return_dict=False)[0]
+            z = denormalised(vae, latents.to(next(vae.parameters()).device, vae.dtype))
+            return vae.decode(z, return_dict=False)[0]
 
         return self.video_processor.postprocess_video(in_range(vae, run, "decode"), output_type=output_type)
 

@@ -63,16 +63,10 @@ def in_range(vae: torch.nn.Module, call: Callable[[], T], what: str) -> T:
     log.warning("The VAE's float16 %s overflowed; it ran again in bfloat16. hardware.memory.vae_dtype=bfloat16 "
                 "skips the first try for this model.", what)
     del result
-    _cast(vae, torch.bfloat16)
+    # torch's own `to` keeps each weight's memory layout; diffusers' would warn about modules to keep in float32,
+    # which the Wan VAE has none of.
+    torch.nn.Module.to(vae, torch.bfloat16)
     try:
         return call()
     finally:
-        _cast(vae, torch.float16)
-
-
-def _cast(vae: torch.nn.Module, dtype: torch.dtype) -> None:
-    """The VAE's floating-point weights in `dtype`, in place and in their memory layout (diffusers' `to` would
-    warn about modules to keep in float32, which the Wan VAE has none of)."""
-    for tensor in [*vae.parameters(), *vae.buffers()]:
-        if tensor.is_floating_point():
-            tensor.data = tensor.data.to(dtype)
+        torch.nn.Module.to(vae, torch.float16)
