@@ -23,34 +23,8 @@ unset TRITON_INTERPRET
 PY=${PYTHON:-python}
 LOG="$OUT/gpu_attention_check.log"
 exec > >(tee "$LOG") 2>&1
-END=$((SECONDS + BUDGET))
-declare -A STATUS
-
-# step NAME CAP COMMAND...: runs COMMAND for at most CAP seconds, or what is left of the budget if less
-step() {
-    local name=$1 cap=$2 left=$((END - SECONDS))
-    shift 2
-    ((left < cap)) && cap=$left
-    if ((cap < 10)); then
-        STATUS[$name]="not run (out of time)"
-        echo "=== $name: not run, the budget is spent"
-        return
-    fi
-    echo "=== $name (at most ${cap}s): $*"
-    local start=$SECONDS
-    timeout --signal=TERM --kill-after=10 "$cap" "$@"
-    local rc=$?
-    case $rc in
-        0) STATUS[$name]="ok" ;;
-        124|137) STATUS[$name]="cut at ${cap}s (rc $rc)" ;;
-        *) STATUS[$name]="failed (rc $rc)" ;;
-    esac
-    echo "=== $name: ${STATUS[$name]} in $((SECONDS - start))s"
-}
-
-echo "=== $(date -u +%FT%TZ) $(git rev-parse --short HEAD 2>/dev/null || echo 'no git') on" \
-     "$(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null | head -1)"
-$PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+source benchmarks/budget.sh
+header
 
 step probe 60 $PY - <<'EOF'
 import os, traceback

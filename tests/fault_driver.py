@@ -40,7 +40,7 @@ else:
     from wan_opt import video
 
     if stage == "encode":
-        video._pixels = held(video._pixels)
+        video.pixels = held(video.pixels)
     else:
         video.write_json = held(video.write_json, after=True)
 

@@ -13,6 +13,10 @@ import pytest
 from wan_opt.loading.arch import A14B_EXPERT
 from wan_opt.bench import forward_flops, main
 
+# Decoded frames are compared as the 8-bit videos they make: equal floats up to 1e-7 still move the odd value
+# across a rounding boundary, by one level.
+SAME_VIDEO = 2e-4
+
 
 def test_a14b_flops_match_the_baseline_arithmetic():
     # 720p x 81 = 75,600 tokens: ~6.5e15 FLOP per forward, 1.3e16 per CFG step (docs/measured.md, 'The FLOP floor').
@@ -38,7 +42,7 @@ def test_tiny_smoke_writes_a_report(tmp_path):
         assert {"text_encoding", "vae_decode"} <= set(run["stage_seconds"])
         # Same modules, same inputs: every profile's frames equal diffusers' on the CPU (no kernels change there),
         # but for the h100 profile's float16 decode, in its own copy of the VAE: the runs after it decode in float32.
-        assert run["frames_rel_l2"] < (1e-2 if name == "h100" else 1e-5) and run["forward_rel_l2"] < 1e-6
+        assert run["frames_rel_l2"] < (1e-2 if name == "h100" else SAME_VIDEO) and run["forward_rel_l2"] < 1e-6
     assert report["runs"]["h100"]["frames_rel_l2"] > 1e-5
     # A knob that drops forwards is reported with its deviation, which is no longer zero.
     assert report["runs"][truncated]["frames_rel_l2"] > 1e-4
@@ -102,7 +106,7 @@ def test_image_to_video_runs_against_diffusers_image_pipeline(tmp_path):
         assert {"text_encoding", "vae_encode", "vae_decode"} <= set(run["stage_seconds"]), name
         assert run["request_steps"] == 8 and run["request_forwards"] == 16  # tiny_i2v: 8 guided steps
     for name in runs[:2]:  # lossless: diffusers' frames from the same image and weights
-        assert report["runs"][name]["frames_rel_l2"] < 1e-5 and report["runs"][name]["forward_rel_l2"] < 1e-6
+        assert report["runs"][name]["frames_rel_l2"] < SAME_VIDEO and report["runs"][name]["forward_rel_l2"] < 1e-6
     assert 1e-4 < report["runs"][fast_like]["forward_rel_l2"] < 0.1
     assert path.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
 
@@ -120,7 +124,7 @@ def test_a_whole_request_is_measured_beside_its_extrapolation(tmp_path):
     cpu = report["runs"]["cpu"]
     assert cpu["request_speedup_measured"] == pytest.approx(
         report["runs"]["diffusers"]["request_seconds_measured"] / cpu["request_seconds_measured"], rel=1e-2)
-    assert cpu["frames_rel_l2"] < 1e-5
+    assert cpu["frames_rel_l2"] < SAME_VIDEO
     assert "s measured (" in path.with_suffix(".md").read_text()
 
 

@@ -1,10 +1,13 @@
 """WanOptPipeline against diffusers' WanPipeline on tiny random models (float32, CPU)."""
+import numpy as np
 import pytest
 import torch
 from diffusers import WanPipeline
+from diffusers.video_processor import VideoProcessor
 
 from wan_opt.memory.policy import MemoryPolicy
-from wan_opt.pipeline import WanOptPipeline
+from wan_opt.pipeline import FRAMES_PER_COPY, WanOptPipeline, host_frames
+from wan_opt.video import pixels
 from wan_opt.optim.speed import SpeedPolicy
 from wan_opt.loading.tiny import build_tiny_components
 from wan_opt.bench.report import rel_l2
@@ -96,11 +99,42 @@ def test_stage_timings_are_reported():
 
 @pytest.mark.parametrize("bad, message", [
     (dict(num_frames=10), r"4n\+1"), (dict(height=60), "multiples of 16"), (dict(num_inference_steps=0), "at least 1"),
+    (dict(output_type="png"), "output_type must be one of np, uint8"),
 ])
 def test_rejects_what_the_model_cannot_do(bad, message):
     pipe = WanOptPipeline.from_diffusers(diffusers_pipe("t2v_a14b"))
     with pytest.raises(ValueError, match=message):
         pipe(**{**CALL, **bad})
+
+
+def test_host_frames_are_diffusers_frames_converted_a_few_at_a_time():
+    # past the last chunk's edge, with values beyond [-1, 1] that both must clamp
+    video = torch.randn(2, 3, 2 * FRAMES_PER_COPY + 1, 16, 24, generator=torch.Generator().manual_seed(0)) * 0.8
+    before = video.clone()
+    expected = VideoProcessor(vae_scale_factor=8).postprocess_video(video, output_type="np")
+    floats, levels = host_frames(video, pixels=False), host_frames(video, pixels=True)
+    assert floats.dtype == np.float32 and floats.shape == expected.shape == (2, 2 * FRAMES_PER_COPY + 1, 16, 24, 3)
+    np.testing.assert_array_equal(floats, expected)
+    assert levels.dtype == np.uint8 and levels.flags.c_contiguous
+    np.testing.assert_array_equal(levels, pixels(expected))  # the rounding a video file gets from floats
+    assert levels.min() == 0 and levels.max() == 255
+    assert torch.equal(video, before)  # the VAE's output is read, not changed in place
+
+
+def test_uint8_frames_are_the_videos_pixels():
+    pipe = WanOptPipeline.from_diffusers(diffusers_pipe("t2v_a14b"))
+    floats = pipe(**CALL, generator=torch.Generator().manual_seed(2)).frames
+    levels = pipe(**{**CALL, "output_type": "uint8"}, generator=torch.Generator().manual_seed(2)).frames
+    assert levels.dtype == np.uint8 and levels.shape == floats.shape
+    np.testing.assert_array_equal(levels, pixels(floats))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_host_frames_from_the_gpu_equal_the_cpus():
+    video = torch.randn(1, 3, 21, 72, 128, generator=torch.Generator().manual_seed(1)).to(torch.float16)
+    for as_pixels in (False, True):
+        np.testing.assert_array_equal(host_frames(video.cuda(), as_pixels), host_frames(video, as_pixels))
 
 
 def test_cpu_memory_policy_is_a_no_op_on_cpu():

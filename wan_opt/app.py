@@ -123,7 +123,7 @@ def generate(prepared: Prepared):
                 out = pipe(request.prompt, negative_prompt=request.negative_prompt, height=request.height,
                            width=request.width, num_frames=request.frames, num_inference_steps=request.steps,
                            guidance_scale=request.guidance, guidance_scale_2=request.guidance_2,
-                           generator=generator, output_type="np", max_sequence_length=prepared.cfg.model.text_len,
+                           generator=generator, output_type="uint8", max_sequence_length=prepared.cfg.model.text_len,
                            on_step=on_step, **(prepared.images.call_kwargs() if prepared.images else {}))
             return pipe, out, {"load": load_seconds, "reused": reused}, prepared, fallbacks
         except torch.OutOfMemoryError as exc:

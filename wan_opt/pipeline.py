@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
+import numpy as np
 import torch
 from diffusers.pipelines.wan.pipeline_wan import prompt_clean
 from diffusers.utils.torch_utils import randn_tensor
@@ -34,10 +35,14 @@ from wan_opt.prepare import Prepared, compose_config, prepare
 # on_step(step_index, total_steps, expert_label, seconds_of_this_step)
 StepCallback = Callable[[int, int, str, float], None]
 
+OUTPUT_TYPES = ("np", "uint8", "pt", "pil", "latent")
+FRAMES_PER_COPY = 8  # host_frames' float32 working copy on the device: 8 frames of 720p are 88 MB
+
 
 @dataclass
 class WanOptOutput:
-    frames: Any  # np.ndarray (batch, frames, height, width, 3) in [0, 1] for output_type="np"
+    # np.ndarray (batch, frames, height, width, 3): floats in [0, 1] for output_type="np", 8-bit pixels for "uint8"
+    frames: Any
     stage_seconds: dict[str, float] = field(default_factory=dict)
     step_seconds: list[float] = field(default_factory=list)
 
@@ -207,7 +212,10 @@ class WanOptPipeline:
             z = denormalised(vae, latents.to(next(vae.parameters()).device, vae.dtype))
             return vae.decode(z, return_dict=False)[0]
 
-        return self.video_processor.postprocess_video(in_range(vae, run, "decode"), output_type=output_type)
+        video = in_range(vae, run, "decode")
+        if output_type in ("np", "uint8"):
+            return host_frames(video, pixels=output_type == "uint8")
+        return self.video_processor.postprocess_video(video, output_type=output_type)
 
     # -- the call ---------------------------------------------------------------------------------------
 
@@ -219,9 +227,10 @@ class WanOptPipeline:
                  on_step: StepCallback | None = None, image=None, last_image=None) -> WanOptOutput:
         """Generate one video; argument names and defaults follow diffusers' `WanPipeline.__call__` and, with
         `image` (and `last_image`: a PIL image or a path), `WanImageToVideoPipeline.__call__`. Without height and
-        width: 480x832, or with an image the model's area in the image's shape (wan_opt.image)."""
+        width: 480x832, or with an image the model's area in the image's shape (wan_opt.image). Besides diffusers'
+        output types, "uint8" gives the frames as the 8-bit pixels a video file stores (what run.py writes)."""
         image, last_image, width, height = self._image_inputs(image, last_image, width, height, num_frames)
-        self._check_inputs(height, width, num_frames, num_inference_steps)
+        self._check_inputs(height, width, num_frames, num_inference_steps, output_type)
         seconds: dict[str, float] = {}
         sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
         dtype = self.transformer.dtype
@@ -358,7 +367,9 @@ class WanOptPipeline:
             last_image = images.last_frame_fit(last_image, size, rule)[0]
         return image, last_image, *size
 
-    def _check_inputs(self, height: int, width: int, num_frames: int, steps: int) -> None:
+    def _check_inputs(self, height: int, width: int, num_frames: int, steps: int, output_type: str) -> None:
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}; got {output_type!r}.")
         grid = self.vae.config.scale_factor_spatial * self.transformer.config.patch_size[1]
         if height % grid or width % grid:
             raise ValueError(f"height and width must be multiples of {grid}; got {height}x{width}.")
@@ -366,3 +377,21 @@ class WanOptPipeline:
             raise ValueError(f"num_frames must be 4n+1; got {num_frames}.")
         if steps < 1:
             raise ValueError(f"num_inference_steps must be at least 1; got {steps}.")
+
+
+def host_frames(video: torch.Tensor, pixels: bool) -> np.ndarray:
+    """The VAE's video (B, C, F, H, W) in [-1, 1] as frames (B, F, H, W, C) in host memory: floats in [0, 1], as
+    diffusers' output_type="np" gives them, or 8-bit pixels, as a video file stores them.
+
+    Converted where the video lies, a few frames at a time, straight into the one host array: diffusers' own
+    post-processing copies the whole video to the host in the VAE's dtype and converts it there with strided
+    reads into two more copies, seconds of CPU time and 2-3 full-size copies of host memory at 720p."""
+    batch, channels, frames, height, width = video.shape
+    out = torch.empty((batch, frames, height, width, channels), dtype=torch.uint8 if pixels else torch.float32)
+    for first in range(0, frames, FRAMES_PER_COPY):
+        part = video[:, :, first:first + FRAMES_PER_COPY].to(torch.float32, copy=True)
+        part = part.mul_(0.5).add_(0.5).clamp_(0.0, 1.0)
+        if pixels:
+            part = part.mul_(255.0).round_().to(torch.uint8)
+        out[:, first:first + FRAMES_PER_COPY] = part.permute(0, 2, 3, 4, 1).contiguous()
+    return out.numpy()

@@ -111,9 +111,11 @@ def check_writable(folder: Path) -> None:
 # -- the video ----------------------------------------------------------------------------------------------
 
 
-def _pixels(frame: np.ndarray) -> np.ndarray:
-    pixels = frame if frame.dtype == np.uint8 else (np.clip(frame, 0.0, 1.0) * 255).round().astype(np.uint8)
-    return np.ascontiguousarray(pixels)
+def pixels(frames: np.ndarray) -> np.ndarray:
+    """Frames as 8-bit pixels: floats in [0, 1] rounded to the nearest level (as wan_opt.pipeline.host_frames
+    does on the device), 8-bit pixels as they are."""
+    levels = frames if frames.dtype == np.uint8 else (np.clip(frames, 0.0, 1.0) * 255).round().astype(np.uint8)
+    return np.ascontiguousarray(levels)
 
 
 def _ffmpeg_command(width: int, height: int, fps: float, preset: str | None, out: Path) -> list[str]:
@@ -143,18 +145,18 @@ def _encode(frames: Iterable[np.ndarray], out: Path, fps: float, preset: str | N
     with tempfile.TemporaryFile() as log:
         try:
             for frame in frames:
-                pixels = _pixels(frame)
+                levels = pixels(frame)
                 if shape is None:
-                    shape = pixels.shape
+                    shape = levels.shape
                     if len(shape) != 3 or shape[2] != 3:
                         raise ValueError(f"frames must be (height, width, 3); got {shape}")
                     command = _ffmpeg_command(shape[1], shape[0], fps, preset, out)
                     with deferred():
                         process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
                                                    stderr=log, start_new_session=True)
-                elif pixels.shape != shape:
-                    raise ValueError(f"frame {written} is {pixels.shape}, the first was {shape}")
-                process.stdin.write(pixels.data)
+                elif levels.shape != shape:
+                    raise ValueError(f"frame {written} is {levels.shape}, the first was {shape}")
+                process.stdin.write(levels.data)
                 written += 1
             if process is None:
                 raise ValueError("there are no frames to write")

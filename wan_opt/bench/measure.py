@@ -79,8 +79,9 @@ def build(args, device: torch.device, model):
     return reference_pipeline(components, model.boundary, family == "i2v_a14b").to(device), dit
 
 
-def run_request(call, args, device: torch.device, guidance: tuple[float, float]) -> dict:
-    """Run one request (from the benchmark's picture, for image-to-video), timing the whole call."""
+def run_request(call, args, device: torch.device, guidance: tuple[float, float], frames: str = "uint8") -> dict:
+    """Run one request (from the benchmark's picture, for image-to-video), timing the whole call; decoded, its
+    frames come as `frames` ("uint8" as run.py takes wan-opt's, "np" as people take diffusers')."""
     width, height = parse_size(args.size)
     torch.cuda.reset_peak_memory_stats() if device.type == "cuda" else None
     picture = {"image": args.picture} if args.picture is not None else {}
@@ -88,7 +89,7 @@ def run_request(call, args, device: torch.device, guidance: tuple[float, float])
                                       num_frames=args.frames, num_inference_steps=args.steps,
                                       guidance_scale=guidance[0], guidance_scale_2=guidance[1],
                                       generator=torch.Generator().manual_seed(0),
-                                      output_type="np" if args.decode else "latent", **picture), device)
+                                      output_type=frames if args.decode else "latent", **picture), device)
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
     return {"out": out, "seconds": seconds, "peak_gib": peak}
 
@@ -114,7 +115,7 @@ def baseline(pipe, args, device: torch.device, guidance: tuple[float, float]) ->
 
     returned = watch_returns(pipe, ("encode_prompt", "prepare_latents") if args.picture else (), device)
     try:
-        result = run_request(call, args, device, guidance)
+        result = run_request(call, args, device, guidance, frames="np")
     finally:
         for name in returned:
             pipe.__dict__.pop(name, None)

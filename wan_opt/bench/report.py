@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from wan_opt.app import library_versions
-from wan_opt.video import new_figure, write_figure, write_json
+from wan_opt.video import new_figure, pixels, write_figure, write_json
 
 
 def request_steps(cfg) -> int:
@@ -23,6 +23,12 @@ def rel_l2(a, b) -> float:
     a, b = (x.detach().double() if isinstance(x, torch.Tensor) else torch.as_tensor(np.asarray(x), dtype=torch.float64)
             for x in (a, b))
     return float((a - b).norm() / b.norm())
+
+
+def frames_rel_l2(frames, reference, decoded: bool) -> float:
+    """Decoded frames compared as the 8-bit videos they make (wan-opt's come as 8-bit pixels, as run.py writes
+    them; diffusers' floats are rounded as a video file stores them); latents as they are."""
+    return rel_l2(pixels(np.asarray(frames)), pixels(np.asarray(reference))) if decoded else rel_l2(frames, reference)
 
 
 def seconds_per_forward(row: dict) -> float:
@@ -54,7 +60,7 @@ def summarize(rows: dict, configs: dict, args, step_flops: float, device: torch.
               "frames": args.frames, "steps": args.steps, "baseline_steps": args.baseline_steps,
               "device": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu",
               "versions": library_versions(), "cfg_step_tflop": step_flops / 1e12,
-              "frames_rel_l2_of": "frames" if args.decode else "latents", "runs": {}}
+              "frames_rel_l2_of": "8-bit frames" if args.decode else "latents", "runs": {}}
     if args.baseline_steps != args.steps:
         # A run of 8 steps and one of 2 end at different noise levels: their distance says nothing of the kernels.
         report["frames_rel_l2_null"] = (f"diffusers ran {args.baseline_steps} steps and the profiles {args.steps}: "
@@ -83,7 +89,7 @@ def summarize(rows: dict, configs: dict, args, step_flops: float, device: torch.
             "request_seconds_measured": measured,
             "request_speedup_measured": round(base_measured / measured, 3) if measured and base_measured else None,
             "forward_rel_l2": row.get("forward_rel_l2", 0.0),
-            "frames_rel_l2": rel_l2(row["frames"], base["frames"]) if comparable else
+            "frames_rel_l2": frames_rel_l2(row["frames"], base["frames"], args.decode) if comparable else
             (0.0 if name == "diffusers" else None),
         }
     return report

@@ -30,7 +30,9 @@ ENCODE_TILED_GIB = {"float32": 1.0, "bfloat16": 0.5, "float16": 0.5}
 PIXELS_720P = 1280 * 720
 # The VAE the decode figures above were measured on: the Wan 2.1 VAE (billions of parameters).
 MEASURED_VAE_PARAMS_B = 0.127
-FRAME_COPIES = 3  # the decoded video in float32 as the VAE returns it, post-processed, and as numpy
+# The decoded video in host memory, once (wan_opt.pipeline.host_frames): float32 for the Python API's default
+# output_type="np", the most the pipeline hands back; run.py's 8-bit pixels take a quarter of it.
+FRAME_BYTES = 4
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "float8_e4m3fn": 1}
 # Seconds a mechanism adds, from the H100 measurements; used only to rank plans, never reported as a result.
 COST = {"offload_per_step_fraction": 0.08, "swap_seconds": 2.0, "te_release_seconds": 0.5,
@@ -196,8 +198,8 @@ def decode_gib(sizes: ModelSizes, req: Request, mech: Mechanisms, vae_dtype: str
 
 
 def frames_gib(req: Request) -> float:
-    """The decoded video in host memory: float32 RGB, FRAME_COPIES times (no VAE makes it smaller)."""
-    return req.width * req.height * req.frames * 3 * 4 * FRAME_COPIES / GIB
+    """The decoded video in host memory: RGB, FRAME_BYTES a value (no VAE makes it smaller)."""
+    return req.width * req.height * req.frames * 3 * FRAME_BYTES / GIB
 
 
 def vae_encode_gib(req: Request, mech: Mechanisms, vae_dtype: str) -> float:

@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# What the speed work still has to measure on a Hopper GPU, in one go within BUDGET seconds (590 unless set),
+# the steps in this order (STEPS selects some of them):
+#   pytest  the GPU tests of the decode and of the frames' conversion (tests/test_vae.py, tests/test_pipeline.py);
+#   frames  benchmarks/host_frames.py on the GPU: the decoded 720p video to pixels, diffusers' way and wan-opt's;
+#   preset  the 4-step distilled preset's whole 720p request in fast and lossless mode under $PROFILE (h200 unless
+#           set; h100 on an H100), against diffusers' WanPipeline in the same run (one step, extrapolated);
+#   h100    the h100 profile's 720p plan (untiled float16 decode) under an 80 GB cap, 2 steps and the decode,
+#           against the planner's prediction (benchmarks/full_size_e2e.py; on an H100 the cap is the card).
+# Results go to $OUT (benchmarks/results when unset), with this script's log, gpu_speed_check.log. A step that
+# fails is reported and the next one runs.
+#
+#     OUT=/some/folder PROFILE=h200 bash benchmarks/gpu_speed_check.sh
+#     STEPS="h100" BUDGET=300 bash benchmarks/gpu_speed_check.sh
+set -u
+cd "$(dirname "$0")/.."
+OUT=${OUT:-benchmarks/results}
+BUDGET=${BUDGET:-590}
+PROFILE=${PROFILE:-h200}
+STEPS=${STEPS:-pytest frames preset h100}
+mkdir -p "$OUT"
+export OUT PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+PY=${PYTHON:-python}
+LOG="$OUT/gpu_speed_check.log"
+exec > >(tee "$LOG") 2>&1
+source benchmarks/budget.sh
+header
+
+wanted() { [[ " $STEPS " == *" $1 "* ]]; }
+PRESET=$PROFILE,model=wan22_t2v_a14b_lightning
+
+wanted pytest && step pytest 150 $PY -m pytest -q -m gpu tests/test_vae.py tests/test_pipeline.py \
+    -o cache_dir="$OUT/.pytest_cache" --junitxml="$OUT/pytest_speed.xml"
+wanted frames && step frames 90 $PY benchmarks/host_frames.py --device cuda --out "$OUT"
+wanted preset && step preset 420 $PY -m wan_opt.bench --profiles "$PRESET,mode=fast" "$PRESET" --size 1280*720 \
+    --frames 81 --steps 4 --baseline-steps 1 --out "$OUT"
+wanted h100 && step h100 240 $PY benchmarks/full_size_e2e.py --profile h100 --cap-gb 80 --sizes 1280*720 \
+    --frames 81 --steps 2 --out "$OUT"
+
+echo "=== summary"
+for name in $STEPS; do
+    echo "$name: ${STATUS[$name]:-not run}"
+done
+ls -la "$OUT"
+sleep 1  # the log's tee, to finish writing
