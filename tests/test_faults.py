@@ -5,7 +5,6 @@ writer patched to fail with ENOSPC, and a small tmpfs where mounting one is perm
 output folders, and SIGINT / SIGTERM sent at each stage of a run through tests/fault_driver.py.
 """
 import errno
-import gc
 import json
 import os
 import signal
@@ -291,8 +290,10 @@ def test_a_run_folder_hydra_cannot_write_is_one_sentence(tmp_path, tmpfs, case):
 
 @pytest.fixture
 def handlers():
-    """The command's signal handling, in this process, for the length of one test."""
+    """The command's signal handling, in this process, for the length of one test, as a terminal's: a shell that
+    starts the tests in the background (`pytest &`) has them ignore SIGINT, which the command keeps ignoring."""
     saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     interrupts.install()
     yield
     for signum, handler in saved.items():
@@ -318,16 +319,8 @@ def test_an_interrupt_while_encoding_kills_ffmpeg_and_leaves_nothing(tmp_path, h
         os.kill(os.getpid(), signal.SIGINT)
         yield frames(1)[0]
 
-    # Python runs the handler at the next bytecode, which may belong to a finalizer the collector runs just then
-    # (earlier tests' garbage), where its exception would be dropped: collect first, and hold the collector while
-    # the signal is in flight. (Without this the test failed now and then after tests/test_cli.py.)
-    gc.collect()
-    gc.disable()
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            video.save(frames_then_ctrl_c(), tmp_path, "0-a-fox", 8, {})
-    finally:
-        gc.enable()
+    with pytest.raises(KeyboardInterrupt):
+        video.save(frames_then_ctrl_c(), tmp_path, "0-a-fox", 8, {})
     assert any("ffmpeg" in name for name in seen)
     assert listing(tmp_path) == [] and not processes_naming(tmp_path)
 
