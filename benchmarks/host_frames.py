@@ -4,8 +4,10 @@ video is written) against wan_opt.pipeline.host_frames (converted where the vide
 
 Each way runs in a fresh process on the same random video in the VAE's output shape and dtype (float16, as the
 Hopper profiles decode). A first, small call warms the device up; then the first full-size call, as a run.py
-process makes one a video, and the best of the --repeats after it. Each reports how much the process' peak
-resident set grew over the video it was given, and the largest difference of its pixels from host_frames'.
+process makes one a video, and the best of the --repeats after it, each with the CPU time it took in the process
+and in the kernel on its behalf (touching fresh memory is the kernel's work). Each way reports how much the
+process' peak resident set grew over the video it was given, and the largest difference of its pixels from
+host_frames'.
 
     python benchmarks/host_frames.py [--device cuda] [--size 1280*720] [--frames 81]
 
@@ -71,17 +73,19 @@ def one_way(args) -> dict:
     sync = torch.cuda.synchronize if video.is_cuda else (lambda: None)
     sync()
     Path("/proc/self/clear_refs").write_text("5")  # the peak resident set (VmHWM) starts again from here
-    before, seconds = status_gib("VmRSS"), []
+    before, seconds, cpu = status_gib("VmRSS"), [], []
     for _ in range(1 + args.repeats):
-        start = time.perf_counter()
+        start, times = time.perf_counter(), os.times()
         levels = convert(args.way, video)
         sync()
         seconds.append(time.perf_counter() - start)
+        after = os.times()
+        cpu.append({"user": round(after.user - times.user, 2), "system": round(after.system - times.system, 2)})
         if len(seconds) <= args.repeats:
             del levels
     np.save(args.pixels_out, levels)
     return {"way": WAYS[args.way], "first_seconds": round(seconds[0], 3), "later_seconds": round(min(seconds[1:]), 3),
-            "all_seconds": [round(s, 3) for s in seconds],
+            "all_seconds": [round(s, 3) for s in seconds], "cpu_seconds": cpu,
             "peak_resident_growth_gib": round(status_gib("VmHWM") - before, 2)}
 
 
