@@ -8,7 +8,8 @@
 #   h100    the h100 profile's 720p plan (untiled float16 decode) under an 80 GB cap, 2 steps and the decode,
 #           against the planner's prediction (benchmarks/full_size_e2e.py; on an H100 the cap is the card).
 # Results go to $OUT (benchmarks/results when unset), with this script's log, gpu_speed_check.log. A step that
-# fails is reported and the next one runs.
+# fails is reported and the next one runs; one the budget has no room for left is not started. The first three
+# take about eight minutes on an H200, so the h100 step usually needs a call of its own (the second line below).
 #
 #     OUT=/some/folder PROFILE=h200 bash benchmarks/gpu_speed_check.sh
 #     STEPS="h100" BUDGET=300 bash benchmarks/gpu_speed_check.sh
@@ -32,7 +33,7 @@ PRESET=$PROFILE,model=wan22_t2v_a14b_lightning
 wanted pytest && step pytest 150 $PY -m pytest -q -m gpu tests/test_vae.py tests/test_pipeline.py \
     -o cache_dir="$OUT/.pytest_cache" --junitxml="$OUT/pytest_speed.xml"
 wanted frames && step frames 90 $PY benchmarks/host_frames.py --device cuda --out "$OUT"
-wanted preset && step preset 420 $PY -m wan_opt.bench --profiles "$PRESET,mode=fast" "$PRESET" --size 1280*720 \
+wanted preset && step preset 480 $PY -m wan_opt.bench --profiles "$PRESET,mode=fast" "$PRESET" --size 1280*720 \
     --frames 81 --steps 4 --baseline-steps 1 --out "$OUT"
 wanted h100 && step h100 240 $PY benchmarks/full_size_e2e.py --profile h100 --cap-gb 80 --sizes 1280*720 \
     --frames 81 --steps 2 --out "$OUT"
