@@ -8,8 +8,8 @@
 #   h100    the h100 profile's 720p plan (untiled float16 decode) under an 80 GB cap, 2 steps and the decode,
 #           against the planner's prediction (benchmarks/full_size_e2e.py; on an H100 the cap is the card).
 # Results go to $OUT (benchmarks/results when unset), with this script's log, gpu_speed_check.log. A step that
-# fails is reported and the next one runs; one the budget has no room for left is not started. The first three
-# take about eight minutes on an H200, so the h100 step usually needs a call of its own (the second line below).
+# fails or is cut at what is left of the budget is reported and the next one runs. The first three take about
+# eight minutes on an H200, so the h100 step usually needs a call of its own (the second line below).
 #
 #     OUT=/some/folder PROFILE=h200 bash benchmarks/gpu_speed_check.sh
 #     STEPS="h100" BUDGET=300 bash benchmarks/gpu_speed_check.sh
