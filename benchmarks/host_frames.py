@@ -50,15 +50,19 @@ def video_of(args, frames: int) -> torch.Tensor:
 
 
 def convert(way: str, video: torch.Tensor) -> np.ndarray:
-    """The video as 8-bit pixels (1, F, H, W, 3) in host memory, the given way."""
+    """The video in host memory the given way, as run.py would hold it while writing the file: 8-bit pixels, or
+    floats rounded frame by frame as each frame goes to the encoder (each frame's pixels then dropped)."""
+    if way == "pixels":
+        return host_frames(video, pixels=True)
     if way == "diffusers":
         from diffusers.video_processor import VideoProcessor
 
         floats = VideoProcessor(vae_scale_factor=8).postprocess_video(video, output_type="np")
-        return np.stack([pixels(frame) for frame in floats[0]])[None]
-    if way == "floats":
-        return np.stack([pixels(frame) for frame in host_frames(video, pixels=False)[0]])[None]
-    return host_frames(video, pixels=True)
+    else:
+        floats = host_frames(video, pixels=False)
+    for frame in floats[0]:
+        pixels(frame)
+    return floats
 
 
 def status_gib(field: str) -> float:
@@ -83,10 +87,11 @@ def one_way(args) -> dict:
         cpu.append({"user": round(after.user - times.user, 2), "system": round(after.system - times.system, 2)})
         if len(seconds) <= args.repeats:
             del levels
-    np.save(args.pixels_out, levels)
+    grown = status_gib("VmHWM") - before
+    np.save(args.pixels_out, pixels(levels))  # after the peak is read: the file's pixels are not the way's
     return {"way": WAYS[args.way], "first_seconds": round(seconds[0], 3), "later_seconds": round(min(seconds[1:]), 3),
             "all_seconds": [round(s, 3) for s in seconds], "cpu_seconds": cpu,
-            "peak_resident_growth_gib": round(status_gib("VmHWM") - before, 2)}
+            "peak_resident_growth_gib": round(grown, 2)}
 
 
 def main() -> None:
