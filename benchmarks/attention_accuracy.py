@@ -223,14 +223,16 @@ FAST_KERNELS = ("Hopper kernel", "Triton kernel")  # the rows held to LIMIT; SDP
 
 def gpu_kernels(head_dim: int) -> dict:
     """bf16 SDPA and each kernel that mode=fast can run here (fp8_attention.hopper_kernel_available decides
-    whether that includes the Hopper one), by name."""
+    whether that includes the Hopper one, and the exact Hopper kernel beside SDPA), by name."""
     import torch.nn.functional as F
 
+    from wan_opt.optim.attention import exact_attention_hopper
     from wan_opt.optim.fp8_attention import HOPPER_HEAD_DIM, fp8_attention, hopper_kernel_available
 
     kernels = {"bf16 SDPA": lambda q, k, v: F.scaled_dot_product_attention(
         *(t.transpose(1, 2) for t in (q, k, v))).transpose(1, 2)}
     if head_dim == HOPPER_HEAD_DIM and hopper_kernel_available(torch.device("cuda")):
+        kernels["Hopper exact kernel (bf16)"] = exact_attention_hopper  # attention=hopper, lossless: a yardstick
         kernels["Hopper kernel"] = lambda q, k, v: fp8_attention(q, k, v, hopper=True)
     kernels["Triton kernel"] = lambda q, k, v: fp8_attention(q, k, v, hopper=False)
     return kernels

@@ -1,5 +1,5 @@
-"""Self-attention kernels at Wan's sizes on one GPU: PyTorch's bf16 SDPA (cuDNN on Hopper) against wan-opt's fp8 kernels
-and, where flash-attn-4 is installed, FlashAttention-4.
+"""Self-attention kernels at Wan's sizes on one GPU: PyTorch's bf16 SDPA (cuDNN on Hopper) against wan-opt's fp8 kernels,
+wan-opt's exact Hopper kernel (attention=hopper) and, where flash-attn-4 is installed, FlashAttention-4.
 
 A14B's self-attention at 720p x 81 is 75,600 tokens, 40 heads of 128; at 480p x 81, 32,760 tokens. Reports
 TFLOP/s (4 N^2 d per head), milliseconds, and relative L2 against bf16 SDPA: for the fp8 attention as wan-opt
@@ -28,16 +28,25 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from gpu_report import gpu_file_name, gpu_report, write_report  # noqa: E402  (this folder)
-from wan_opt.optim.attention import flash4_attention, flash4_available  # noqa: E402
+from wan_opt.optim.attention import exact_attention_hopper, flash4_attention, flash4_available  # noqa: E402
 from wan_opt.kernels.e4m3 import qk_scale  # noqa: E402
 from wan_opt.optim.fp8_attention import (HOPPER_HEAD_DIM, _quantize_qkv, fp8_attention,  # noqa: E402
                                          hopper_kernel_available, padded_length, quantize_qkv)
 
 
 REPO = Path(__file__).resolve().parent.parent
-PREVIOUS = {"fp8_attention": "wan_opt/optim/fp8_attention.py", "fp8_qkv": "wan_opt/kernels/fp8_qkv.py",
-            "fp8_attention_triton": "wan_opt/kernels/fp8_attention_triton.py",
-            "fp8_attention_hopper": "wan_opt/kernels/fp8_attention_hopper.py"}
+# The fp8 attention's files, each under the paths it had (newest first): module name -> paths
+PREVIOUS = {"fp8_attention": ("wan_opt/optim/fp8_attention.py",), "fp8_qkv": ("wan_opt/kernels/fp8_qkv.py",),
+            "fp8_attention_triton": ("wan_opt/kernels/fp8_attention_triton.py",),
+            "attention_hopper": ("wan_opt/kernels/attention_hopper.py", "wan_opt/kernels/fp8_attention_hopper.py")}
+
+
+def _git_show(commit: str, paths: tuple[str, ...]) -> str:
+    for path in paths:
+        shown = subprocess.run(["git", "show", f"{commit}:{path}"], cwd=REPO, capture_output=True, text=True)
+        if shown.returncode == 0:
+            return shown.stdout
+    raise FileNotFoundError(f"none of {paths} at {commit}")
 
 
 @functools.cache
@@ -47,11 +56,11 @@ def previous_fp8_attention(commit: str):
     package = Path(tempfile.mkdtemp()) / "previous_attention"
     package.mkdir()
     (package / "__init__.py").write_text("")
-    for name, path in PREVIOUS.items():
-        source = subprocess.run(["git", "show", f"{commit}:{path}"], cwd=REPO, check=True, capture_output=True,
-                                text=True).stdout
-        for other, other_path in PREVIOUS.items():
-            source = source.replace(other_path.removesuffix(".py").replace("/", "."), f"previous_attention.{other}")
+    for name, paths in PREVIOUS.items():
+        source = _git_show(commit, paths)
+        for other, other_paths in PREVIOUS.items():
+            for other_path in other_paths:
+                source = source.replace(other_path.removesuffix(".py").replace("/", "."), f"previous_attention.{other}")
         (package / f"{name}.py").write_text(source.replace('"wan_opt::', '"wan_opt_previous::'))
     sys.path.insert(0, str(package.parent))
     return importlib.import_module("previous_attention.fp8_attention").fp8_attention
@@ -150,6 +159,14 @@ def main() -> None:
                                            - milliseconds(lambda: quantize_qkv(q, k, v), args.repeat))
             run["fp8_triton_rel_l2_vs_sdpa"] = float((triton_kernel().float() - reference).norm() / reference.norm())
             names.append("fp8_triton_kernel")
+        if hopper:  # wan-opt's exact bf16 kernel, the same warp-specialised design
+            exact = lambda: exact_attention_hopper(q, k, v)  # noqa: E731
+            try:
+                run["hopper_bf16_ms"] = milliseconds(exact, args.repeat)
+                run["hopper_bf16_rel_l2_vs_sdpa"] = float((exact().float() - reference).norm() / reference.norm())
+                names.append("hopper_bf16")
+            except Exception as error:  # noqa: BLE001  recorded; the other kernels' timings stand
+                run["hopper_bf16_error"] = f"{type(error).__name__}: {str(error)[-2000:]}"
         if flash4_available():  # exact bf16 attention, when flash-attn-4 is installed
             flash4 = lambda: flash4_attention(q, k, v)  # noqa: E731
             run["flash4_bf16_ms"] = milliseconds(flash4, args.repeat)

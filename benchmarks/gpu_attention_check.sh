@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # The fast mode's self-attention on one GPU, in one go of about four minutes (written for an H200):
-#   1. each fp8 kernel mode=fast can run, compiled and run once on a small input (a Gluon kernel that does not
-#      compile on this Triton is recorded, and the rest goes on without it);
+#   1. each fp8 kernel mode=fast can run, and the exact Hopper kernel (attention=hopper), compiled and run once on
+#      a small input (a Gluon kernel that does not compile on this Triton is recorded, and the rest goes on
+#      without it);
 #   2. the accuracy sweep (benchmarks/attention_accuracy.py) at 32,760 and 75,600 tokens, 8 heads of 128:
-#      relative L2 from fp32 attention of every kernel, against the 3% bound;
+#      relative L2 from fp32 attention of every kernel, the fp8 ones against the 3% bound;
 #   3. the kernels' speed (benchmarks/attention_kernels.py) at 32,760 and 75,600 tokens, 40 heads of 128, bf16:
-#      TFLOP/s of the fp8 kernels (with and without the quantisation of Q, K, V) against bf16 SDPA and cuDNN;
+#      TFLOP/s of the fp8 kernels (with and without the quantisation of Q, K, V) and of the exact Hopper kernel
+#      against bf16 SDPA and cuDNN;
 #   4. the GPU tests of the attention (pytest -m gpu, tests/test_gpu.py).
 # Results go to $OUT (benchmarks/results when unset): attention_accuracy_<GPU>.json and .md,
 # attention_kernels_<GPU>.json, probe.txt, pytest.xml and this script's log, gpu_attention_check.log. A step that
@@ -30,16 +32,20 @@ step probe 60 $PY - <<'EOF'
 import os, traceback
 import torch
 import torch.nn.functional as F
-from wan_opt.optim.fp8_attention import HOPPER_KERNEL, fp8_attention, hopper_kernel_available
+from wan_opt.optim.attention import HOPPER_KERNEL, exact_attention_hopper
+from wan_opt.optim.fp8_attention import fp8_attention, hopper_kernel_available
 
 lines = [f"HOPPER_KERNEL={HOPPER_KERNEL}, hopper_kernel_available={hopper_kernel_available(torch.device('cuda'))}"]
 print(lines[0], flush=True)
 gen = torch.Generator(device="cuda").manual_seed(0)
 q, k, v = (torch.randn(1, 1000, 4, 128, device="cuda", dtype=torch.bfloat16, generator=gen) for _ in range(3))
 exact = F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v))).transpose(1, 2).float()
-for name, hopper in (("Hopper (Gluon) kernel", True), ("Triton kernel", False)):
+kernels = (("Hopper (Gluon) kernel", lambda q, k, v: fp8_attention(q, k, v, hopper=True)),
+           ("Triton kernel", lambda q, k, v: fp8_attention(q, k, v, hopper=False)),
+           ("Hopper exact kernel", exact_attention_hopper))
+for name, kernel in kernels:
     try:
-        out = fp8_attention(q, k, v, hopper=hopper).float()
+        out = kernel(q, k, v).float()
         torch.cuda.synchronize()
         lines.append(f"{name}: ran, relative L2 from SDPA {((out - exact).norm() / exact.norm()).item():.4f}")
     except Exception:  # recorded; the sweep then runs without it

@@ -1,24 +1,29 @@
 #!/usr/bin/env bash
 # What the speed work still has to measure on a Hopper GPU, in one go within BUDGET seconds (590 unless set),
 # the steps in this order (STEPS selects some of them):
-#   pytest  the GPU tests of the decode and of the frames' conversion (tests/test_vae.py, tests/test_pipeline.py);
-#   frames  benchmarks/host_frames.py on the GPU: the decoded 720p video to pixels, diffusers' way and wan-opt's;
-#   preset  the 4-step distilled preset's whole 720p request in fast and lossless mode under $PROFILE (h200 unless
-#           set; h100 on an H100), against diffusers' WanPipeline in the same run (one step, extrapolated);
-#   h100    the h100 profile's 720p plan (untiled float16 decode) under an 80 GB cap, 2 steps and the decode,
-#           against the planner's prediction (benchmarks/full_size_e2e.py; on an H100 the cap is the card).
+#   kernels  the exact Hopper kernel (attention=hopper) against cuDNN's bf16 attention, and the fp8 kernels, at
+#            75,600 and 32,760 tokens (benchmarks/attention_kernels.py), after its GPU test;
+#   lossless the lossless profile's 720p CFG step with attention=hopper beside the profile as it is (cuDNN), against
+#            diffusers' WanPipeline in the same run (python -m wan_opt.bench, 2 steps, no decode);
+#   pytest   the GPU tests of the decode and of the frames' conversion (tests/test_vae.py, tests/test_pipeline.py);
+#   frames   benchmarks/host_frames.py on the GPU: the decoded 720p video to pixels, diffusers' way and wan-opt's;
+#   preset   the 4-step distilled preset's whole 720p request in fast and lossless mode under $PROFILE (h200 unless
+#            set; h100 on an H100), against diffusers' WanPipeline in the same run (one step, extrapolated);
+#   h100     the h100 profile's 720p plan (untiled float16 decode) under an 80 GB cap, 2 steps and the decode,
+#            against the planner's prediction (benchmarks/full_size_e2e.py; on an H100 the cap is the card).
 # Results go to $OUT (benchmarks/results when unset), with this script's log, gpu_speed_check.log. A step that
-# fails or is cut at what is left of the budget is reported and the next one runs. The first three take about
-# eight minutes on an H200, so the h100 step usually needs a call of its own (the second line below).
+# fails or is cut at what is left of the budget is reported and the next one runs. kernels and lossless take about
+# six minutes on an H200, pytest, frames and preset about eight, h100 about four: three calls, as below.
 #
-#     OUT=/some/folder PROFILE=h200 bash benchmarks/gpu_speed_check.sh
-#     STEPS="h100" BUDGET=300 bash benchmarks/gpu_speed_check.sh
+#     OUT=/some/folder PROFILE=h200 STEPS="kernels lossless" bash benchmarks/gpu_speed_check.sh
+#     OUT=/some/folder PROFILE=h200 STEPS="pytest frames preset" bash benchmarks/gpu_speed_check.sh
+#     OUT=/some/folder STEPS="h100" BUDGET=300 bash benchmarks/gpu_speed_check.sh
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/results}
 BUDGET=${BUDGET:-590}
 PROFILE=${PROFILE:-h200}
-STEPS=${STEPS:-pytest frames preset h100}
+STEPS=${STEPS:-kernels lossless pytest frames preset h100}
 mkdir -p "$OUT"
 export OUT PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 PY=${PYTHON:-python}
@@ -30,6 +35,11 @@ header
 wanted() { [[ " $STEPS " == *" $1 "* ]]; }
 PRESET=$PROFILE,model=wan22_t2v_a14b_lightning
 
+wanted kernels && step kernels 150 bash -c "$PY -m pytest -q -m gpu tests/test_gpu.py -k exact_hopper \
+    -o cache_dir=$OUT/.pytest_cache --junitxml=$OUT/pytest_exact.xml; \
+    $PY benchmarks/attention_kernels.py --tokens 75600 32760 --heads 40 --repeat 5 --suffix _exact --out $OUT"
+wanted lossless && step lossless 400 $PY -m wan_opt.bench --profiles "$PROFILE" "$PROFILE,hardware.speed.attention=hopper" \
+    --size 1280*720 --frames 81 --steps 2 --no-decode --out "$OUT"
 wanted pytest && step pytest 150 $PY -m pytest -q -m gpu tests/test_vae.py tests/test_pipeline.py \
     -o cache_dir="$OUT/.pytest_cache" --junitxml="$OUT/pytest_speed.xml"
 wanted frames && step frames 90 $PY benchmarks/host_frames.py --device cuda --out "$OUT"

@@ -3,7 +3,6 @@
 Without a GPU, tests/conftest.py switches Triton to its interpreter before anything imports it; with one,
 these tests run the compiled kernel on it (fp8 tensor cores needed).
 """
-import os
 
 import pytest
 import torch
@@ -13,6 +12,7 @@ pytest.importorskip("triton", reason="the kernel is Triton code")
 from diffusers import WanTransformer3DModel  # noqa: E402
 
 from benchmarks.attention_accuracy import CASES, LIMIT, emulate, exact_attention, sweep_inputs  # noqa: E402
+from tests.sm90 import OTHER_TRITONS, SHARED_MEMORY, compile_for_hopper, compile_gluon_attention  # noqa: E402
 from tests.test_pipeline import rel_l2  # noqa: E402
 from wan_opt.optim import fp8_attention as kernel  # noqa: E402
 from wan_opt.prepare import compose_config  # noqa: E402
@@ -146,10 +146,12 @@ def test_the_hopper_kernel_is_chosen_only_where_it_runs():
 
 def test_one_switch_takes_the_hopper_kernel_out(monkeypatch):
     """HOPPER_KERNEL off: a Hopper GPU gets the Triton kernel, as every other GPU does."""
+    from wan_opt.optim import attention
+
     pytest.importorskip("triton.experimental.gluon.language.nvidia.hopper", reason="needs a Triton with Gluon")
-    monkeypatch.setattr(kernel, "device_capability", lambda device: (9, 0))
+    monkeypatch.setattr(attention, "device_capability", lambda device: (9, 0))
     assert kernel.hopper_kernel_available(torch.device("cuda"))
-    monkeypatch.setattr(kernel, "HOPPER_KERNEL", False)
+    monkeypatch.setattr(attention, "HOPPER_KERNEL", False)
     assert not kernel.hopper_kernel_available(torch.device("cuda"))
 
 
@@ -177,28 +179,6 @@ for config in fp8_attention_kernel.configs:
 """
 
 
-GLUON_COMPILE = """
-import torch, triton
-from triton.backends.compiler import GPUTarget
-from triton.experimental.gluon._runtime import GluonASTSource
-from triton.runtime.jit import mangle_type
-from wan_opt.kernels import fp8_attention_hopper as hopper
-q, vt = torch.empty(1, 2, 256, 128, dtype=torch.bfloat16), torch.empty(1, 2, 128, 256, dtype=torch.int8)
-types = dict(zip(["q_desc", "k_desc", "vt_desc"], map(mangle_type, hopper.descriptors(q, q, vt))))
-types.update(V_SCALE="*fp32", V_MEAN="*fp32", OUT="*bf16", n_ctx="i32", n_heads="i32", n_pad="i32", stride_ob="i32",
-             stride_on="i32", stride_oh="i32", HEAD_DIM="constexpr", QK_SCALE="constexpr", BLOCK_N="constexpr",
-             STAGES="constexpr", CONSUMER_REGS="constexpr")
-constants = dict(HEAD_DIM=128, QK_SCALE=0.1275, BLOCK_N=hopper.BLOCK_N, STAGES=hopper.STAGES,
-                 CONSUMER_REGS=hopper.CONSUMER_REGS)
-kernel = triton.compile(GluonASTSource(hopper.fp8_attention_hopper_kernel, types, constants),
-                        target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, maxnreg=168))
-ptx = kernel.asm["ptx"]
-assert "m64n128k16.f32.bf16.bf16" in ptx and "m64n128k32.s32.s8.s8" in ptx, "not wgmma on bf16 Q K^T, int8 P V"
-assert "cvt.rn.f32.s32" not in ptx, "an integer converted on the conversion unit"
-assert kernel.metadata.shared <= 227 * 1024
-"""
-
-
 NORM_ROPE_COMPILE = """
 import triton
 from triton.backends.compiler import GPUTarget
@@ -212,39 +192,17 @@ triton.compile(ASTSource(qk_norm_rope_kernel, types, dict(HEADS=40, HEAD_DIM=128
 """
 
 
-def compile_for_hopper(script: str, triton_path: str | None = None):
-    """Run a script that compiles kernels for sm_90, in a fresh process without Triton's CPU interpreter, on this
-    checkout's wan_opt; triton_path: a folder holding another Triton package, imported instead of the installed."""
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    if triton_path is None:
-        pytest.importorskip("triton.backends.nvidia", reason="needs Triton's CUDA backend (ptxas ships with it)")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    paths = [triton_path] if triton_path else []
-    env["PYTHONPATH"] = os.pathsep.join([*paths, str(Path(__file__).resolve().parent.parent),
-                                         *filter(None, [env.get("PYTHONPATH")])])
-    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-
-
-def test_the_hopper_kernel_compiles_without_a_gpu():
+@pytest.mark.parametrize("triton_path", [None, *OTHER_TRITONS], ids=["installed", *OTHER_TRITONS])
+def test_the_hopper_kernel_compiles_without_a_gpu(triton_path):
     """Gluon has no CPU interpreter: compiling for sm_90 checks its layouts, among them that P's relabelling
-    moves no data (assert_trivial), before a GPU run."""
-    pytest.importorskip("triton.experimental.gluon.language.nvidia.hopper", reason="needs a Triton with Gluon")
-    compile_for_hopper(GLUON_COMPILE)
-
-
-OTHER_TRITONS = [p for p in os.environ.get("WAN_OPT_OTHER_TRITONS", "").split(os.pathsep) if p]
-
-
-@pytest.mark.skipif(not OTHER_TRITONS, reason="WAN_OPT_OTHER_TRITONS names no folders with other Tritons")
-@pytest.mark.parametrize("triton_path", OTHER_TRITONS)
-def test_the_hopper_kernel_compiles_on_other_tritons(triton_path):
-    """Gluon's API moves between releases: the kernel compiled on each Triton in WAN_OPT_OTHER_TRITONS (folders
-    that `pip install --no-deps --target` filled), e.g. 3.6, PyTorch 2.11's, beside the installed one."""
-    compile_for_hopper(GLUON_COMPILE, triton_path)
+    moves no data (assert_trivial), before a GPU run: bf16 Q K^T and int8 P V on wgmma, the integer P V made a
+    float by its bits, within Hopper's shared memory and without register spills. Gluon's API moves between
+    releases: WAN_OPT_OTHER_TRITONS names folders that `pip install --no-deps --target` filled with other
+    Tritons (e.g. 3.6, PyTorch 2.11's), each compiled on as well."""
+    report = compile_gluon_attention("int8", triton_path)
+    assert report["wgmma"] == ["m64n128k16.f32.bf16.bf16", "m64n128k32.s32.s8.s8"], report
+    assert not report["int_to_float"], "an integer converted on the conversion unit"
+    assert report["shared"] <= SHARED_MEMORY and report["spills"] == 0, report
 
 
 def test_every_tile_shape_compiles_for_hopper_without_a_gpu():

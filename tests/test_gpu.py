@@ -149,6 +149,31 @@ def test_the_fast_attention_stays_within_three_percent_on_the_sweep(hopper):
     assert max(errors.values()) < LIMIT, errors
 
 
+def test_the_exact_hopper_kernel_is_exact_attention():
+    """attention=hopper against fp32 attention, as close as bf16 SDPA is (eager and compiled, two sequences of a
+    batch that end inside a block of keys), on every case of the fast mode's sweep, and on Q, K and V read in
+    place from a fused QKV projection's output."""
+    from benchmarks.attention_accuracy import CASES, exact_attention, sweep_inputs
+    from wan_opt.optim.attention import exact_attention_hopper, hopper_kernel_missing
+
+    if hopper_kernel_missing():
+        pytest.skip(f"the Hopper kernel does not run here: {hopper_kernel_missing()}")
+    eager, compiled = errors_against_sdpa(exact_attention_hopper)
+    assert eager < 0.01 and compiled < 0.01
+    sdpa = lambda q, k, v: torch.nn.functional.scaled_dot_product_attention(  # noqa: E731
+        *(t.transpose(1, 2) for t in (q, k, v))).transpose(1, 2)
+    for case in CASES:
+        q, k, v = sweep_inputs(case, 16_380, heads=2, device="cuda")
+        reference = exact_attention(q, k, v)[0].cpu().numpy()
+        ours, theirs = (rel_l2(f(q, k, v).float().cpu().numpy(), reference) for f in (exact_attention_hopper, sdpa))
+        assert ours < 2 * theirs + 1e-3, (case, ours, theirs)
+    gen = torch.Generator(device="cuda").manual_seed(2)
+    qkv = torch.randn(2, 3000, 3 * 4 * 128, device="cuda", dtype=torch.bfloat16, generator=gen)
+    q, k, v = (t.unflatten(2, (4, 128)) for t in qkv.chunk(3, dim=2))
+    assert rel_l2(exact_attention_hopper(q, k, v).float().cpu().numpy(),
+                  sdpa(q, k, v).float().cpu().numpy()) < 0.01
+
+
 def test_flashattention4_matches_sdpa_eager_and_compiled():
     from wan_opt.optim.attention import flash4_attention, flash4_available
 

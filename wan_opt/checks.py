@@ -294,9 +294,18 @@ def check_device(cfg: DictConfig) -> None:
 
 
 def check_attention_library(choice: str, device: str) -> None:
-    """An attention kernel from a separately installed library, asked for by name, must be there to run."""
+    """An attention kernel asked for by name, from a separately installed library or wan-opt's Hopper kernel,
+    must be able to run here."""
     from wan_opt.optim.speed import OPTIONAL_ATTENTION, installed_attention
 
+    if choice == "hopper":
+        from wan_opt.optim.attention import hopper_kernel_missing
+
+        missing = hopper_kernel_missing(None if device == "cuda" else device)
+        if missing:
+            raise WanOptError(f"hardware.speed.attention=hopper runs wan-opt's exact attention kernel for Hopper "
+                              f"and {missing}: pass hardware.speed.attention=auto.")
+        return
     if choice not in OPTIONAL_ATTENTION:
         return
     kernel, package = OPTIONAL_ATTENTION[choice]

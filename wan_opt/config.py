@@ -59,9 +59,11 @@ TextEncoderPlacement = _choice("TextEncoderPlacement", "gpu", "gpu_release", "cp
 IdleWeights = _choice("IdleWeights", "host", "checkpoint")
 WeightDtype = _choice("WeightDtype", "bfloat16", "float16", "float32", "float8_e4m3fn")
 ComputeDtype = _choice("ComputeDtype", "bfloat16", "float16", "float32")
-# fp8: wan-opt's kernel, within 3% of exact attention; flash4/flash3/sage: separately installed libraries
-# (sage: SageAttention, only when named; its 8-bit Q K^T is not held to that bound)
-Attention = _choice("Attention", "auto", "cudnn", "flash", "efficient", "math", "flash4", "flash3", "sage", "fp8")
+# fp8: wan-opt's kernel, within 3% of exact attention; hopper: wan-opt's exact bf16 kernel for Hopper;
+# flash4/flash3/sage: separately installed libraries (sage: SageAttention, only when named; its 8-bit Q K^T is
+# not held to that bound)
+Attention = _choice("Attention", "auto", "cudnn", "flash", "efficient", "math", "flash4", "flash3", "sage", "fp8",
+                    "hopper")
 Compile = _choice("Compile", "none", "regional", "full")
 CfgBatching = _choice("CfgBatching", "sequential", "batched")
 StepCache = _choice("StepCache", "none", "first_block", "taylorseer", "magcache")

@@ -1,4 +1,5 @@
-"""Self-attention on kernels diffusers' dispatcher does not have: wan-opt's fp8 kernel and FlashAttention-4.
+"""Self-attention on kernels diffusers' dispatcher does not have: wan-opt's own (its exact Hopper kernel here, its
+fp8 kernels in wan_opt.optim.fp8_attention) and FlashAttention-4.
 
 Each is a processor for diffusers' Wan attention that computes the projections, norms and rotary embedding as
 diffusers does and hands Q, K and V, (B, N, H, D), to its kernel; on a GPU the norms and the rotary embedding
@@ -7,15 +8,52 @@ image conditioning and context parallelism (whose split attention these kernels 
 processor unchanged.
 
 FlashAttention-4 (the flash-attn-4 package: CuTe DSL kernels, Hopper and Blackwell) is exact bf16 attention,
-faster than cuDNN's at Wan's shapes (docs/measured.md, 'Attention kernels'). torch.compile cannot trace its
-Python launcher, so it runs as a custom op whose output is shaped like Q.
+faster than cuDNN's at Wan's shapes (docs/measured.md, 'Attention kernels'). wan-opt's exact Hopper kernel
+(`attention=hopper`) is the same arithmetic in the warp-specialised Gluon kernel that runs mode=fast's attention
+on Hopper (wan_opt/kernels/attention_hopper.py), with P V in bf16, and needs no package beyond PyTorch's Triton.
+torch.compile cannot trace either's Python launcher, so each runs as a custom op whose output is shaped like Q.
 """
 from __future__ import annotations
 
 import importlib.util
+import os
 
 import torch
 from diffusers.models.transformers.transformer_wan import WanAttnProcessor, _get_qkv_projections
+
+from wan_opt.hardware import describe, device_capability, is_hopper
+
+# The one switch for the Gluon kernels: off, mode=fast on Hopper runs the Triton kernel as every other GPU does and
+# attention=hopper is refused, with nothing else to change (the tests and benchmarks that run a Gluon kernel then
+# skip it). WAN_OPT_HOPPER_KERNEL=0 turns it off for one process (benchmarks/gpu_attention_check.sh, after a
+# Gluon kernel that did not run).
+HOPPER_KERNEL = os.environ.get("WAN_OPT_HOPPER_KERNEL", "1") != "0"
+HOPPER_HEAD_DIM = 128  # the one head dimension the Gluon kernels are built and tested for (A14B's and TI2V-5B's)
+# Gluon's API moves between releases: the kernels compile for sm_90 on Triton 3.6 (PyTorch 2.11's) and 3.8
+GLUON_TRITON = (3, 6)
+
+
+def hopper_kernel_missing(device: torch.device | str | None = None) -> str | None:
+    """Why the warp-specialised Gluon kernels do not run on `device` (this process's GPU when None), or None where
+    they do: they need HOPPER_KERNEL on, a Hopper GPU (sm_90) and a Triton with Gluon's Hopper ops."""
+    if not HOPPER_KERNEL:
+        return "WAN_OPT_HOPPER_KERNEL=0 turns it off"
+    capability = device_capability(device)
+    if not is_hopper(capability):
+        return f"it is built for Hopper (compute capability 9.0) and {describe(capability)}"
+    try:
+        import triton
+        from triton.experimental.gluon.language.nvidia import hopper
+    except ImportError:
+        return f"it needs Triton {'.'.join(map(str, GLUON_TRITON))} or later, with Gluon, and this one has none"
+    release = tuple(int(part) for part in triton.__version__.split(".")[:2])
+    if release < GLUON_TRITON or not hasattr(hopper, "warpgroup_mma"):
+        return f"it needs Triton {'.'.join(map(str, GLUON_TRITON))} or later, with Gluon, not {triton.__version__}"
+    return None
+
+
+def hopper_kernel_available(device: torch.device) -> bool:
+    return hopper_kernel_missing(device) is None
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -73,6 +111,27 @@ def use_self_attention(expert: torch.nn.Module, processor: type[SelfAttnProcesso
     for block in expert.blocks:
         block.attn1.set_processor(processor())
     return len(expert.blocks)
+
+
+@torch.library.custom_op("wan_opt::exact_attention_hopper", mutates_args=())
+def exact_attention_hopper(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """Softmax attention of (B, N, H, D) bf16 tensors (D = HOPPER_HEAD_DIM) on wan-opt's Hopper kernel, in bf16,
+    returned as (B, N, H, D)."""
+    from wan_opt.kernels.attention_hopper import exact_attention_hopper as kernel
+
+    return kernel(query, key, value, torch.empty(query.shape, dtype=query.dtype, device=query.device))
+
+
+@exact_attention_hopper.register_fake
+def _(query, key, value):
+    return torch.empty(query.shape, dtype=query.dtype, device=query.device)
+
+
+class HopperSelfAttnProcessor(SelfAttnProcessor):
+    head_dims = (HOPPER_HEAD_DIM,)
+
+    def attend(self, query, key, value):
+        return exact_attention_hopper(query, key, value)
 
 
 def flash4_available() -> bool:

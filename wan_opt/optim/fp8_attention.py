@@ -14,10 +14,10 @@ This is the cheapest pair within 3% of exact attention on peaky as well as near-
 token) to 17% (e4m3, the previous kernels), and e4m3 P and V cost 2.6-3.7% even after an exact Q K^T.
 
 Two kernels compute this: on Hopper (sm_90) with head dimension 128, a warp-specialised one in Gluon
-(wan_opt/kernels/fp8_attention_hopper.py), run as a custom op since torch.compile cannot trace a Gluon launch;
-elsewhere (Ada, other head dimensions, Triton's CPU interpreter) the Triton one
-(wan_opt/kernels/fp8_attention_triton.py); HOPPER_KERNEL is the one switch between them. Design and accuracy:
-docs/kernels.md, 'fp8 attention'.
+(wan_opt/kernels/attention_hopper.py, which also holds the lossless attention=hopper's exact kernel), run as a
+custom op since torch.compile cannot trace a Gluon launch; elsewhere (Ada, other head dimensions, Triton's CPU
+interpreter) the Triton one (wan_opt/kernels/fp8_attention_triton.py); wan_opt.optim.attention.HOPPER_KERNEL is
+the one switch between them. Design and accuracy: docs/kernels.md, 'fp8 attention'.
 
 Only the self-attention of each block (75,600 tokens at 720p, ~63% of the FLOPs) runs here; the
 cross-attention over 512 text tokens stays on PyTorch's attention.
@@ -26,17 +26,14 @@ from __future__ import annotations
 
 import importlib.util
 import math
-import os
 
 import torch
 
-from wan_opt.hardware import device_capability, is_hopper
-from wan_opt.optim.attention import SelfAttnProcessor
+from wan_opt.optim.attention import HOPPER_HEAD_DIM, SelfAttnProcessor, hopper_kernel_available
 from wan_opt.kernels.e4m3 import INT8_MAX, qk_scale, scale_for
 
 PAD = 128  # sequences are padded to the largest tile, so that every tile shape the kernel tries divides them
 HEAD_DIMS = (64, 128)  # A14B and TI2V-5B use 128; the kernel's tile shapes need a power of two >= 16
-HOPPER_HEAD_DIM = 128  # the one head dimension the Hopper kernel is built and tested for
 
 
 def triton_available() -> bool:
@@ -51,7 +48,7 @@ def padded_length(tokens: int) -> int:
 def mma_key_order(x: torch.Tensor) -> torch.Tensor:
     """The last dimension (keys) in the order the Hopper kernel's P V MMA reads them: within every 32 keys,
     key 16h + 8a + 2t + b goes to 16h + 4t + 2a + b (the kernel relabels P's registers this way instead of
-    moving them; see fp8_attention_hopper._as_mma_operand)."""
+    moving them; see attention_hopper._as_mma_operand)."""
     return x.unflatten(-1, (-1, 2, 2, 4, 2)).transpose(-3, -2).flatten(-5)
 
 
@@ -86,32 +83,10 @@ def _quantize_qkv(query, key, value, padded: int, hopper: bool):
     return q.contiguous(), k.contiguous(), vt.to(torch.int8).contiguous(), scale, mean
 
 
-# The one switch for the Gluon kernel: off, Hopper runs the Triton kernel as every other GPU does, with nothing
-# else to change (the tests and benchmarks that run the Gluon kernel then skip it). WAN_OPT_HOPPER_KERNEL=0 turns
-# it off for one process (benchmarks/gpu_attention_check.sh, after a Gluon kernel that did not run).
-HOPPER_KERNEL = os.environ.get("WAN_OPT_HOPPER_KERNEL", "1") != "0"
-# Gluon's API moves between releases: the kernel compiles for sm_90 on Triton 3.6 (PyTorch 2.11's) and 3.8
-GLUON_TRITON = (3, 6)
-
-
-def hopper_kernel_available(device: torch.device) -> bool:
-    """Whether mode=fast runs the warp-specialised kernel here: HOPPER_KERNEL on, a Hopper GPU (sm_90) and a
-    Triton with Gluon's Hopper ops."""
-    if not HOPPER_KERNEL or not is_hopper(device_capability(device)):
-        return False
-    try:
-        import triton
-        from triton.experimental.gluon.language.nvidia import hopper
-    except ImportError:
-        return False
-    release = tuple(int(part) for part in triton.__version__.split(".")[:2])
-    return release >= GLUON_TRITON and hasattr(hopper, "warpgroup_mma")
-
-
 @torch.library.custom_op("wan_opt::fp8_attention_hopper", mutates_args=())
 def _hopper(q: torch.Tensor, k: torch.Tensor, vt8: torch.Tensor, v_scale: torch.Tensor, v_mean: torch.Tensor,
             query: torch.Tensor) -> torch.Tensor:
-    from wan_opt.kernels.fp8_attention_hopper import fp8_attention_hopper
+    from wan_opt.kernels.attention_hopper import fp8_attention_hopper
 
     return fp8_attention_hopper(q, k, vt8, v_scale, v_mean, query.new_empty(query.shape), query.shape[1])
 

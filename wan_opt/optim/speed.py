@@ -12,7 +12,8 @@ from diffusers.utils import is_flash_attn_3_available, is_sageattention_availabl
 from wan_opt.config import SpeedConfig
 from wan_opt.hardware import device_capability, is_hopper, world_size
 from wan_opt.optim import magcache
-from wan_opt.optim.attention import Flash4SelfAttnProcessor, flash4_available, use_self_attention
+from wan_opt.optim.attention import (Flash4SelfAttnProcessor, HopperSelfAttnProcessor, flash4_available,
+                                     use_self_attention)
 from wan_opt.optim.fp8_attention import Fp8SelfAttnProcessor
 from wan_opt.optim.fp8 import use_fp8_matmul
 from wan_opt.optim.vae import use_channels_last
@@ -21,8 +22,9 @@ log = logging.getLogger(__name__)
 
 # Our names for attention kernels -> diffusers' attention-dispatch backends: PyTorch's SDPA kernels, and two
 # from libraries that install separately (FlashAttention-3's flash_attn_3 package, SageAttention). "flash4"
-# (FlashAttention-4) and "fp8" (wan-opt's kernel) run through wan-opt's own processors (wan_opt.optim.attention).
-# "sage" is an explicit choice only: its quantised attention is not held to the fast mode's 3% bound.
+# (FlashAttention-4), "fp8" and "hopper" (wan-opt's kernels) run through wan-opt's own processors
+# (WAN_OPT_PROCESSORS). "sage" is an explicit choice only: its quantised attention is not held to the fast mode's
+# 3% bound.
 ATTENTION_BACKENDS = {
     "cudnn": "_native_cudnn",
     "flash": "_native_flash",
@@ -31,6 +33,7 @@ ATTENTION_BACKENDS = {
     "flash3": "_flash_3",
     "sage": "sage",
 }
+WAN_OPT_PROCESSORS = {"fp8": Fp8SelfAttnProcessor, "flash4": Flash4SelfAttnProcessor, "hopper": HopperSelfAttnProcessor}
 # choice -> (the kernel's name, what to install for it)
 OPTIONAL_ATTENTION = {"flash4": ("FlashAttention-4", "the flash-attn-4 package"),
                       "flash3": ("FlashAttention-3", "the flash_attn_3 package"),
@@ -50,7 +53,7 @@ def installed_attention() -> set[str]:
 
 def attention_backend(choice: str, capability: tuple[int, int], installed: set[str], processes: int = 1) -> str | None:
     """diffusers' backend for an attention choice on a GPU of this compute capability; None keeps diffusers'
-    default (PyTorch's SDPA, which picks cuDNN on Hopper); "flash4" and "fp8" are wan-opt's processors.
+    default (PyTorch's SDPA, which picks cuDNN on Hopper); "flash4", "fp8" and "hopper" are wan-opt's processors.
 
     auto, on Hopper: FlashAttention-4 where it is installed (exact, and faster than cuDNN: docs/measured.md,
     'Attention kernels'); else FlashAttention-3 where
@@ -143,8 +146,8 @@ class SpeedPolicy(SpeedConfig):
                 expert.enable_cache(self.cache_config())
             if device.type != "cuda":
                 continue  # the kernel choices below are CUDA's; on a CPU PyTorch's defaults stand
-            if backend in ("fp8", "flash4"):
-                use_self_attention(expert, Fp8SelfAttnProcessor if backend == "fp8" else Flash4SelfAttnProcessor)
+            if backend in WAN_OPT_PROCESSORS:
+                use_self_attention(expert, WAN_OPT_PROCESSORS[backend])
             elif backend is not None:
                 expert.set_attention_backend(backend)
             # The cache hooks decide in Python whether to run a block, and a block's pre-hooks (the overlapped

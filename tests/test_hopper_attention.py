@@ -1,0 +1,106 @@
+"""wan-opt's exact attention kernel for Hopper (`hardware.speed.attention=hopper`): bf16 Q K^T and P V in the
+warp-specialised Gluon kernel that also runs mode=fast's attention.
+
+Gluon has no CPU interpreter: here the kernel is compiled for sm_90 (its layouts, instructions, shared memory and
+registers), its operands' layout is checked, and its processor and config are tested with SDPA standing in for
+it; tests/test_gpu.py runs it against exact attention on a Hopper GPU.
+"""
+import pytest
+import torch
+from diffusers import WanTransformer3DModel
+
+from tests.sm90 import OTHER_TRITONS, SHARED_MEMORY, compile_gluon_attention
+from tests.test_pipeline import rel_l2
+from wan_opt.checks import check_attention_library
+from wan_opt.errors import WanOptError
+from wan_opt.optim import attention
+from wan_opt.optim.speed import WAN_OPT_PROCESSORS, attention_backend
+
+
+def sdpa(q, k, v):
+    return torch.nn.functional.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v))).transpose(1, 2)
+
+
+@pytest.mark.parametrize("triton_path", [None, *OTHER_TRITONS], ids=["installed", *OTHER_TRITONS])
+def test_the_exact_kernel_compiles_for_hopper_without_a_gpu(triton_path):
+    """Both MMAs on bf16 operands (P from the S accumulator's registers as they are: assert_trivial), within
+    Hopper's shared memory (three stages of bf16 K and V beside Q), without register spills."""
+    report = compile_gluon_attention("bf16", triton_path)
+    assert report["wgmma"] == ["m64n128k16.f32.bf16.bf16"], report
+    assert report["shared"] <= SHARED_MEMORY and report["spills"] == 0, report
+
+
+def test_the_kernel_reads_q_k_and_v_where_diffusers_leaves_them():
+    """(B, N, H, D) rows as one (B*N, H*D) matrix: a view of a contiguous tensor or of a fused QKV projection's
+    output, a copy only where TMA cannot read the layout."""
+    from wan_opt.kernels.attention_hopper import as_rows
+
+    x = torch.randn(2, 5, 3, 16, dtype=torch.bfloat16)
+    rows = as_rows(x)
+    assert rows.data_ptr() == x.data_ptr() and torch.equal(rows, x.reshape(10, 48))
+    qkv = torch.randn(2, 5, 3 * 48, dtype=torch.bfloat16)  # a fused projection: Q, K and V side by side
+    for i in range(3):
+        part = qkv[..., 48 * i:48 * (i + 1)].unflatten(2, (3, 16))
+        rows = as_rows(part)
+        assert rows.data_ptr() == part.data_ptr() and rows.stride() == (144, 1)
+        assert torch.equal(rows, part.reshape(10, 48))
+    heads_first = torch.randn(2, 3, 5, 16, dtype=torch.bfloat16).transpose(1, 2)  # heads not packed in a token
+    rows = as_rows(heads_first)
+    assert rows.data_ptr() != heads_first.data_ptr() and torch.equal(rows, heads_first.reshape(10, 48))
+
+
+TINY_128 = dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=128, in_channels=16,
+                out_channels=16, text_dim=32, freq_dim=32, ffn_dim=64, num_layers=2, cross_attn_norm=True,
+                qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024)
+
+
+@pytest.mark.parametrize("head_dim", [128, 64])
+def test_the_processor_hands_the_kernel_what_sdpa_would_get(monkeypatch, head_dim):
+    """SDPA stands in for the kernel: the forward then equals diffusers' own, with every self-attention of head
+    dimension 128 on the kernel and the rest (cross-attention, other head dimensions) on diffusers' processor."""
+    torch.manual_seed(3)
+    model = WanTransformer3DModel(**{**TINY_128, "attention_head_dim": head_dim}).eval()
+    x, t, ctx = torch.randn(1, 16, 3, 8, 12), torch.tensor([700.0]), torch.randn(1, 16, 32)
+    calls = []
+    monkeypatch.setattr(attention, "exact_attention_hopper", lambda q, k, v: calls.append(q.shape) or sdpa(q, k, v))
+    with torch.no_grad():
+        reference = model(x, t, ctx, return_dict=False)[0]
+        assert attention.use_self_attention(model, WAN_OPT_PROCESSORS["hopper"]) == 2
+        out = model(x, t, ctx, return_dict=False)[0]
+    assert calls == ([(1, 72, 2, 128)] * 2 if head_dim == 128 else [])
+    assert rel_l2(out, reference) < 1e-5
+
+
+def test_the_kernel_op_has_a_shape_for_compile():
+    """torch.compile traces the custom op through its fake implementation: the output is shaped like Q."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        q = torch.empty(2, 72, 4, 128, dtype=torch.bfloat16)
+        out = attention.exact_attention_hopper(q, torch.empty_like(q), torch.empty_like(q))
+    assert out.shape == q.shape and out.dtype == q.dtype
+
+
+def test_the_exact_kernel_runs_only_when_named():
+    """auto keeps FlashAttention-4, FlashAttention-3 or cuDNN on Hopper: the kernel's speed inside a whole
+    forward is not measured yet (docs/kernels.md)."""
+    assert attention_backend("hopper", (9, 0), set()) == "hopper"
+    assert attention_backend("auto", (9, 0), set()) is None
+
+
+def test_the_exact_kernel_where_it_cannot_run_is_one_sentence(monkeypatch):
+    with pytest.raises(WanOptError, match=r"attention=hopper runs wan-opt's exact attention kernel for Hopper and "
+                                          r"it is built for Hopper \(compute capability 9.0\) and there is no GPU"):
+        check_attention_library("hopper", "cpu")
+    monkeypatch.setattr(attention, "device_capability", lambda device: (8, 9))
+    with pytest.raises(WanOptError, match="this GPU is 8.9: pass hardware.speed.attention=auto"):
+        check_attention_library("hopper", "cuda")
+    monkeypatch.setattr(attention, "HOPPER_KERNEL", False)
+    with pytest.raises(WanOptError, match="WAN_OPT_HOPPER_KERNEL=0 turns it off"):
+        check_attention_library("hopper", "cuda")
+
+
+def test_the_exact_kernel_on_a_hopper_gpu_passes_the_check(monkeypatch):
+    pytest.importorskip("triton.experimental.gluon.language.nvidia.hopper", reason="needs a Triton with Gluon")
+    monkeypatch.setattr(attention, "device_capability", lambda device: (9, 0))
+    check_attention_library("hopper", "cuda")
