@@ -10,20 +10,23 @@
 #   preset   the 4-step distilled preset's whole 720p request in fast and lossless mode under $PROFILE (h200 unless
 #            set; h100 on an H100), against diffusers' WanPipeline in the same run (one step, extrapolated);
 #   h100     the h100 profile's 720p plan (untiled float16 decode) under an 80 GB cap, 2 steps and the decode,
-#            against the planner's prediction (benchmarks/full_size_e2e.py; on an H100 the cap is the card).
+#            against the planner's prediction (benchmarks/full_size_e2e.py; on an H100 the cap is the card);
+#   ti2v     TI2V-5B's whole 50-step 1280*704 x 121 request, lossless and fast, timed end to end, against diffusers'
+#            WanPipeline (2 steps, extrapolated) in the same run.
 # Results go to $OUT (benchmarks/results when unset), with this script's log, gpu_speed_check.log. A step that
 # fails or is cut at what is left of the budget is reported and the next one runs. kernels and lossless take about
-# six minutes on an H200, pytest, frames and preset about eight, h100 about four: three calls, as below.
+# six minutes on an H200, pytest, frames and preset about eight, h100 and ti2v a call each: four calls, as below.
 #
 #     OUT=/some/folder PROFILE=h200 STEPS="kernels lossless" bash benchmarks/gpu_speed_check.sh
 #     OUT=/some/folder PROFILE=h200 STEPS="pytest frames preset" bash benchmarks/gpu_speed_check.sh
 #     OUT=/some/folder STEPS="h100" BUDGET=300 bash benchmarks/gpu_speed_check.sh
+#     OUT=/some/folder PROFILE=h200 STEPS="ti2v" bash benchmarks/gpu_speed_check.sh
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/results}
 BUDGET=${BUDGET:-590}
 PROFILE=${PROFILE:-h200}
-STEPS=${STEPS:-kernels lossless pytest frames preset h100}
+STEPS=${STEPS:-kernels lossless pytest frames preset h100 ti2v}
 mkdir -p "$OUT"
 export OUT PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 PY=${PYTHON:-python}
@@ -45,6 +48,8 @@ wanted pytest && step pytest 150 $PY -m pytest -q -m gpu tests/test_vae.py tests
 wanted frames && step frames 90 $PY benchmarks/host_frames.py --device cuda --out "$OUT"
 wanted preset && step preset 480 $PY -m wan_opt.bench --profiles "$PRESET,mode=fast" "$PRESET" --size 1280*720 \
     --frames 81 --steps 4 --baseline-steps 1 --out "$OUT"
+wanted ti2v && step ti2v 560 $PY -m wan_opt.bench --model wan22_ti2v_5b --profiles "$PROFILE" "$PROFILE,mode=fast" \
+    --size 1280*704 --frames 121 --steps 50 --baseline-steps 2 --out "$OUT"
 wanted h100 && step h100 240 $PY benchmarks/full_size_e2e.py --profile h100 --cap-gb 80 --sizes 1280*720 \
     --frames 81 --steps 2 --out "$OUT"
 

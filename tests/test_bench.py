@@ -111,6 +111,34 @@ def test_image_to_video_runs_against_diffusers_image_pipeline(tmp_path):
     assert path.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
 
 
+@pytest.mark.parametrize("image", [False, True], ids=["text", "first_frame"])
+def test_ti2v_5b_runs_against_diffusers_with_a_timestep_per_token(tmp_path, image):
+    """--model wan22_ti2v_5b on tiny_ti2v (one DiT, the Wan 2.2 VAE): against diffusers' WanPipeline with
+    expand_timesteps, or with --image its WanImageToVideoPipeline from the benchmark's picture; one guidance, so
+    diffusers gets no guidance_scale_2 (which it refuses for one expert). Text and image runs keep their own
+    files."""
+    argv = ["--tiny", "--model", "wan22_ti2v_5b", "--profiles", "cpu", "cpu,hardware.speed.cfg=batched",
+            "--steps", "2", "--out", str(tmp_path)]
+    assert main(argv + (["--image"] if image else [])) == 0
+    [path] = tmp_path.glob("bench_tiny-cpu_wan22_ti2v_5b_*.json")
+    assert ("_image_" in path.name) == image
+    report = json.loads(path.read_text())
+    assert report["reference"] == ("WanImageToVideoPipeline" if image else "WanPipeline")
+    assert report["failed"] == {}
+    for name, run in report["runs"].items():
+        assert ("vae_encode" in run["stage_seconds"]) == image, name
+        assert run["request_steps"] == 8 and run["request_forwards"] == 16  # tiny_ti2v: 8 guided steps
+        if name != "diffusers":
+            assert run["frames_rel_l2"] < SAME_VIDEO and run["forward_rel_l2"] < 1e-6, name
+
+
+def test_image_for_a_text_only_model_is_one_sentence(tmp_path, capsys):
+    assert main(["--tiny", "--image", "--profiles", "cpu", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --image: --model wan22_t2v_a14b makes video from text alone") and len(
+        err.splitlines()) == 1
+
+
 def test_a_whole_request_is_measured_beside_its_extrapolation(tmp_path):
     """--steps 8 is the tiny model's own request: every run's whole timed call is the request, measured."""
     assert main(["--tiny", "--profiles", "cpu", "--steps", "8", "--out", str(tmp_path)]) == 0

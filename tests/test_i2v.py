@@ -199,6 +199,31 @@ def test_the_command_lines_video_is_diffusers_video_of_the_fitted_image(tmp_path
     assert rel_l2(ours, expected) < 1e-5
 
 
+@pytest.mark.parametrize("with_image", [False, True], ids=["text", "first_frame"])
+def test_the_tiny_ti2v_preset_is_diffusers_ti2v_pipeline(tmp_path, with_image):
+    """model=tiny_ti2v, TI2V-5B's shape on a CPU: from text, diffusers' WanPipeline with a timestep per token; from
+    an image, its WanImageToVideoPipeline on the image cropped to the request's 32-pixel grid."""
+    from wan_opt.loading.tiny import build_tiny_components as tiny
+
+    sample_picture(200, 100, seed=5).save(tmp_path / "card.png")
+    image = [f"image={tmp_path / 'card.png'}"] if with_image else []
+    prepared = prepare(compose_config(["model=tiny_ti2v", "prompt=a fox", "steps=2", "frames=5", "size=128*64",
+                                       *image], hardware="cpu"))
+    pipe = WanOptPipeline.from_prepared(prepared)
+    assert pipe.expand_timesteps and pipe.transformer_2 is None
+    request = prepared.request
+    call = dict(prompt=request.prompt, negative_prompt=request.negative_prompt, height=request.height,
+                width=request.width, num_frames=5, num_inference_steps=2, guidance_scale=5.0)
+    ours = pipe(**call, **(prepared.images.call_kwargs() if with_image else {}),
+                generator=torch.Generator().manual_seed(0)).frames
+    reference = reference_pipeline(tiny(seed=0, family="ti2v_5b", shift=5.0), None, image=with_image,
+                                   expand_timesteps=True)
+    picture = {"image": prepared.images.image} if with_image else {}
+    expected = reference(**call, **picture, generator=torch.Generator().manual_seed(0)).frames
+    assert (request.width, request.height) == (128, 64)
+    assert rel_l2(ours, expected) < 1e-5
+
+
 def test_a_last_frame_on_the_command_line(tmp_path):
     sample_picture(160, 96).save(tmp_path / "a.png")
     sample_picture(100, 100).save(tmp_path / "b.jpg")

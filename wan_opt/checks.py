@@ -369,7 +369,7 @@ def check_loras(model: DictConfig, dit_config: dict | None) -> None:
     from wan_opt.loading.lora import check_lora_file
 
     if dit_config is None and model.family.startswith("tiny"):
-        dit_config = getattr(tiny, "TINY_I2V_TRANSFORMER" if "i2v" in model.family else "TINY_TRANSFORMER")
+        dit_config = tiny.tiny_dit(model.family)
     elif dit_config is None:
         dit_config = arch.DIT_CONFIGS.get(model.family)
     with torch.device("meta"):

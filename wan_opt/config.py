@@ -68,9 +68,10 @@ Compile = _choice("Compile", "none", "regional", "full")
 CfgBatching = _choice("CfgBatching", "sequential", "batched")
 StepCache = _choice("StepCache", "none", "first_block", "taylorseer", "magcache")
 SequenceSplit = _choice("SequenceSplit", "ulysses", "ring")
-# i2v_a14b: T2V-A14B's experts on 36 input channels (the image's latents and mask join the noise); tiny_i2v its
-# tiny counterpart. What each family does with an image: wan_opt.image.IMAGE_USE.
-Family = _choice("Family", "t2v_a14b", "i2v_a14b", "ti2v_5b", "tiny", "tiny_i2v")
+# i2v_a14b: T2V-A14B's experts on 36 input channels (the image's latents and mask join the noise); tiny, tiny_i2v
+# and tiny_ti2v: the tiny counterparts of T2V-A14B, I2V-A14B and TI2V-5B (wan_opt.loading.layouts.TINY_SHAPES).
+# What each family does with an image: wan_opt.image.IMAGE_USE.
+Family = _choice("Family", "t2v_a14b", "i2v_a14b", "ti2v_5b", "tiny", "tiny_i2v", "tiny_ti2v")
 Solver = _choice("Solver", "unipc")
 
 

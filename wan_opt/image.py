@@ -51,6 +51,7 @@ IMAGE_USE = {
     "i2v_a14b": ImageUse("required", "area", True, True),
     "tiny_i2v": ImageUse("required", "area", True, True),
     "ti2v_5b": ImageUse("optional", "crop", False, False),
+    "tiny_ti2v": ImageUse("optional", "crop", False, False),
 }
 I2V_PRESETS = "model=wan22_i2v_a14b (or model=wan22_ti2v_5b, which takes text or an image)"
 

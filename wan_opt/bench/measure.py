@@ -20,6 +20,7 @@ from wan_opt.bench.detached import collect, detach
 from wan_opt.bench.report import chart, markdown, rel_l2, request_steps, summarize, write
 from wan_opt.checks import check_device
 from wan_opt.errors import WanOptError
+from wan_opt.loading.layouts import TINY_SHAPES
 from wan_opt.prepare import compose_config, prepare
 from wan_opt.request import parse_size, run_guidance
 
@@ -43,7 +44,9 @@ def timed(fn, device: torch.device):
     return out, time.perf_counter() - start
 
 
-BENCHED = {"t2v_a14b": "t2v_a14b", "tiny": "t2v_a14b", "i2v_a14b": "i2v_a14b", "tiny_i2v": "i2v_a14b"}
+# The models the benchmark builds at full size (with random weights), by family: A14B's two and TI2V-5B; under
+# --tiny, the tiny preset of the same shape (wan_opt.loading.layouts.TINY_SHAPES)
+BENCHED = ("t2v_a14b", "i2v_a14b", "ti2v_5b")
 
 
 def reference_pipeline(components: dict, boundary: float | None, image: bool, **config):
@@ -64,19 +67,21 @@ def reference_pipeline(components: dict, boundary: float | None, image: bool, **
 
 
 def build(args, device: torch.device, model):
-    """diffusers' pipeline as people load it: DiT and encoder in bf16 (fp32 on a CPU), VAE in fp32."""
+    """diffusers' pipeline as people load it: DiT and encoder in bf16 (fp32 on a CPU), VAE in fp32; TI2V-5B's with
+    a timestep per token, as its checkpoint's pipeline config sets, image-to-video where the run has a picture."""
     from wan_opt.loading.arch import DIT_CONFIGS, build_random_components
+    from wan_opt.loading.layouts import PER_TOKEN_TIMESTEPS
+    from wan_opt.loading.tiny import build_tiny_components, tiny_dit
     from wan_opt.memory.policy import MemoryPolicy
-    from wan_opt.loading.tiny import TINY_I2V_TRANSFORMER, TINY_TRANSFORMER, build_tiny_components
 
-    family = BENCHED[model.family]
     if args.tiny:
-        tiny = TINY_I2V_TRANSFORMER if family == "i2v_a14b" else TINY_TRANSFORMER
-        components, dit = build_tiny_components(seed=0, family=family, shift=model.shift), tiny
+        components, dit = build_tiny_components(seed=0, family=model.family, shift=model.shift), tiny_dit(model.family)
     else:
         memory = MemoryPolicy(experts="resident", text_encoder="gpu", vae_dtype="float32")
-        components, dit = build_random_components(family, memory, device, model.shift), DIT_CONFIGS[family]
-    return reference_pipeline(components, model.boundary, family == "i2v_a14b").to(device), dit
+        components = build_random_components(model.family, memory, device, model.shift)
+        dit = DIT_CONFIGS[model.family]
+    config = {"expand_timesteps": True} if model.family in PER_TOKEN_TIMESTEPS else {}
+    return reference_pipeline(components, model.boundary, args.picture is not None, **config).to(device), dit
 
 
 def run_request(call, args, device: torch.device, guidance: tuple[float, float], frames: str = "uint8") -> dict:
@@ -87,7 +92,8 @@ def run_request(call, args, device: torch.device, guidance: tuple[float, float],
     picture = {"image": args.picture} if args.picture is not None else {}
     out, seconds = timed(lambda: call(prompt=PROMPT, negative_prompt=NEGATIVE, height=height, width=width,
                                       num_frames=args.frames, num_inference_steps=args.steps,
-                                      guidance_scale=guidance[0], guidance_scale_2=guidance[1],
+                                      guidance_scale=guidance[0], guidance_scale_2=guidance[1] if args.two_experts
+                                      else None,
                                       generator=torch.Generator().manual_seed(0),
                                       output_type=frames if args.decode else "latent", **picture), device)
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
@@ -196,11 +202,11 @@ def run_config(args, overrides: list[str], profile: str = "cpu", baseline: bool 
 
 
 def bench_model(args) -> str:
-    """The preset benchmarked: --model, or under --tiny the tiny model of its kind."""
+    """The preset benchmarked: --model, or under --tiny the tiny preset of its shape."""
     if not args.tiny:
         return args.model
-    return "tiny_i2v" if images.image_use(compose_config([f"model={args.model}"], hardware="cpu").model.family) \
-        else "tiny"
+    family = compose_config([f"model={args.model}"], hardware="cpu").model.family
+    return next((tiny for tiny, shape in TINY_SHAPES.items() if family in (tiny, shape)), "tiny")
 
 
 def guidance_of(cfg) -> tuple[float, float]:
@@ -255,7 +261,10 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(prog="python -m wan_opt.bench", description=bench.__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="wan22_t2v_a14b",
-                        help="the preset benchmarked: wan22_t2v_a14b, or wan22_i2v_a14b (image-to-video)")
+                        help="the preset benchmarked: wan22_t2v_a14b, wan22_i2v_a14b (image-to-video) or wan22_ti2v_5b")
+    parser.add_argument("--image", action="store_true",
+                        help="with a model that takes an image or not (wan22_ti2v_5b): image-to-video from the "
+                             "benchmark's picture (I2V-A14B always takes one)")
     parser.add_argument("--profiles", nargs="+", default=["h100"],
                         help="profiles to run, each optionally with its own overrides: h100,hardware.speed.step_cache=first_block")
     parser.add_argument("--size", default="1280*720")
@@ -302,10 +311,17 @@ def main(argv: list[str] | None = None) -> int:
         args.picture, args.picture_path = None, None
         configs = {"diffusers": run_config(args, [], baseline=True)}
         family = configs["diffusers"].model.family
-        if family not in BENCHED:
-            raise WanOptError(f"--model {args.model}: the benchmark builds the A14B experts (wan22_t2v_a14b, "
-                              f"wan22_i2v_a14b and their presets), not {family}.")
-        if images.image_use(family):  # the same picture for every run, of the request's size: nothing to fit
+        shape = TINY_SHAPES.get(family, family)
+        if shape not in BENCHED:
+            raise WanOptError(f"--model {args.model}: the benchmark builds {', '.join(BENCHED)} (the wan22_* "
+                              f"presets), not {family}.")
+        use = images.image_use(family)
+        if args.image and use is None:
+            raise WanOptError(f"--image: --model {args.model} makes video from text alone; drop --image, or pass "
+                              f"--model wan22_i2v_a14b or wan22_ti2v_5b.")
+        args.two_experts = configs["diffusers"].model.boundary is not None
+        if use is not None and (use.needs == "required" or args.image):
+            # the same picture for every run, of the request's size: nothing to fit
             args.picture = images.sample_picture(*parse_size(args.size))
             args.picture_path = Path(tempfile.mkdtemp(prefix="wan-opt-bench-")) / "picture.png"
             args.picture.save(args.picture_path)
@@ -318,13 +334,16 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     pipe, dit = build(args, device, configs["diffusers"].model)
     width, height = parse_size(args.size)
-    tokens = ((args.frames - 1) // 4 + 1) * (height // 16) * (width // 16)
+    # Latent frames and pixels; tokens: the DiT's 2x2 patches of those
+    latent = ((args.frames - 1) // pipe.vae_scale_factor_temporal + 1, height // pipe.vae_scale_factor_spatial,
+              width // pipe.vae_scale_factor_spatial)
+    patch = dit["patch_size"]
+    tokens = latent[0] // patch[0] * (latent[1] // patch[1]) * (latent[2] // patch[2])
     step_flops = 2 * forward_flops(dit, tokens)
 
-    # The reference forward: the high-noise expert on fixed inputs, before any profile changes its kernels.
+    # The reference forward: the (high-noise) expert on fixed inputs, before any profile changes its kernels.
     gen = torch.Generator().manual_seed(1)
-    x = torch.randn(1, dit["in_channels"], (args.frames - 1) // 4 + 1, height // 8, width // 8,
-                    generator=gen).to(device, pipe.transformer.dtype)
+    x = torch.randn(1, dit["in_channels"], *latent, generator=gen).to(device, pipe.transformer.dtype)
     ctx = torch.randn(1, 512, dit["text_dim"], generator=gen).to(device, pipe.transformer.dtype)
     t = torch.full((1,), 900.0, device=device)
 

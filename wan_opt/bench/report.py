@@ -128,7 +128,7 @@ def write(report: dict, args) -> Path:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     tag = "tiny-cpu" if args.tiny else report["device"].replace(" ", "-")
-    model = "" if args.model == "wan22_t2v_a14b" else f"{args.model}_"
+    model = "" if args.model == "wan22_t2v_a14b" else f"{args.model}_" + ("image_" if args.image else "")
     path = out / f"bench_{tag}_{model}{args.size.replace('*', 'x')}x{args.frames}.json"
     write_json(report, path)
     chart(report, path.with_suffix(".png"))

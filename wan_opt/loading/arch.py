@@ -14,7 +14,7 @@ from diffusers import AutoencoderKLWan, WanTransformer3DModel
 from transformers import UMT5Config, UMT5EncoderModel
 
 from wan_opt.loading import tiny
-from wan_opt.loading.layouts import DIFFUSERS_DITS
+from wan_opt.loading.layouts import DIFFUSERS_DITS, TINY_SHAPES
 from wan_opt.loading.modules import cast_module, scheduler_for
 from wan_opt.loading.original_names import WAN22_LATENTS_MEAN, WAN22_LATENTS_STD
 from wan_opt.loading.verify import params_b, sizes_of
@@ -104,9 +104,10 @@ def model_sizes(family: str) -> ModelSizes:
     """Counted from the real classes built on the meta device (no memory, no weights)."""
     if family in DIT_CONFIGS:
         dit, vae, te, experts = DIT_CONFIGS[family], VAE_CONFIGS[family], UMT5_XXL, len(DIFFUSERS_DITS[family])
-    else:  # the tiny presets' own sizes: two experts of the tiny T2V or I2V shape
-        dit = {"tiny": tiny.TINY_TRANSFORMER, "tiny_i2v": tiny.TINY_I2V_TRANSFORMER}[family]
-        vae, te, experts = tiny.TINY_VAE, tiny.TINY_TEXT_ENCODER, 2
+    else:  # the tiny presets' own sizes: two experts of the tiny T2V or I2V shape, or one of TI2V's
+        ti2v = TINY_SHAPES[family] == "ti2v_5b"
+        dit, vae = tiny.tiny_dit(family), tiny.TINY_TI2V_VAE if ti2v else tiny.TINY_VAE
+        te, experts = tiny.TINY_TEXT_ENCODER, 1 if ti2v else 2
     with torch.device("meta"):
         dit_module = WanTransformer3DModel(**dit)
         vae_module = AutoencoderKLWan(**vae)

@@ -37,11 +37,10 @@ def place(components: dict, memory: MemoryPolicy, device: torch.device) -> dict:
 def load_components(model: DictConfig, memory: MemoryPolicy, device: torch.device) -> dict:
     """Every module and setting WanOptPipeline needs, for the tiny model or a checkpoint directory."""
     start = time.perf_counter()
-    if model.family in ("tiny", "tiny_i2v"):
+    if model.family.startswith("tiny"):
         from wan_opt.loading.tiny import build_tiny_components
 
-        shape = "i2v_a14b" if model.family == "tiny_i2v" else "t2v_a14b"
-        components = place(build_tiny_components(seed=0, family=shape, shift=model.shift), memory, device)
+        components = place(build_tiny_components(seed=0, family=model.family, shift=model.shift), memory, device)
     elif model.random_weights:
         from wan_opt.loading.arch import build_random_components
 

@@ -27,7 +27,9 @@ DIFFUSERS_DITS = {"t2v_a14b": ("transformer", "transformer_2"), "i2v_a14b": ("tr
 DIT_MODEL_TYPES = {"t2v_a14b": "t2v", "i2v_a14b": "i2v", "ti2v_5b": "ti2v"}
 DIT_IN_CHANNELS = {"t2v_a14b": 16, "i2v_a14b": 36, "ti2v_5b": 48}
 # TI2V-5B denoises with a timestep per latent token (diffusers' expand_timesteps), the first frame's at 0.
-PER_TOKEN_TIMESTEPS = frozenset({"ti2v_5b"})
+PER_TOKEN_TIMESTEPS = frozenset({"ti2v_5b", "tiny_ti2v"})
+# The tiny presets' families (conf/model/tiny*.yaml, wan_opt.loading.tiny) -> the model each has the shape of
+TINY_SHAPES = {"tiny": "t2v_a14b", "tiny_i2v": "i2v_a14b", "tiny_ti2v": "ti2v_5b"}
 MODEL_NAMES = {"t2v_a14b": "Wan2.2-T2V-A14B", "i2v_a14b": "Wan2.2-I2V-A14B", "ti2v_5b": "Wan2.2-TI2V-5B"}
 
 

@@ -1,8 +1,9 @@
 """A tiny Wan 2.2 with random weights, built from the real diffusers/transformers classes.
 
 Same structure as Wan2.2-T2V-A14B or I2V-A14B (two experts switched at the boundary, a UMT5 encoder, the Wan 2.1 VAE with
-8x8 spatial and 4x temporal compression) at a size that runs every stage on a CPU in seconds. Its output is
-noise. The tokenizer works on characters and is built in code, so nothing is downloaded.
+8x8 spatial and 4x temporal compression), or as TI2V-5B (one DiT on 48 channels, the Wan 2.2 VAE), at a size that
+runs every stage on a CPU in seconds. Its output is noise. The tokenizer works on characters and is built in code,
+so nothing is downloaded.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from diffusers import AutoencoderKLWan, WanTransformer3DModel
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast, UMT5Config, UMT5EncoderModel
 
+from wan_opt.loading.layouts import TINY_SHAPES
 from wan_opt.loading.modules import scheduler_for
 from wan_opt.loading.original_names import WAN22_LATENTS_MEAN, WAN22_LATENTS_STD
 
@@ -41,6 +43,12 @@ TINY_TI2V_VAE = dict(
 )
 
 
+def tiny_dit(family: str) -> dict:
+    """The tiny DiT config of a family or of the tiny preset that has its shape."""
+    shape = TINY_SHAPES.get(family, family)
+    return {"i2v_a14b": TINY_I2V_TRANSFORMER, "ti2v_5b": TINY_TI2V_TRANSFORMER}.get(shape, TINY_TRANSFORMER)
+
+
 def tiny_tokenizer() -> PreTrainedTokenizerFast:
     """A character-level tokenizer that appends </s>, as the UMT5 tokenizer does."""
     chars = sorted(set(string.printable) - set(string.whitespace) | {" "})
@@ -58,15 +66,15 @@ def build_tiny_components(seed: int = 0, family: str = "t2v_a14b", shift: float 
     """Every module of a tiny Wan 2.2 in float32, randomly initialised from `seed` (deterministic on CPU).
 
     family "t2v_a14b" (or "tiny") gives two experts and the Wan 2.1 VAE; "i2v_a14b" (or "tiny_i2v") the same on
-    36 input channels; "ti2v_5b" one DiT and the 2.2 VAE.
+    36 input channels; "ti2v_5b" (or "tiny_ti2v") one DiT and the 2.2 VAE.
     """
-    ti2v = family == "ti2v_5b"
-    expert = TINY_I2V_TRANSFORMER if family in ("i2v_a14b", "tiny_i2v") else TINY_TRANSFORMER
+    ti2v = TINY_SHAPES.get(family, family) == "ti2v_5b"
+    expert = tiny_dit(family)
     gen_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
     try:
         components = dict(
-            transformer=WanTransformer3DModel(**(TINY_TI2V_TRANSFORMER if ti2v else expert)),
+            transformer=WanTransformer3DModel(**expert),
             transformer_2=None if ti2v else WanTransformer3DModel(**expert),
             text_encoder=UMT5EncoderModel(UMT5Config(**TINY_TEXT_ENCODER)),
             vae=AutoencoderKLWan(**(TINY_TI2V_VAE if ti2v else TINY_VAE)),
