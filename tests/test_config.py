@@ -247,6 +247,22 @@ def test_an_attention_library_asked_for_and_not_installed_is_named(choice, messa
         check_device(cfg)
 
 
+def test_the_readmes_hopper_install_names_extras_that_bring_flashattention4():
+    """The README's Hopper line installs extras of this package, and each brings FlashAttention-4, the package
+    attention=auto looks for on Hopper."""
+    import re
+    from pathlib import Path
+
+    tomllib = pytest.importorskip("tomllib")
+    root = Path(__file__).resolve().parent.parent
+    extras = tomllib.loads((root / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    named = re.findall(r'pip install -e "\.\[([\w-]+)\]"', (root / "README.md").read_text())
+    hopper = [extra for extra in named if extra.startswith("hopper")]
+    assert hopper == ["hopper", "hopper-cu12"]
+    for extra in hopper:
+        assert [r.split("[")[0].split(">")[0] for r in extras[extra]] == ["flash-attn-4"], extras[extra]
+
+
 def test_flashattention3_off_hopper_is_named(monkeypatch):
     from wan_opt.optim import speed
     from wan_opt.checks import check_attention_library

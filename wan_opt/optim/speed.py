@@ -35,7 +35,7 @@ ATTENTION_BACKENDS = {
 }
 WAN_OPT_PROCESSORS = {"fp8": Fp8SelfAttnProcessor, "flash4": Flash4SelfAttnProcessor, "hopper": HopperSelfAttnProcessor}
 # choice -> (the kernel's name, what to install for it)
-OPTIONAL_ATTENTION = {"flash4": ("FlashAttention-4", "the flash-attn-4 package"),
+OPTIONAL_ATTENTION = {"flash4": ("FlashAttention-4", "the flash-attn-4 package, wan-opt's hopper extra"),
                       "flash3": ("FlashAttention-3", "the flash_attn_3 package"),
                       "sage": ("SageAttention", "sageattention >= 2.1.1")}
 
