@@ -44,6 +44,8 @@ def test_the_kernel_reads_q_k_and_v_where_diffusers_leaves_them():
         rows = as_rows(part)
         assert rows.data_ptr() == part.data_ptr() and rows.stride() == (144, 1)
         assert torch.equal(rows, part.reshape(10, 48))
+    one = torch.randn(5, 1, 3, 16, dtype=torch.bfloat16).transpose(0, 1)  # one sequence: its batch stride is moot
+    assert as_rows(one).data_ptr() == one.data_ptr() and torch.equal(as_rows(one), one.reshape(5, 48))
     heads_first = torch.randn(2, 3, 5, 16, dtype=torch.bfloat16).transpose(1, 2)  # heads not packed in a token
     rows = as_rows(heads_first)
     assert rows.data_ptr() != heads_first.data_ptr() and torch.equal(rows, heads_first.reshape(10, 48))

@@ -290,7 +290,7 @@ def as_rows(x):
     one stride, channels packed; TMA wants 16-byte strides and base), else a contiguous copy."""
     b, n, h, d = x.shape
     rows = x.stride(1)
-    if not (x.stride(3) == 1 and x.stride(2) == d and x.stride(0) == n * rows and rows % 8 == 0
+    if not (x.stride(3) == 1 and x.stride(2) == d and (b == 1 or x.stride(0) == n * rows) and rows % 8 == 0
             and x.data_ptr() % 16 == 0):
         x, rows = x.contiguous(), h * d
     return x.as_strided((b * n, h * d), (rows, 1))
