@@ -7,6 +7,8 @@
 #            diffusers' WanPipeline in the same run (python -m wan_opt.bench, 2 steps, no decode);
 #   pytest   the GPU tests of the decode and of the frames' conversion (tests/test_vae.py, tests/test_pipeline.py);
 #   frames   benchmarks/host_frames.py on the GPU: the decoded 720p video to pixels, diffusers' way and wan-opt's;
+#   decode   the 720p decode with hardware.speed.fuse_vae's modules beside the profiles' float16 decode, against the
+#            exact float32 decode (benchmarks/vae_decode.py, A14B's and TI2V-5B's VAEs);
 #   preset   the 4-step distilled preset's whole 720p request in fast and lossless mode under $PROFILE (h200 unless
 #            set; h100 on an H100), against diffusers' WanPipeline in the same run (one step, extrapolated);
 #   h100     the h100 profile's 720p plan (untiled float16 decode) under an 80 GB cap, 2 steps and the decode,
@@ -15,10 +17,11 @@
 #            WanPipeline (2 steps, extrapolated) in the same run.
 # Results go to $OUT (benchmarks/results when unset), with this script's log, gpu_speed_check.log. A step that
 # fails or is cut at what is left of the budget is reported and the next one runs. kernels and lossless take about
-# six minutes on an H200, pytest, frames and preset about eight, h100 and ti2v a call each: four calls, as below.
+# six minutes on an H200, pytest, frames and preset about eight, decode, h100 and ti2v a call each: five calls.
 #
 #     OUT=/some/folder PROFILE=h200 STEPS="kernels lossless" bash benchmarks/gpu_speed_check.sh
 #     OUT=/some/folder PROFILE=h200 STEPS="pytest frames preset" bash benchmarks/gpu_speed_check.sh
+#     OUT=/some/folder STEPS="decode" bash benchmarks/gpu_speed_check.sh
 #     OUT=/some/folder STEPS="h100" BUDGET=300 bash benchmarks/gpu_speed_check.sh
 #     OUT=/some/folder PROFILE=h200 STEPS="ti2v" bash benchmarks/gpu_speed_check.sh
 set -u
@@ -26,7 +29,7 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/results}
 BUDGET=${BUDGET:-590}
 PROFILE=${PROFILE:-h200}
-STEPS=${STEPS:-kernels lossless pytest frames preset h100 ti2v}
+STEPS=${STEPS:-kernels lossless pytest frames decode preset h100 ti2v}
 mkdir -p "$OUT"
 export OUT PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 PY=${PYTHON:-python}
@@ -46,6 +49,8 @@ wanted lossless && step lossless 400 $PY -m wan_opt.bench --profiles "$PROFILE" 
 wanted pytest && step pytest 150 $PY -m pytest -q -m gpu tests/test_vae.py tests/test_pipeline.py \
     -o cache_dir="$OUT/.pytest_cache" --junitxml="$OUT/pytest_speed.xml"
 wanted frames && step frames 90 $PY benchmarks/host_frames.py --device cuda --out "$OUT"
+wanted decode && step decode 420 $PY benchmarks/vae_decode.py --families t2v_a14b ti2v_5b --variants 11 12 13 \
+    --suffix _fused --out "$OUT"
 wanted preset && step preset 480 $PY -m wan_opt.bench --profiles "$PRESET,mode=fast" "$PRESET" --size 1280*720 \
     --frames 81 --steps 4 --baseline-steps 1 --out "$OUT"
 wanted ti2v && step ti2v 560 $PY -m wan_opt.bench --model wan22_ti2v_5b --profiles "$PROFILE" "$PROFILE,mode=fast" \

@@ -1,10 +1,11 @@
 """The VAE decode of a whole 720p video, in every variant wan-opt can run it, against the exact float32 decode.
 
 Each variant is a precision (float32 with or without TF32 convolutions, bf16, float16), a memory layout (channels
-first, as diffusers keeps the VAE, or channels last: wan_opt.optim.vae) and the latent frames fed to the decoder a
-call (1: diffusers' own decode; more: `decode_chunked` below, which wan-opt does not use: it bought little for much
-memory). Each decodes the same random latents with the same random full-size VAE,
-built on the GPU; the table gives the seconds (best of --repeats, the first of which includes warm-up), the GPU
+first, as diffusers keeps the VAE, or channels last: wan_opt.optim.vae), diffusers' modules or wan-opt's fused
+ones (fuse_vae: each norm and its SiLU one kernel, the convolutions padded in place) and the latent frames fed to
+the decoder a call (1: diffusers' own decode; more: `decode_chunked` below, which wan-opt does not use: it bought
+little for much memory). Each decodes the same random latents with the same random full-size VAE, built on the
+GPU; the table gives the seconds (best of --repeats, the first of which includes warm-up), the GPU
 memory the decode took beyond the weights and latents, and the frames' deviation from the exact decode (float32,
 no TF32, diffusers' decode): relative L2 over the frames in [-1, 1], and the PSNR and largest difference of the
 8-bit frames a video file gets. Random weights say nothing of the picture, only of the arithmetic.
@@ -35,7 +36,7 @@ from wan_opt.conditioning import denormalised  # noqa: E402
 from wan_opt.loading.arch import VAE_CONFIGS  # noqa: E402
 from wan_opt.loading.modules import cast_module  # noqa: E402
 from diffusers.models.autoencoders.autoencoder_kl_wan import unpatchify  # noqa: E402
-from wan_opt.optim.vae import in_range, use_channels_last  # noqa: E402
+from wan_opt.optim.vae import fuse_vae, in_range, use_channels_last  # noqa: E402
 
 # family -> (width, height, frames) of the request whose decode is timed: each model's 720p
 SIZES = {"t2v_a14b": (1280, 720, 81), "i2v_a14b": (1280, 720, 81), "ti2v_5b": (1280, 704, 121)}
@@ -48,6 +49,7 @@ class Variant:
     channels_last: bool = False
     chunk: int = 1
     cudnn_benchmark: bool = False
+    fused: bool = False
 
     @property
     def name(self) -> str:
@@ -55,6 +57,7 @@ class Variant:
         parts += ["channels last"] if self.channels_last else []
         parts += [f"{self.chunk} frames a call"] if self.chunk > 1 else []
         parts += ["cuDNN autotuned"] if self.cudnn_benchmark else []
+        parts += ["fused norms (fuse_vae)"] if self.fused else []
         return ", ".join(parts)
 
 
@@ -72,6 +75,8 @@ VARIANTS = (
     Variant(dtype="bfloat16", channels_last=True, chunk=4, cudnn_benchmark=True),
     Variant(dtype="float16"),
     Variant(dtype="float16", channels_last=True),  # wan-opt's decode in the Hopper profiles
+    Variant(dtype="float16", channels_last=True, fused=True),  # with hardware.speed.fuse_vae=true
+    Variant(dtype="bfloat16", channels_last=True, fused=True),
 )
 
 
@@ -108,6 +113,8 @@ def build_vae(family: str, variant: Variant, device: torch.device):
     with device:
         vae = AutoencoderKLWan(**VAE_CONFIGS[family])
     vae = cast_module(vae, getattr(torch, variant.dtype)).eval().requires_grad_(False)
+    if variant.fused:
+        fuse_vae(vae)
     if variant.channels_last:
         use_channels_last(vae)
     return vae

@@ -124,6 +124,9 @@ class SpeedConfig:
     cfg: CfgBatching = CfgBatching.sequential
     fuse_qkv: bool = False  # one GEMM for Q, K and V (K and V in cross-attention): same math, fewer launches
     fp8_matmul: bool = False  # fp8 tensor-core GEMMs on fp8-stored weights (Ada, Hopper); changes the result a little
+    # the VAE's norm and SiLU as one kernel, its convolutions padded in place: the same arithmetic, fewer passes
+    # over its activations (wan_opt.optim.vae.fuse_vae)
+    fuse_vae: bool = False
     # Fewer forwards (each changes the result a little; the benchmark reports by how much):
     cfg_truncation: float = 0.0  # fraction of the last steps that skip the unconditional pass (low-noise expert only)
     step_cache: StepCache = StepCache.none  # diffusers' cache hooks reuse work across steps

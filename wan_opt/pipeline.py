@@ -128,7 +128,7 @@ class WanOptPipeline:
 
     def apply_policies(self) -> None:
         self.speed.fuse(self.experts())  # first: fp8 storage and offloading take the weights over
-        self.speed.lay_out_vae(self.vae, self.memory)
+        self.speed.apply_to_vae(self.vae, self.memory)
         self.memory.prepare(self, self.device)
         self.speed.apply(self.experts(), self.device)
 

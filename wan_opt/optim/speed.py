@@ -16,7 +16,7 @@ from wan_opt.optim.attention import (Flash4SelfAttnProcessor, HopperSelfAttnProc
                                      use_self_attention)
 from wan_opt.optim.fp8_attention import Fp8SelfAttnProcessor
 from wan_opt.optim.fp8 import use_fp8_matmul
-from wan_opt.optim.vae import use_channels_last
+from wan_opt.optim.vae import fuse_vae, use_channels_last
 
 log = logging.getLogger(__name__)
 
@@ -119,10 +119,12 @@ class SpeedPolicy(SpeedConfig):
             for expert in experts:
                 fuse_attention_projections(expert)
 
-    def lay_out_vae(self, vae, memory) -> None:
-        """Channels-last convolutions for a VAE on the GPU that decodes whole frames (wan_opt.optim.vae), before
-        the memory policy takes its weights over. A tiled decode and a VAE kept in pinned host memory
-        (`vae_release`) keep diffusers' layout: their memory was measured in it."""
+    def apply_to_vae(self, vae, memory) -> None:
+        """The VAE's kernels (wan_opt.optim.vae), before the memory policy takes its weights over: `fuse_vae`, and
+        channels-last convolutions for a VAE on the GPU that decodes whole frames. A tiled decode and a VAE kept
+        in pinned host memory (`vae_release`) keep diffusers' layout: their memory was measured in it."""
+        if self.fuse_vae:
+            fuse_vae(vae)
         if next(vae.parameters()).is_cuda and not memory.vae_tiling and not memory.vae_release:
             use_channels_last(vae)
 
