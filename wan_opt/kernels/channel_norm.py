@@ -60,6 +60,8 @@ def norm_silu(x: torch.Tensor, gamma: torch.Tensor, bias: torch.Tensor | None, s
     rows_per_batch, stride_b, stride_r, stride_c = layout
     channels = x.shape[1]
     out = torch.empty_like(x)  # the same memory layout
+    if not x.numel():
+        return out
     block_c = triton.next_power_of_2(channels)
     block_r = max(1, 8192 // block_c)
     n_rows = x.shape[0] * rows_per_batch
