@@ -89,7 +89,8 @@ def test_the_layout_is_left_alone_where_it_was_measured_in_the_other():
 @pytest.mark.parametrize("family", ["t2v_a14b", "ti2v_5b"])
 def test_float16_channels_last_decode_on_the_gpu_keeps_the_float32_decodes_rounding(family):
     """The full-size VAE (random weights) at a small size: the profiles' decode (float16, channels last) against
-    float32 without TF32; benchmarks/vae_decode.py measures the same at 720p (0.2-0.34%)."""
+    float32 without TF32; benchmarks/vae_decode.py measures the same at 720p (0.2-0.34%). With fuse_vae on top, the
+    decode is no further off."""
     from wan_opt.loading.arch import VAE_CONFIGS
 
     torch.backends.cudnn.allow_tf32 = False
@@ -103,7 +104,11 @@ def test_float16_channels_last_decode_on_the_gpu_keeps_the_float32_decodes_round
         SpeedPolicy().apply_to_vae(vae, MemoryPolicy())
         assert vae.decoder.conv_in.weight.is_contiguous(memory_format=torch.channels_last_3d)
         frames = decode(vae, z)
+        SpeedPolicy(fuse_vae=True).apply_to_vae(vae, MemoryPolicy())
+        fused = decode(vae, z)
     assert torch.isfinite(frames).all() and rel_l2(frames.float(), exact) < 0.01
+    assert torch.isfinite(fused).all()
+    assert rel_l2(fused.float(), exact) <= 1.05 * rel_l2(frames.float(), exact) + 1e-4
 
 
 # -- fewer passes over the activations (fuse_vae) ----------------------------------------------------------------
@@ -120,7 +125,8 @@ def test_the_norm_silu_kernel_is_the_fp32_arithmetic_rounded_once(dtype, layout,
     """The Triton kernel (Triton's interpreter on a CPU) against its PyTorch arithmetic, on 12 channels (not a
     power of two), positions of two videos, a position whose channels are all zero, either layout kept."""
     pytest.importorskip("triton", reason="the kernel is Triton code")
-    from wan_opt.kernels.channel_norm import norm_silu, norm_silu_reference
+    from wan_opt.kernels.channel_norm import norm_silu
+    from wan_opt.optim.vae import NORM_EPS, norm_silu_reference
 
     torch.manual_seed(1)
     x = torch.randn(2, 12, 3, 5, 7) * 4
@@ -131,7 +137,8 @@ def test_the_norm_silu_kernel_is_the_fp32_arithmetic_rounded_once(dtype, layout,
     gamma, beta = torch.randn(12, 1, 1, 1), (torch.randn(12, 1, 1, 1) if bias else None)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     x, gamma, beta = (t.to(device) if t is not None else None for t in (x, gamma, beta))
-    ours, reference = norm_silu(x, gamma, beta, 12 ** 0.5), norm_silu_reference(x, gamma, beta, 12 ** 0.5)
+    ours = norm_silu(x, gamma, beta, 12 ** 0.5, NORM_EPS)
+    reference = norm_silu_reference(x, gamma, beta, 12 ** 0.5)
     assert ours.dtype == dtype and ours.stride() == x.stride()
     ulp = {torch.float32: 1e-6, torch.float16: 2 ** -10, torch.bfloat16: 2 ** -7}[dtype]
     assert torch.allclose(ours.float(), reference.float(), rtol=ulp, atol=ulp)
@@ -143,7 +150,7 @@ def test_the_fused_norm_is_nearer_float32_than_diffusers_float16_norm():
     the kernel's arithmetic once: never further from the float32 result."""
     from diffusers.models.autoencoders.autoencoder_kl_wan import WanRMS_norm
 
-    from wan_opt.kernels.channel_norm import norm_silu_reference
+    from wan_opt.optim.vae import norm_silu_reference
 
     torch.manual_seed(2)
     norm = WanRMS_norm(96, images=False)
@@ -216,27 +223,3 @@ def test_the_norm_silu_kernel_compiles_for_hopper_without_a_gpu():
     from tests.sm90 import compile_for_hopper
 
     compile_for_hopper(NORM_SILU_COMPILE)
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("family", ["t2v_a14b", "ti2v_5b"])
-def test_a_fused_float16_decode_on_the_gpu_stays_as_near_the_float32_decode(family):
-    """The full-size VAE (random weights) at a small size, float16 and channels last as the Hopper profiles
-    decode, with and without fuse_vae, against float32 without TF32: the fused decode is no further off."""
-    from wan_opt.loading.arch import VAE_CONFIGS
-
-    torch.backends.cudnn.allow_tf32 = False
-    torch.manual_seed(0)
-    with torch.device("cuda"):
-        vae = AutoencoderKLWan(**VAE_CONFIGS[family]).eval().requires_grad_(False)
-    z = torch.randn(1, vae.config.z_dim, 3, 16, 16, device="cuda")
-    with torch.inference_mode():
-        exact = decode(vae, z)
-        vae.to(torch.float16)
-        SpeedPolicy().apply_to_vae(vae, MemoryPolicy())
-        plain = decode(vae, z)
-        SpeedPolicy(fuse_vae=True).apply_to_vae(vae, MemoryPolicy())
-        fused = decode(vae, z)
-    assert torch.isfinite(fused).all()
-    assert rel_l2(fused.float(), exact) <= 1.05 * rel_l2(plain.float(), exact) + 1e-4

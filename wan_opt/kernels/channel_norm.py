@@ -2,9 +2,10 @@
 
 The Wan VAE normalises every activation over its channels (WanRMS_norm: x / ||x|| * sqrt(C) * gamma + bias) and
 then, almost always, applies SiLU. diffusers computes it as eight passes over the activation, one of them writing
-it in float32; at 720p these passes move about as many bytes as every convolution of the decode reads and writes
-(docs/kernels.md, 'VAE norms'). One program here takes a block of positions with all their channels: each
-element is read once, normalised and activated in fp32, and written once, rounded once.
+it in float32; with the decoder's other passes outside its convolutions they move about ten times the bytes the
+convolutions read and write (docs/measured.md, 'Bytes outside the convolutions'). One program here takes a block
+of positions with all their channels: each element is read once, normalised and activated in fp32, and written
+once, rounded once.
 
 Positions are rows of a (positions, channels) matrix that holds any layout with uniform strides: channels last
 (each position's channels contiguous, as wan-opt's Hopper profiles keep the VAE) or channels first (diffusers'
@@ -15,9 +16,6 @@ import math
 import torch
 import triton
 import triton.language as tl
-
-EPS = 1e-12  # F.normalize's: a position whose channels are all zero stays zero
-
 
 @triton.jit
 def norm_silu_kernel(X, GAMMA, BIAS, Y, n_rows, rows_per_batch, channels, stride_b, stride_r, stride_c, scale, eps,
@@ -38,7 +36,7 @@ def norm_silu_kernel(X, GAMMA, BIAS, Y, n_rows, rows_per_batch, channels, stride
     tl.store(Y + offsets, y.to(Y.dtype.element_ty), mask=mask)
 
 
-def as_rows(x: torch.Tensor) -> tuple[int, int, int, int] | None:
+def row_strides(x: torch.Tensor) -> tuple[int, int, int, int] | None:
     """(positions a batch, batch stride, position stride, channel stride) of an (N, C, *positions) tensor laid out
     channels first or channels last, contiguous; None for any other layout."""
     positions = math.prod(x.shape[2:])
@@ -50,13 +48,16 @@ def as_rows(x: torch.Tensor) -> tuple[int, int, int, int] | None:
     return None
 
 
-def norm_silu(x: torch.Tensor, gamma: torch.Tensor, bias: torch.Tensor | None, scale: float,
+def norm_silu(x: torch.Tensor, gamma: torch.Tensor, bias: torch.Tensor | None, scale: float, eps: float,
               silu: bool = True) -> torch.Tensor:
-    """x / ||x|| over dim 1, times scale and gamma, plus bias, then SiLU if asked: (N, C, *positions) -> the same
-    shape, dtype and memory layout. Positions must share a stride (as_rows); gamma and bias hold C values."""
-    layout = as_rows(x)
+    """x / max(||x||, eps) over dim 1, times scale and gamma, plus bias, then SiLU if asked: (N, C, *positions) ->
+    the same shape and dtype; the same memory layout where it is channels first or last and contiguous
+    (row_strides), else channels first. gamma and bias hold C values; wan_opt.optim.vae.norm_silu_reference is
+    the same arithmetic in PyTorch."""
+    layout = row_strides(x)
     if layout is None:
-        raise ValueError("norm_silu takes channels-first or channels-last contiguous tensors")
+        x = x.contiguous()
+        layout = row_strides(x)
     rows_per_batch, stride_b, stride_r, stride_c = layout
     channels = x.shape[1]
     out = torch.empty_like(x)  # the same memory layout
@@ -67,16 +68,6 @@ def norm_silu(x: torch.Tensor, gamma: torch.Tensor, bias: torch.Tensor | None, s
     n_rows = x.shape[0] * rows_per_batch
     norm_silu_kernel[(triton.cdiv(n_rows, block_r),)](
         x, gamma.reshape(-1), bias.reshape(-1) if bias is not None else gamma, out, n_rows, rows_per_batch,
-        channels, stride_b, stride_r, stride_c, float(scale), EPS, HAS_BIAS=bias is not None, SILU=silu,
+        channels, stride_b, stride_r, stride_c, float(scale), float(eps), HAS_BIAS=bias is not None, SILU=silu,
         BLOCK_R=block_r, BLOCK_C=block_c, num_warps=8 if block_r * block_c >= 8192 else 4)
     return out
-
-
-def norm_silu_reference(x: torch.Tensor, gamma: torch.Tensor, bias: torch.Tensor | None, scale: float,
-                        silu: bool = True) -> torch.Tensor:
-    """The kernel's arithmetic in PyTorch: fp32 throughout, one rounding to x's dtype at the end."""
-    shape = (1, -1) + (1,) * (x.dim() - 2)
-    y = x.float() / x.float().norm(dim=1, keepdim=True).clamp_min(EPS) * scale * gamma.float().reshape(shape)
-    if bias is not None:
-        y = y + bias.float().reshape(shape)
-    return (torch.nn.functional.silu(y) if silu else y).to(x.dtype)

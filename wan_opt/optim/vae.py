@@ -53,13 +53,25 @@ class NormSiLU(torch.nn.Module):
         self.scale = norm.scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from wan_opt.kernels.channel_norm import as_rows, norm_silu_reference
-
-        if x.is_cuda and as_rows(x) is not None:
+        if x.is_cuda:
             from wan_opt.kernels.channel_norm import norm_silu
 
-            return norm_silu(x, self.gamma, self.bias, self.scale)
+            return norm_silu(x, self.gamma, self.bias, self.scale, NORM_EPS)
         return norm_silu_reference(x, self.gamma, self.bias, self.scale)
+
+
+NORM_EPS = 1e-12  # F.normalize's, as diffusers' WanRMS_norm uses it: a position whose channels are all zero stays 0
+
+
+def norm_silu_reference(x: torch.Tensor, gamma: torch.Tensor, bias: torch.Tensor | None, scale: float,
+                        silu: bool = True) -> torch.Tensor:
+    """NormSiLU's arithmetic in PyTorch, what its kernel computes: fp32 throughout, one rounding to x's dtype at
+    the end."""
+    shape = (1, -1) + (1,) * (x.dim() - 2)
+    y = x.float() / x.float().norm(dim=1, keepdim=True).clamp_min(NORM_EPS) * scale * gamma.float().reshape(shape)
+    if bias is not None:
+        y = y + bias.float().reshape(shape)
+    return (F.silu(y) if silu else y).to(x.dtype)
 
 
 def _convolve_padding_in_place(conv, x: torch.Tensor, cache_x: torch.Tensor | None = None) -> torch.Tensor:
