@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# What the speed work still has to measure on a Hopper GPU, in one go within BUDGET seconds (590 unless set),
+# The speed measurements of docs/measured.md on a Hopper GPU, in one go within BUDGET seconds (590 unless set),
 # the steps in this order (STEPS selects some of them):
 #   kernels  the exact Hopper kernel (attention=hopper) against cuDNN's bf16 attention, and the fp8 kernels, at
 #            75,600 and 32,760 tokens (benchmarks/attention_kernels.py), after its GPU test;
-#   lossless the lossless profile's 720p CFG step with attention=hopper beside the profile as it is (cuDNN), against
-#            diffusers' WanPipeline in the same run (python -m wan_opt.bench, 2 steps, no decode);
+#   lossless the lossless profile's 720p CFG step (auto: the exact Hopper kernel without FlashAttention-4) beside
+#            the same on cuDNN, against diffusers' WanPipeline in the same run (python -m wan_opt.bench, 2 steps,
+#            no decode);
 #   pytest   the GPU tests of the decode and of the frames' conversion (tests/test_vae.py, tests/test_pipeline.py);
 #   frames   benchmarks/host_frames.py on the GPU: the decoded 720p video to pixels, diffusers' way and wan-opt's;
 #   decode   the 720p decode with hardware.speed.fuse_vae's modules beside the profiles' float16 decode, against the
@@ -16,13 +17,12 @@
 #   ti2v     TI2V-5B's whole 50-step 1280*704 x 121 request, lossless and fast, timed end to end, against diffusers'
 #            WanPipeline (2 steps, extrapolated) in the same run.
 # Results go to $OUT (benchmarks/results when unset), with this script's log, gpu_speed_check.log. A step that
-# fails or is cut at what is left of the budget is reported and the next one runs. kernels and lossless take about
-# six minutes on an H200, pytest, frames and preset about eight, decode, h100 and ti2v a call each: five calls.
+# fails or is cut at what is left of the budget is reported and the next one runs. On an H200: kernels 110 s,
+# lossless 260, pytest 20, frames 70, decode 170, preset about 210, ti2v about 240; h100 is estimated at 240.
 #
-#     OUT=/some/folder PROFILE=h200 STEPS="kernels lossless" bash benchmarks/gpu_speed_check.sh
-#     OUT=/some/folder PROFILE=h200 STEPS="pytest frames preset" bash benchmarks/gpu_speed_check.sh
-#     OUT=/some/folder STEPS="decode" bash benchmarks/gpu_speed_check.sh
-#     OUT=/some/folder STEPS="h100" BUDGET=300 bash benchmarks/gpu_speed_check.sh
+#     OUT=/some/folder PROFILE=h200 STEPS="kernels pytest frames" bash benchmarks/gpu_speed_check.sh
+#     OUT=/some/folder PROFILE=h200 STEPS="lossless decode" bash benchmarks/gpu_speed_check.sh
+#     OUT=/some/folder PROFILE=h200 STEPS="preset h100" bash benchmarks/gpu_speed_check.sh
 #     OUT=/some/folder PROFILE=h200 STEPS="ti2v" bash benchmarks/gpu_speed_check.sh
 set -u
 cd "$(dirname "$0")/.."
@@ -42,12 +42,12 @@ wanted() { [[ " $STEPS " == *" $1 "* ]]; }
 PRESET=$PROFILE,model=wan22_t2v_a14b_lightning
 
 wanted kernels && step kernels 150 bash -c "$PY -m pytest -q -m gpu tests/test_gpu.py -k exact_hopper \
-    -o cache_dir=$OUT/.pytest_cache --junitxml=$OUT/pytest_exact.xml; \
+    -o cache_dir=/tmp/wan_opt_pytest_cache --junitxml=$OUT/pytest_exact.xml; \
     $PY benchmarks/attention_kernels.py --tokens 75600 32760 --heads 40 --repeat 5 --suffix _exact --out $OUT"
-wanted lossless && step lossless 400 $PY -m wan_opt.bench --profiles "$PROFILE" "$PROFILE,hardware.speed.attention=hopper" \
+wanted lossless && step lossless 400 $PY -m wan_opt.bench --profiles "$PROFILE" "$PROFILE,hardware.speed.attention=cudnn" \
     --size 1280*720 --frames 81 --steps 2 --no-decode --out "$OUT"
 wanted pytest && step pytest 150 $PY -m pytest -q -m gpu tests/test_vae.py tests/test_pipeline.py \
-    -o cache_dir="$OUT/.pytest_cache" --junitxml="$OUT/pytest_speed.xml"
+    -o cache_dir=/tmp/wan_opt_pytest_cache --junitxml="$OUT/pytest_speed.xml"
 wanted frames && step frames 90 $PY benchmarks/host_frames.py --device cuda --out "$OUT"
 wanted decode && step decode 420 $PY benchmarks/vae_decode.py --families t2v_a14b ti2v_5b --variants 11 12 13 \
     --suffix _fused --out "$OUT"

@@ -127,6 +127,7 @@ def test_ti2v_5b_runs_against_diffusers_with_a_timestep_per_token(tmp_path, imag
     assert report["failed"] == {}
     for name, run in report["runs"].items():
         assert ("vae_encode" in run["stage_seconds"]) == image, name
+        assert run["stage_seconds"]["denoise"] > 0, name  # one expert: the stage the chart draws as denoising
         assert run["request_steps"] == 8 and run["request_forwards"] == 16  # tiny_ti2v: 8 guided steps
         if name != "diffusers":
             assert run["frames_rel_l2"] < SAME_VIDEO and run["forward_rel_l2"] < 1e-6, name

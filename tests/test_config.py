@@ -241,7 +241,7 @@ def test_an_attention_library_asked_for_and_not_installed_is_named(choice, messa
     from wan_opt.optim import speed
     from wan_opt.checks import check_device
 
-    monkeypatch.setattr(speed, "installed_attention", lambda: set())
+    monkeypatch.setattr(speed, "installed_attention", lambda device=None: set())
     cfg = compose_config([f"hardware.speed.attention={choice}"], hardware="cpu")
     with pytest.raises(WanOptError, match=f"{message}.*not installed.*attention=auto"):
         check_device(cfg)
@@ -267,7 +267,7 @@ def test_flashattention3_off_hopper_is_named(monkeypatch):
     from wan_opt.optim import speed
     from wan_opt.checks import check_attention_library
 
-    monkeypatch.setattr(speed, "installed_attention", lambda: {"flash3"})
+    monkeypatch.setattr(speed, "installed_attention", lambda device=None: {"flash3"})
     with pytest.raises(WanOptError, match="built for Hopper.*there is no GPU"):
         check_attention_library("flash3", "cpu")
 

@@ -280,7 +280,8 @@ class WanOptPipeline:
             latents = self.scheduler.step(noise, t, latents, return_dict=False)[0]
             sync()
             step_seconds.append(time.perf_counter() - step_start)
-            seconds[f"denoise_{label}"] = seconds.get(f"denoise_{label}", 0.0) + step_seconds[-1]
+            stage = label if label == "denoise" else f"denoise_{label}"  # one expert: plain "denoise"
+            seconds[stage] = seconds.get(stage, 0.0) + step_seconds[-1]
             if on_step is not None:
                 on_step(i, len(timesteps), label, step_seconds[-1])
         self.speed.end_request(plan)

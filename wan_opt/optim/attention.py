@@ -9,8 +9,9 @@ processor unchanged.
 
 FlashAttention-4 (the flash-attn-4 package: CuTe DSL kernels, Hopper and Blackwell) is exact bf16 attention,
 faster than cuDNN's at Wan's shapes (docs/measured.md, 'Attention kernels'). wan-opt's exact Hopper kernel
-(`attention=hopper`) is the same arithmetic in the warp-specialised Gluon kernel that runs mode=fast's attention
-on Hopper (wan_opt/kernels/attention_hopper.py), with P V in bf16, and needs no package beyond PyTorch's Triton.
+(`attention=hopper`, auto's choice on Hopper without FlashAttention-4, also faster than cuDNN inside a forward) is
+the same arithmetic in the Gluon kernel that runs mode=fast's attention on Hopper
+(wan_opt/kernels/attention_hopper.py), with P V in bf16, and needs no package beyond PyTorch's Triton.
 torch.compile cannot trace either's Python launcher, so each runs as a custom op whose output is shaped like Q.
 """
 from __future__ import annotations

@@ -13,7 +13,7 @@ from wan_opt.config import SpeedConfig
 from wan_opt.hardware import device_capability, is_hopper, world_size
 from wan_opt.optim import magcache
 from wan_opt.optim.attention import (Flash4SelfAttnProcessor, HopperSelfAttnProcessor, flash4_available,
-                                     use_self_attention)
+                                     hopper_kernel_missing, use_self_attention)
 from wan_opt.optim.fp8_attention import Fp8SelfAttnProcessor
 from wan_opt.optim.fp8 import use_fp8_matmul
 from wan_opt.optim.vae import fuse_vae, use_channels_last
@@ -40,14 +40,17 @@ OPTIONAL_ATTENTION = {"flash4": ("FlashAttention-4", "the flash-attn-4 package, 
                       "sage": ("SageAttention", "sageattention >= 2.1.1")}
 
 
-def installed_attention() -> set[str]:
-    """The optional attention kernels this environment has (the versions diffusers' dispatcher accepts)."""
+def installed_attention(device: torch.device | str | None = None) -> set[str]:
+    """The optional attention kernels that can run here: the libraries installed (in the versions diffusers'
+    dispatcher accepts), and "hopper" where wan-opt's Gluon kernel runs on `device` (this process's GPU when None)."""
 
     found = {"flash4"} if flash4_available() else set()
     if is_flash_attn_3_available():
         found.add("flash3")
     if is_sageattention_available() and is_sageattention_version(">=", "2.1.1"):
         found.add("sage")
+    if hopper_kernel_missing(device) is None:
+        found.add("hopper")
     return found
 
 
@@ -55,10 +58,10 @@ def attention_backend(choice: str, capability: tuple[int, int], installed: set[s
     """diffusers' backend for an attention choice on a GPU of this compute capability; None keeps diffusers'
     default (PyTorch's SDPA, which picks cuDNN on Hopper); "flash4", "fp8" and "hopper" are wan-opt's processors.
 
-    auto, on Hopper: FlashAttention-4 where it is installed (exact, and faster than cuDNN: docs/measured.md,
-    'Attention kernels'); else FlashAttention-3 where
-    installed, in one process only (diffusers has no context-parallel path for it); else SDPA. Other GPUs
-    keep SDPA.
+    auto, on Hopper, the fastest exact kernel that can run: FlashAttention-4 where it is installed, else wan-opt's
+    own kernel ("hopper", PyTorch's Triton is all it needs), else FlashAttention-3 where installed, in one process
+    only (diffusers has no context-parallel path for it), else SDPA. Both of the first two beat cuDNN inside a
+    whole forward at 480p and 720p (docs/measured.md, 'Speed at 1280*720'). Other GPUs keep SDPA.
     fp8 (mode=fast's choice): wan-opt's kernel, always: it is the one held within 3% of exact attention
     (benchmarks/attention_accuracy.py). SageAttention quantises Q K^T to 8 bits, which that sweep's emulation puts
     past 3% on peaky attention, and is not measured against the bound: it runs only when named (sage).
@@ -66,8 +69,9 @@ def attention_backend(choice: str, capability: tuple[int, int], installed: set[s
     if choice == "auto":
         if not is_hopper(capability):
             return None
-        if "flash4" in installed:
-            return "flash4"
+        for kernel in ("flash4", "hopper"):
+            if kernel in installed:
+                return kernel
         return "_flash_3" if "flash3" in installed and processes == 1 else None
     return ATTENTION_BACKENDS.get(choice, choice)
 
@@ -138,7 +142,7 @@ class SpeedPolicy(SpeedConfig):
             self._use_compile_cache()
         backend = None
         if device.type == "cuda":
-            backend = attention_backend(self.attention, device_capability(device), installed_attention(),
+            backend = attention_backend(self.attention, device_capability(device), installed_attention(device),
                                         world_size())
         for expert in experts:
             if self.fp8_matmul:
