@@ -98,7 +98,7 @@ def test_the_exact_kernel_is_offered_where_it_can_run(monkeypatch):
     from wan_opt.optim import speed
 
     assert "hopper" not in speed.installed_attention("cpu")
-    monkeypatch.setattr(speed, "hopper_kernel_missing", lambda device=None: None)
+    monkeypatch.setattr(speed, "hopper_kernel_available", lambda device=None: True)
     assert "hopper" in speed.installed_attention("cuda")
 
 

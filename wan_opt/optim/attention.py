@@ -53,7 +53,7 @@ def hopper_kernel_missing(device: torch.device | str | None = None) -> str | Non
     return None
 
 
-def hopper_kernel_available(device: torch.device) -> bool:
+def hopper_kernel_available(device: torch.device | str | None = None) -> bool:
     return hopper_kernel_missing(device) is None
 
 

@@ -13,7 +13,7 @@ from wan_opt.config import SpeedConfig
 from wan_opt.hardware import device_capability, is_hopper, world_size
 from wan_opt.optim import magcache
 from wan_opt.optim.attention import (Flash4SelfAttnProcessor, HopperSelfAttnProcessor, flash4_available,
-                                     hopper_kernel_missing, use_self_attention)
+                                     hopper_kernel_available, use_self_attention)
 from wan_opt.optim.fp8_attention import Fp8SelfAttnProcessor
 from wan_opt.optim.fp8 import use_fp8_matmul
 from wan_opt.optim.vae import fuse_vae, use_channels_last
@@ -49,7 +49,7 @@ def installed_attention(device: torch.device | str | None = None) -> set[str]:
         found.add("flash3")
     if is_sageattention_available() and is_sageattention_version(">=", "2.1.1"):
         found.add("sage")
-    if hopper_kernel_missing(device) is None:
+    if hopper_kernel_available(device):
         found.add("hopper")
     return found
 
@@ -61,7 +61,8 @@ def attention_backend(choice: str, capability: tuple[int, int], installed: set[s
     auto, on Hopper, the fastest exact kernel that can run: FlashAttention-4 where it is installed, else wan-opt's
     own kernel ("hopper", PyTorch's Triton is all it needs), else FlashAttention-3 where installed, in one process
     only (diffusers has no context-parallel path for it), else SDPA. Both of the first two beat cuDNN inside a
-    whole forward at 480p and 720p (docs/measured.md, 'Speed at 1280*720'). Other GPUs keep SDPA.
+    whole forward (docs/measured.md, 'Speed at 1280*720' and 'Speed with the exact Hopper kernel'). Other GPUs
+    keep SDPA.
     fp8 (mode=fast's choice): wan-opt's kernel, always: it is the one held within 3% of exact attention
     (benchmarks/attention_accuracy.py). SageAttention quantises Q K^T to 8 bits, which that sweep's emulation puts
     past 3% on peaky attention, and is not measured against the bound: it runs only when named (sage).
