@@ -25,6 +25,12 @@ def decode(vae, z):
     return in_range(vae, lambda: vae.decode(z.to(vae.dtype), return_dict=False)[0], "decode")
 
 
+def decode_as_the_retry(vae, z):
+    """The bf16 decode that a float16 VAE's retry runs: its float16 weights in bf16 (not the float32 ones, which
+    differ where float16 rounded tiny weights), on a copy, so `vae` stays float16."""
+    return decode(torch.nn.Module.to(copy.deepcopy(vae), torch.bfloat16), z)
+
+
 @pytest.mark.parametrize("config", [TINY_VAE, TINY_TI2V_VAE], ids=["wan21_vae", "wan22_vae"])
 def test_channels_last_weights_decode_the_same_frames(config):
     vae = tiny_vae(config)
@@ -41,9 +47,8 @@ def test_a_float16_decode_that_overflows_runs_again_in_bf16(caplog):
     z = torch.randn(LATENTS)
     with torch.inference_mode():
         exact = decode(vae, z)
-        vae.to(torch.bfloat16)
-        in_bf16 = decode(vae, z)
         vae.to(torch.float16)
+        in_bf16 = decode_as_the_retry(vae, z)
         # An activation past float16's 65,504 is inf, and NaN after the next norm: this one overflows in
         # float16 only, as a real one would.
         overflow = vae.decoder.mid_block.register_forward_hook(
@@ -195,8 +200,7 @@ def test_fuse_vae_is_a_speed_knob_and_keeps_the_bf16_retry():
     z = torch.randn(LATENTS)
     with torch.inference_mode():
         vae.to(torch.float16)
-        # the retry's weights are the float16 ones in bf16 (not the float32 ones: tiny weights lose bits in float16)
-        in_bf16 = decode(torch.nn.Module.to(copy.deepcopy(vae), torch.bfloat16), z)
+        in_bf16 = decode_as_the_retry(vae, z)
         overflow = vae.decoder.mid_block.register_forward_hook(
             lambda _m, _a, out: out * float("inf") if out.dtype == torch.float16 else out)
         frames = decode(vae, z)
