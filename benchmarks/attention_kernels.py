@@ -6,13 +6,10 @@ TFLOP/s (4 N^2 d per head), milliseconds, and relative L2 against bf16 SDPA: for
 runs it (on Hopper the warp-specialised kernel) alone and with the quantisation of Q, K and V before it, and for
 the Triton kernel (the one Ada and other head dimensions get); with --tiles, also each tile shape the Triton
 kernel's autotuner chooses from, timed one by one; with --against COMMIT, also the fp8 attention as it was at
-that commit (its files read from git into a package of their own), for the speed of a change in one process;
-with --fma-exp2, also both Hopper kernels with one in N of P's exponentials on the FMA pipe, for each N named
-(copies of the kernel's module with FMA_EXP2 set, timed in turns so that the card's clock falls on each alike).
+that commit (its files read from git into a package of their own), for the speed of a change in one process.
 
     python benchmarks/attention_kernels.py --tokens 75600 32760 --tiles
     python benchmarks/attention_kernels.py --tokens 75600 32760 --against e5e10d2
-    python benchmarks/attention_kernels.py --tokens 75600 32760 --fma-exp2 0 4 2
 """
 from __future__ import annotations
 
@@ -30,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from gpu_report import gpu_file_name, gpu_report, write_report  # noqa: E402  (this folder)
 from wan_opt.optim.attention import exact_attention_hopper, flash4_attention, flash4_available  # noqa: E402
 from wan_opt.kernels.e4m3 import qk_scale  # noqa: E402
 from wan_opt.optim.fp8_attention import (HOPPER_HEAD_DIM, _quantize_qkv, fp8_attention,  # noqa: E402
@@ -89,49 +87,6 @@ def tile_runs(q, k, v, flop: float, repeat: int) -> list[dict]:
     return runs
 
 
-def hopper_module(fma_exp2: int):
-    """A copy of wan_opt.kernels.attention_hopper with FMA_EXP2 set: a kernel reads its constants from its module's
-    globals, so each setting is a module of its own."""
-    name = f"attention_hopper_fma_exp2_{fma_exp2}"
-    if name not in sys.modules:
-        source = (REPO / "wan_opt/kernels/attention_hopper.py").read_text()
-        setting = "FMA_EXP2 = gl.constexpr(0)"
-        assert setting in source, "attention_hopper.py no longer sets FMA_EXP2 as this benchmark expects"
-        path = Path(tempfile.mkdtemp()) / f"{name}.py"
-        path.write_text(source.replace(setting, f"FMA_EXP2 = gl.constexpr({fma_exp2})"))
-        spec = importlib.util.spec_from_file_location(name, path)
-        sys.modules[name] = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(sys.modules[name])
-    return sys.modules[name]
-
-
-def fma_exp2_runs(q, k, v, reference, flop: float, repeat: int, shares: list[int]) -> list[dict]:
-    """Both Hopper kernels (bf16 P V, exact; int8 P V, mode=fast's, on operands quantised once) with each share of
-    P's exponentials on the FMA pipe, in three rounds; each setting's best round and its deviation from bf16 SDPA
-    and from the setting without (the polynomial's own error)."""
-    n = q.shape[1]
-    q16, k16, vt8, v_scale, v_mean, _ = quantize_qkv(q, k, v, True)
-    out = torch.empty_like(q)
-    kernels = {"exact": lambda m: m.exact_attention_hopper(q, k, v, out),
-               "fp8": lambda m: m.fp8_attention_hopper(q16, k16, vt8, v_scale, v_mean, out, n)}
-    modules = {share: hopper_module(share) for share in shares}
-    rounds = {(kind, share): [] for kind in kernels for share in shares}
-    for _ in range(3):
-        for share, module in modules.items():
-            for kind, kernel in kernels.items():
-                rounds[kind, share].append(milliseconds(lambda: kernel(module), repeat))
-    without = {kind: kernel(hopper_module(0)).float() for kind, kernel in kernels.items()}
-    runs = []
-    for (kind, share), times in rounds.items():
-        result = kernels[kind](modules[share]).float()
-        runs.append({"kernel": kind, "fma_exp2": share, "ms_rounds": [round(t, 3) for t in times],
-                     "tflops": round(flop / min(times) / 1e9, 1),
-                     "rel_l2_vs_sdpa": float((result - reference).norm() / reference.norm()),
-                     "rel_l2_vs_fma_exp2_0": float((result - without[kind]).norm() / without[kind].norm())})
-        print(json.dumps({"tokens": n, **runs[-1]}), flush=True)
-    return runs
-
-
 def cudnn_attention(q, k, v):
     """SDPA held to cuDNN's kernel, as a function of nothing for milliseconds()."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -154,8 +109,6 @@ def milliseconds(fn, repeat: int) -> float:
 
 
 def main() -> None:
-    from gpu_report import gpu_file_name, gpu_report, write_report  # this folder; tests import hopper_module
-
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, nargs="+", default=[75_600, 32_760])
     parser.add_argument("--heads", type=int, default=40)
@@ -163,8 +116,6 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=10)
     parser.add_argument("--tiles", action="store_true", help="also time each tile shape of the fp8 kernel")
     parser.add_argument("--against", metavar="COMMIT", help="also time the fp8 attention as it was at COMMIT")
-    parser.add_argument("--fma-exp2", type=int, nargs="+", choices=[0, 2, 4], metavar="N",
-                        help="also time both Hopper kernels with one in N of P's exponentials on the FMA pipe")
     parser.add_argument("--suffix", default="", help="appended to the result file's name")
     parser.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
     args = parser.parse_args()
@@ -230,8 +181,6 @@ def main() -> None:
             run[f"{name}_tflops"] = round(flop / run[f"{name}_ms"] / 1e9, 1)
         if args.tiles:
             run["fp8_kernel_by_tile"] = tile_runs(q, k, v, flop, args.repeat)
-        if args.fma_exp2 and hopper:
-            run["hopper_by_fma_exp2"] = fma_exp2_runs(q, k, v, reference, flop, args.repeat, args.fma_exp2)
         record["runs"].append(run)
         print(json.dumps(run), flush=True)
     write_report(record, Path(args.out) / gpu_file_name("attention_kernels", record, args.suffix))

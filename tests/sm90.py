@@ -9,9 +9,8 @@ from pathlib import Path
 
 import pytest
 
-# Compiles attention_hopper_kernel for one V (int8 V^T: mode=fast's; bf16 V: the exact kernel's) and one FMA_EXP2
-# (an optional second argument) and prints its wgmma instructions, its MUFU exponentials, its shared memory and
-# ptxas' register and spill report, one JSON line.
+# Compiles attention_hopper_kernel for one V (int8 V^T: mode=fast's; bf16 V: the exact kernel's) and prints its
+# wgmma instructions, its shared memory and ptxas' register and spill report, one JSON line.
 GLUON_ATTENTION = """
 import json, re, subprocess, sys, tempfile
 import torch, triton
@@ -19,12 +18,9 @@ from triton.backends.compiler import GPUTarget
 from triton.backends.nvidia.compiler import get_ptxas
 from triton.experimental.gluon._runtime import GluonASTSource
 from triton.runtime.jit import mangle_type
-from triton.experimental.gluon import language as gl
 from wan_opt.kernels import attention_hopper as hopper
 
 int8_pv = sys.argv[1] == "int8"
-if len(sys.argv) > 2:  # the kernel reads it from its module when it compiles
-    hopper.FMA_EXP2 = gl.constexpr(int(sys.argv[2]))
 if int8_pv:
     q, vt = torch.empty(1, 2, 256, 128, dtype=torch.bfloat16), torch.empty(1, 2, 128, 256, dtype=torch.int8)
     descriptors = hopper.fp8_descriptors(q, q, vt)
@@ -49,8 +45,7 @@ with tempfile.NamedTemporaryFile("w", suffix=".ptx") as source:
                            capture_output=True, text=True, check=True).stderr
 spills = [int(n) for n in re.findall(r"(\\d+) bytes spill (?:stores|loads)", ptxas)]
 print(json.dumps(dict(wgmma=sorted(set(re.findall(r"wgmma\\.mma_async\\.sync\\.aligned\\.(\\S+?);?\\s", ptx))),
-                      int_to_float="cvt.rn.f32.s32" in ptx, ex2=len(re.findall(r"\\bex2\\.approx", ptx)),
-                      shared=kernel.metadata.shared, spills=sum(spills))))
+                      int_to_float="cvt.rn.f32.s32" in ptx, shared=kernel.metadata.shared, spills=sum(spills))))
 """
 
 SHARED_MEMORY = 227 * 1024  # what one block may take on Hopper
@@ -72,14 +67,13 @@ def compile_for_hopper(script: str, triton_path: str | None = None, args: tuple[
     return done.stdout
 
 
-def compile_gluon_attention(v: str, triton_path: str | None = None, fma_exp2: int | None = None) -> dict:
-    """attention_hopper_kernel compiled for sm_90 with V in int8 ("int8") or bf16 ("bf16"), and FMA_EXP2 as the
-    module sets it or as given: what GLUON_ATTENTION reports."""
+def compile_gluon_attention(v: str, triton_path: str | None = None) -> dict:
+    """attention_hopper_kernel compiled for sm_90 with V in int8 ("int8") or bf16 ("bf16"): what GLUON_ATTENTION
+    reports."""
     import json
 
     pytest.importorskip("triton.experimental.gluon.language.nvidia.hopper", reason="needs a Triton with Gluon")
-    args = (v,) if fma_exp2 is None else (v, str(fma_exp2))
-    return json.loads(compile_for_hopper(GLUON_ATTENTION, triton_path, args).strip().splitlines()[-1])
+    return json.loads(compile_for_hopper(GLUON_ATTENTION, triton_path, (v,)).strip().splitlines()[-1])
 
 
 OTHER_TRITONS = [p for p in os.environ.get("WAN_OPT_OTHER_TRITONS", "").split(os.pathsep) if p]

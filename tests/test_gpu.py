@@ -174,28 +174,6 @@ def test_the_exact_hopper_kernel_is_exact_attention():
                   sdpa(q, k, v).float().cpu().numpy()) < 0.01
 
 
-@pytest.mark.parametrize("share", [2, 4])
-def test_exponentials_on_the_fma_pipe_keep_both_hopper_kernels_results(share):
-    """Both Hopper kernels with one in `share` of P's exponentials computed by e4m3.exp2_by_fma (the module's
-    FMA_EXP2, set in a copy of it as benchmarks/attention_kernels.py --fma-exp2 does) give what they give without,
-    to far less than their own rounding, on the sweep's peakiest case and at two sequence lengths."""
-    from benchmarks.attention_accuracy import sweep_inputs
-    from benchmarks.attention_kernels import hopper_module
-    from wan_opt.optim.attention import hopper_kernel_missing
-    from wan_opt.optim.fp8_attention import quantize_qkv
-
-    if hopper_kernel_missing():
-        pytest.skip(f"the Hopper kernel does not run here: {hopper_kernel_missing()}")
-    without, fma = hopper_module(0), hopper_module(share)
-    for tokens in (300, 16_380):
-        q, k, v = sweep_inputs("gaussian_std16", tokens, 4, device="cuda")
-        out = torch.empty_like(q)
-        exact = [m.exact_attention_hopper(q, k, v, out).float().cpu().numpy() for m in (without, fma)]
-        operands = quantize_qkv(q, k, v, True)[:5]
-        fast = [m.fp8_attention_hopper(*operands, out, tokens).float().cpu().numpy() for m in (without, fma)]
-        assert rel_l2(exact[1], exact[0]) < 1e-3 and rel_l2(fast[1], fast[0]) < 3e-3
-
-
 def test_flashattention4_matches_sdpa_eager_and_compiled():
     from wan_opt.optim.attention import flash4_attention, flash4_available
 

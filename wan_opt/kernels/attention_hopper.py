@@ -40,11 +40,6 @@ ROWS = gl.constexpr(64)  # query rows per consumer warpgroup: one wgmma's M
 BLOCK_N = 128  # keys per block: two blocks of scores (the one in use, the next in flight) fill the registers
 STAGES = 3  # K/V blocks in flight; 2 starved the fp8 kernel's consumers
 CONSUMER_REGS = 240  # two consumers at 240 and the loader's warpgroup at 24 fill the register file
-# One in FMA_EXP2 of P's exponentials (2 or 4; 0: none) is computed on the FMA pipe beside the MUFU's quarter rate
-# (e4m3.exp2_by_fma). A global: a warp-specialised partition's arguments are tensors (Triton 3.6), never constants.
-FMA_EXP2 = gl.constexpr(0)
-EXP2_C0, EXP2_C1, EXP2_C2, EXP2_C3 = (gl.constexpr(c) for c in e4m3.EXP2_CUBIC)
-EXP2_FLOOR = gl.constexpr(e4m3.EXP2_FLOOR)
 
 
 @gluon.jit
@@ -84,53 +79,6 @@ def _as_mma_operand(p, p_layout: gl.constexpr):
     p = (p + MAGIC).to(gl.int32, bitcast=True)
     p = gl.permute(gl.reshape(p, [rows, cols // 32, 2, 2, 4, 2]), [0, 1, 2, 4, 3, 5])
     return gl.convert_layout(gl.reshape(p, [rows, cols]).to(gl.int8), p_layout, assert_trivial=True)
-
-
-@gluon.jit
-def _exp2_by_fma(x):
-    """2^x without the MUFU, in e4m3.exp2_by_fma's arithmetic."""
-    x = gl.maximum(x, EXP2_FLOOR)
-    t = x + MAGIC
-    f = x - (t - MAGIC)
-    p = ((EXP2_C3 * f + EXP2_C2) * f + EXP2_C1) * f + EXP2_C0
-    return (p.to(gl.int32, bitcast=True) + (t.to(gl.int32, bitcast=True) << 23)).to(gl.float32, bitcast=True)
-
-
-@gluon.jit
-def _halve(x, BIT: gl.constexpr):
-    """x [rows, cols] in the S accumulator's layout as the columns whose bit BIT is 0 and those where it is 1, each
-    [rows, cols // 2]; BIT must index a thread's registers, not its lanes, so that nothing moves."""
-    rows: gl.constexpr = x.shape[0]
-    cols: gl.constexpr = x.shape[1]
-    x = gl.reshape(x, [rows, cols // (2 << BIT), 2, 1 << BIT])
-    return gl.split(gl.reshape(gl.permute(x, [0, 1, 3, 2]), [rows, cols // 2, 2]))
-
-
-@gluon.jit
-def _unhalve(lo, hi, BIT: gl.constexpr):
-    """_halve's inverse."""
-    hi = gl.convert_layout(hi, lo.type.layout, assert_trivial=True)  # the same registers, described alike
-    rows: gl.constexpr = lo.shape[0]
-    cols: gl.constexpr = lo.shape[1] * 2
-    x = gl.reshape(gl.join(lo, hi), [rows, cols // (2 << BIT), 1 << BIT, 2])
-    return gl.reshape(gl.permute(x, [0, 1, 3, 2]), [rows, cols])
-
-
-@gluon.jit
-def _exp2(x):
-    """2^x of a block of scores, one in FMA_EXP2 of them on the FMA pipe. A thread of the accumulator holds in each
-    8 columns a pair (column bit 0) and, after the pair is split, every other four (bit 2 of what is left)."""
-    if FMA_EXP2 == 0:
-        y = gl.exp2(x)
-    else:
-        even, odd = _halve(x, 0)
-        if FMA_EXP2 == 2:
-            odd = _exp2_by_fma(odd)
-        else:
-            odd_lo, odd_hi = _halve(odd, 2)
-            odd = _unhalve(gl.exp2(odd_lo), _exp2_by_fma(odd_hi), 2)
-        y = gl.convert_layout(_unhalve(gl.exp2(even), odd, 0), x.type.layout, assert_trivial=True)
-    return y
 
 
 @gluon.constexpr_function
@@ -178,7 +126,7 @@ def _block(q, k_next, v, ready_next, ready_phase, s, acc, m_i, l_i, limit, pv_la
     l_alpha = gl.convert_layout(alpha, gl.SliceLayout(1, l_i.type.layout))[:, None]
     acc_alpha = gl.convert_layout(alpha, gl.SliceLayout(1, acc.type.layout))[:, None]
     if INT8_PV:
-        p = _exp2(s * QK_SCALE - (block_max - LOG2_P_TOP)[:, None])
+        p = gl.exp2(s * QK_SCALE - (block_max - LOG2_P_TOP)[:, None])
         l_i = l_i * l_alpha + _fold(p, False) * gl.convert_layout(beta, gl.SliceLayout(1, l_i.type.layout))[:, None]
         pv = warpgroup_mma(_as_mma_operand(p, pv_layout), v.permute((1, 0)),
                            gl.zeros_like(acc, dtype=gl.int32), use_acc=False, is_async=True)
@@ -193,7 +141,7 @@ def _block(q, k_next, v, ready_next, ready_phase, s, acc, m_i, l_i, limit, pv_la
         # Against the running max, as flash attention does: bf16 keeps P's relative precision at any magnitude,
         # and the MMA adds P V to the rescaled accumulator itself. For 16-bit operands the S accumulator's
         # registers are already P's A-operand layout.
-        p = _exp2(s * QK_SCALE - m_new[:, None])
+        p = gl.exp2(s * QK_SCALE - m_new[:, None])
         l_i = l_i * l_alpha + _fold(p, False)
         acc = warpgroup_mma(gl.convert_layout(p.to(gl.bfloat16), pv_layout, assert_trivial=True), v,
                             acc * acc_alpha, use_acc=True, is_async=True)

@@ -26,23 +26,6 @@ def qk_scale(head_dim: int) -> float:
 # int8 already.
 ROUND_MAGIC = 12582912.0  # 1.5 * 2^23
 ROUND_MAGIC_BITS = 0x4B400000  # its bit pattern
-# 2^f on [-0.5, 0.5] as a cubic in f, lowest power first: fitted for relative error (within 7.5e-5), far inside the
-# rounding of the attention's P (2^-8 in bf16, 1/254 at int8's top)
-EXP2_CUBIC = (0.9999281167984009, 0.6932609677314758, 0.24261033535003662, 0.05517134442925453)
-EXP2_FLOOR = -125.0  # exp2_by_fma's smallest argument: 2^-125 is still a normal fp32 whatever the cubic gives
-
-
-def exp2_by_fma(x: torch.Tensor) -> torch.Tensor:
-    """2^x of a float32 tensor with no exponential instruction, as the Hopper attention kernel computes a share of
-    P's exponentials on the FMA pipe: x = n + f with n = round(x) by ROUND_MAGIC, 2^f by EXP2_CUBIC, and n added
-    to the result's exponent bits (ROUND_MAGIC_BITS << 23 is 0 in 32 bits, so x + ROUND_MAGIC's bits shifted by
-    23 are n's exponent). Arguments below EXP2_FLOOR, -inf included, give 2^EXP2_FLOOR."""
-    x = x.float().clamp(min=EXP2_FLOOR)
-    t = x + ROUND_MAGIC
-    f = x - (t - ROUND_MAGIC)
-    c0, c1, c2, c3 = EXP2_CUBIC
-    p = ((c3 * f + c2) * f + c1) * f + c0
-    return (p.view(torch.int32) + (t.view(torch.int32) << 23)).view(torch.float32)
 
 
 def scale_for(amax: torch.Tensor, top: float = FP8_MAX) -> torch.Tensor:
