@@ -124,6 +124,12 @@ class SpeedConfig:
     cfg: CfgBatching = CfgBatching.sequential
     fuse_qkv: bool = False  # one GEMM for Q, K and V (K and V in cross-attention): same math, fewer launches
     fp8_matmul: bool = False  # fp8 tensor-core GEMMs on fp8-stored weights (Ada, Hopper); changes the result a little
+    # the feed-forward's GELU in its first matmul's epilogue (cuBLASLt, on a GPU): one pass fewer over the widest
+    # activations, one rounding fewer (wan_opt.optim.ffn)
+    fuse_gelu: bool = False
+    # torch.compile writes each reduction (the blocks' norms) both with its whole row in registers and looped, and
+    # keeps the faster: a 5,120-wide row is past inductor's own limit for the first, so it reads each row twice
+    compile_multi_kernel: bool = False
     # the VAE's norm and SiLU as one kernel, its convolutions padded in place: the same arithmetic, fewer passes
     # over its activations (wan_opt.optim.vae.fuse_vae)
     fuse_vae: bool = False

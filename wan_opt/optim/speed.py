@@ -15,6 +15,7 @@ from wan_opt.optim import magcache
 from wan_opt.optim.attention import (Flash4SelfAttnProcessor, HopperSelfAttnProcessor, flash4_available,
                                      hopper_kernel_available, use_self_attention)
 from wan_opt.optim.fp8_attention import Fp8SelfAttnProcessor
+from wan_opt.optim.ffn import fuse_gelu
 from wan_opt.optim.fp8 import use_fp8_matmul
 from wan_opt.optim.vae import fuse_vae, use_channels_last
 
@@ -141,6 +142,8 @@ class SpeedPolicy(SpeedConfig):
             torch.backends.cudnn.allow_tf32 = self.tf32
         if device.type == "cuda" and self.compile != "none":
             self._use_compile_cache()
+            # set either way: the benchmark compiles several profiles in one process
+            torch._inductor.config.triton.multi_kernel = int(self.compile_multi_kernel)
         backend = None
         if device.type == "cuda":
             backend = attention_backend(self.attention, device_capability(device), installed_attention(device),
@@ -153,6 +156,8 @@ class SpeedPolicy(SpeedConfig):
                 expert.enable_cache(self.cache_config())
             if device.type != "cuda":
                 continue  # the kernel choices below are CUDA's; on a CPU PyTorch's defaults stand
+            if self.fuse_gelu:
+                fuse_gelu(expert)  # after use_fp8_matmul, which moves an fp8 feed-forward's GELU elsewhere
             if backend in WAN_OPT_PROCESSORS:
                 use_self_attention(expert, WAN_OPT_PROCESSORS[backend])
             elif backend is not None:
