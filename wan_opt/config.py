@@ -127,9 +127,6 @@ class SpeedConfig:
     # the feed-forward's GELU in its first matmul's epilogue (cuBLASLt, on a GPU): one pass fewer over the widest
     # activations, one rounding fewer (wan_opt.optim.ffn)
     fuse_gelu: bool = False
-    # torch.compile writes each reduction (the blocks' norms) both with its whole row in registers and looped, and
-    # keeps the faster: a 5,120-wide row is past inductor's own limit for the first, so it reads each row twice
-    compile_multi_kernel: bool = False
     # the VAE's norm and SiLU as one kernel, its convolutions padded in place: the same arithmetic, fewer passes
     # over its activations (wan_opt.optim.vae.fuse_vae)
     fuse_vae: bool = False

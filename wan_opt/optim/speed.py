@@ -142,8 +142,6 @@ class SpeedPolicy(SpeedConfig):
             torch.backends.cudnn.allow_tf32 = self.tf32
         if device.type == "cuda" and self.compile != "none":
             self._use_compile_cache()
-            # set either way: the benchmark compiles several profiles in one process
-            torch._inductor.config.triton.multi_kernel = int(self.compile_multi_kernel)
         backend = None
         if device.type == "cuda":
             backend = attention_backend(self.attention, device_capability(device), installed_attention(device),
