@@ -24,29 +24,34 @@ class GeluMatmul(torch.nn.Module):
         self.proj = proj
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight, bias = self.proj.weight, self.proj.bias
+        weight = self.proj.weight
         # The epilogue needs the layer's weights where the input is; a layer still waiting elsewhere for an
         # offloading hook of its own takes diffusers' path, which calls it.
-        if not x.is_cuda or bias is None or weight.device != x.device or x.dtype != weight.dtype:
+        if not x.is_cuda or weight.device != x.device or x.dtype != weight.dtype:
             return F.gelu(self.proj(x), approximate="tanh")
-        out = torch._addmm_activation(bias, x.reshape(-1, x.shape[-1]), weight.t(), use_gelu=True)
+        out = torch._addmm_activation(self.proj.bias, x.reshape(-1, x.shape[-1]), weight.t(), use_gelu=True)
         return out.reshape(*x.shape[:-1], out.shape[-1])
 
 
-def fuse_gelu(module: torch.nn.Module) -> int:
-    """Give each diffusers FeedForward under `module` whose input layer is a plain linear layer with a tanh GELU
-    (Wan's) the fused input layer; returns how many changed. Layers with hooks of their own (leaf offloading)
-    and other layer types (fp8, LoRA) keep diffusers' module."""
+def tanh_gelu_feed_forwards(module: torch.nn.Module) -> list[torch.nn.Module]:
+    """The diffusers FeedForwards under `module` whose input layer is diffusers' GELU with the tanh approximation
+    (Wan's): the ones whose GELU can move, here or into fp8 quantisation (wan_opt.optim.fp8.fold_gelu)."""
     from diffusers.models.activations import GELU
     from diffusers.models.attention import FeedForward
 
+    return [ff for ff in module.modules()
+            if isinstance(ff, FeedForward) and isinstance(ff.net[0], GELU) and ff.net[0].approximate == "tanh"]
+
+
+def fuse_gelu(module: torch.nn.Module) -> int:
+    """Give each of `module`'s tanh-GELU feed-forwards whose input layer is a plain linear layer with a bias the
+    fused input layer; returns how many changed. Layers with hooks of their own (leaf offloading) and other layer
+    types (fp8, LoRA) keep diffusers' module."""
     fused = 0
-    for ff in module.modules():
-        if not isinstance(ff, FeedForward) or type(ff.net[0]) is not GELU or ff.net[0].approximate != "tanh":
-            continue
+    for ff in tanh_gelu_feed_forwards(module):
         proj = ff.net[0].proj
         hooked = bool(proj._forward_pre_hooks or proj._forward_hooks) or "forward" in vars(proj)
-        if type(proj) is torch.nn.Linear and not hooked:
+        if type(proj) is torch.nn.Linear and proj.bias is not None and not hooked:
             ff.net[0] = GeluMatmul(proj)
             fused += 1
     return fused

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from wan_opt.kernels.e4m3 import FP8, FP8_MAX, MIN_SCALE, WIDEST_KERNEL_ROW, gelu, quantize_rows, scale_for  # noqa: F401
+from wan_opt.optim.ffn import tanh_gelu_feed_forwards
 
 def quantize_activations(rows: torch.Tensor, input_gelu: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """quantize_rows of `rows` (or of their GELU): on a GPU in one Triton kernel, elsewhere in PyTorch."""
@@ -110,13 +111,8 @@ def fold_gelu(module: torch.nn.Module) -> int:
     """In each diffusers FeedForward under `module` whose layers are fp8, GELU(proj(x)) becomes proj(x) and the
     output layer applies the GELU to its input; returns how many feed-forwards changed. The arithmetic is the
     same (the dropout between them is the identity at inference)."""
-    from diffusers.models.activations import GELU
-    from diffusers.models.attention import FeedForward
-
     folded = 0
-    for ff in module.modules():
-        if not isinstance(ff, FeedForward) or not isinstance(ff.net[0], GELU) or ff.net[0].approximate != "tanh":
-            continue
+    for ff in tanh_gelu_feed_forwards(module):
         output = ff.net[2]
         if isinstance(ff.net[0].proj, Fp8Linear) and isinstance(output, Fp8Linear):
             ff.net[0] = ff.net[0].proj
