@@ -173,6 +173,27 @@ def test_baseline_steps_measure_the_profiles_request_and_extrapolate_diffusers(t
     assert "8 steps (diffusers: 2)" in table and "not compared" in table and "| - |" in table
 
 
+def test_baseline_vae_tiling_tiles_diffusers_decode_alone(tmp_path, monkeypatch):
+    """--baseline-vae-tiling: diffusers' decode in tiles (its untiled 720p decode does not fit an 80 GB card beside
+    both experts), the profiles' VAE as their plans leave it, and the report saying so."""
+    from wan_opt.bench import measure
+    tiled = {}
+
+    def spy(name, run):
+        def wrapped(pipe, *args, **kwargs):
+            tiled[name] = pipe.vae.use_tiling
+            return run(pipe, *args, **kwargs)
+        return wrapped
+
+    monkeypatch.setattr(measure, "baseline", spy("diffusers", measure.baseline))
+    monkeypatch.setattr(measure, "profile_run", spy("cpu", measure.profile_run))
+    assert main(["--tiny", "--profiles", "cpu", "--steps", "2", "--baseline-vae-tiling", "--out", str(tmp_path)]) == 0
+    assert tiled == {"diffusers": True, "cpu": False}
+    [path] = tmp_path.glob("bench_tiny-cpu_*.json")
+    assert json.loads(path.read_text())["baseline_vae_tiling"] is True
+    assert "Diffusers decoded in tiles" in path.with_suffix(".md").read_text()
+
+
 @pytest.mark.parametrize("argv, says", [
     (["--baseline-steps", "0"], "--baseline-steps 0: a run needs at least one step."),
     (["--steps", "-1"], "--steps -1: a run needs at least one step."),

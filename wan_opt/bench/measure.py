@@ -279,6 +279,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--override", nargs="*", default=[], help="config overrides for every profile")
     parser.add_argument("--decode", action=argparse.BooleanOptionalAction, default=True,
                         help="decode every run's latents (--no-decode: compare latents, skip the VAE's time)")
+    parser.add_argument("--baseline-vae-tiling", action="store_true",
+                        help="diffusers' baseline decodes in tiles (vae.enable_tiling()), as people run it where its "
+                             "whole-frame decode does not fit beside both resident experts (720p on an 80 GB card)")
     parser.add_argument("--tiny", action="store_true", help="the tiny model on the CPU: a smoke test of this code")
     parser.add_argument("--out", default="benchmarks/results")
     once = parser.add_mutually_exclusive_group()
@@ -358,7 +361,12 @@ def main(argv: list[str] | None = None) -> int:
         reference_forward = one_forward()
 
     base_args = with_steps(args, args.baseline_steps)
-    rows = {"diffusers": baseline(pipe, base_args, device, guidance_of(configs["diffusers"]))}
+    if args.baseline_vae_tiling:  # the baseline's alone: the profiles decode as their own plans say
+        pipe.vae.enable_tiling()
+    try:
+        rows = {"diffusers": baseline(pipe, base_args, device, guidance_of(configs["diffusers"]))}
+    finally:
+        pipe.vae.disable_tiling()
     rows["diffusers"]["request_forwards"] = 2 * request_steps(configs["diffusers"])
     failed = {}
     for name, cfg in list(configs.items())[1:]:
@@ -371,7 +379,7 @@ def main(argv: list[str] | None = None) -> int:
             failed[name] = f"{type(error).__name__}: {error}"
             torch.cuda.empty_cache() if device.type == "cuda" else None
     report = summarize(rows, configs, args, step_flops, device)
-    report.update(model=args.model, reference=type(pipe).__name__)
+    report.update(model=args.model, reference=type(pipe).__name__, baseline_vae_tiling=args.baseline_vae_tiling)
     report["failed"] = failed
     write(report, args)
     return 1 if failed else 0

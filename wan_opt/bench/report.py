@@ -156,6 +156,8 @@ def markdown(report: dict) -> str:
                      f"{r['forward_rel_l2']:.1e} | {rel_l2_text(r['frames_rel_l2'], 1)} |")
     note = [f"{report['frames_rel_l2_of'].capitalize()} rel L2: {report['frames_rel_l2_null']}.", ""] \
         if "frames_rel_l2_null" in report else []
+    if report.get("baseline_vae_tiling"):
+        note += ["Diffusers decoded in tiles (`--baseline-vae-tiling`); the profiles as their plans say.", ""]
     return "\n".join([*lines, "", *note, f"`{report['command']}`", ""])
 
 
