@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
-# Compiles attention_hopper_kernel for one V (int8 V^T: mode=fast's; bf16 V: the exact kernel's) and prints its
-# wgmma instructions, its shared memory and ptxas' register and spill report, one JSON line.
+# Compiles attention_hopper_kernel for one V (int8 V^T: mode=fast's; bf16 V: the exact kernel's), its consumers'
+# MMAs in turns or not, and prints its wgmma instructions, its shared memory and ptxas' register and spill report,
+# one JSON line.
 GLUON_ATTENTION = """
 import json, re, subprocess, sys, tempfile
 import torch, triton
@@ -21,6 +22,7 @@ from triton.runtime.jit import mangle_type
 from wan_opt.kernels import attention_hopper as hopper
 
 int8_pv = sys.argv[1] == "int8"
+pingpong = sys.argv[2:] == ["pingpong"]
 if int8_pv:
     q, vt = torch.empty(1, 2, 256, 128, dtype=torch.bfloat16), torch.empty(1, 2, 128, 256, dtype=torch.int8)
     descriptors = hopper.fp8_descriptors(q, q, vt)
@@ -32,9 +34,9 @@ else:
 types = dict(zip(["q_desc", "k_desc", "v_desc"], map(mangle_type, descriptors)))
 types.update(scales[0], OUT="*bf16", n_ctx="i32", n_heads="i32", n_pad="i32", stride_ob="i32", stride_on="i32",
              stride_oh="i32", HEAD_DIM="constexpr", QK_SCALE="constexpr", BLOCK_N="constexpr", STAGES="constexpr",
-             CONSUMER_REGS="constexpr")
+             CONSUMER_REGS="constexpr", PINGPONG="constexpr")
 constants = dict(HEAD_DIM=128, QK_SCALE=0.1275, BLOCK_N=hopper.BLOCK_N, STAGES=hopper.STAGES,
-                 CONSUMER_REGS=hopper.CONSUMER_REGS, **scales[1])
+                 CONSUMER_REGS=hopper.CONSUMER_REGS, PINGPONG=pingpong, **scales[1])
 kernel = triton.compile(GluonASTSource(hopper.attention_hopper_kernel, types, constants),
                         target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, maxnreg=168))
 ptx = kernel.asm["ptx"]
@@ -67,13 +69,13 @@ def compile_for_hopper(script: str, triton_path: str | None = None, args: tuple[
     return done.stdout
 
 
-def compile_gluon_attention(v: str, triton_path: str | None = None) -> dict:
-    """attention_hopper_kernel compiled for sm_90 with V in int8 ("int8") or bf16 ("bf16"): what GLUON_ATTENTION
-    reports."""
+def compile_gluon_attention(v: str, triton_path: str | None = None, pingpong: bool = False) -> dict:
+    """attention_hopper_kernel compiled for sm_90 with V in int8 ("int8") or bf16 ("bf16"), its consumers' MMAs in
+    turns (pingpong) or not: what GLUON_ATTENTION reports."""
     import json
 
     pytest.importorskip("triton.experimental.gluon.language.nvidia.hopper", reason="needs a Triton with Gluon")
-    return json.loads(compile_for_hopper(GLUON_ATTENTION, triton_path, (v,)).strip().splitlines()[-1])
+    return json.loads(compile_for_hopper(GLUON_ATTENTION, triton_path, (v, "pingpong" if pingpong else "plain")).strip().splitlines()[-1])
 
 
 OTHER_TRITONS = [p for p in os.environ.get("WAN_OPT_OTHER_TRITONS", "").split(os.pathsep) if p]

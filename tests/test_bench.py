@@ -187,11 +187,14 @@ def test_baseline_vae_tiling_tiles_diffusers_decode_alone(tmp_path, monkeypatch)
 
     monkeypatch.setattr(measure, "baseline", spy("diffusers", measure.baseline))
     monkeypatch.setattr(measure, "profile_run", spy("cpu", measure.profile_run))
+    monkeypatch.setenv("WAN_OPT_HOPPER_PINGPONG", "0")  # a process-wide kernel switch: recorded with the command
     assert main(["--tiny", "--profiles", "cpu", "--steps", "2", "--baseline-vae-tiling", "--out", str(tmp_path)]) == 0
     assert tiled == {"diffusers": True, "cpu": False}
     [path] = tmp_path.glob("bench_tiny-cpu_*.json")
-    assert json.loads(path.read_text())["baseline_vae_tiling"] is True
-    assert "Diffusers decoded in tiles" in path.with_suffix(".md").read_text()
+    report = json.loads(path.read_text())
+    assert report["baseline_vae_tiling"] is True and report["environment"]["WAN_OPT_HOPPER_PINGPONG"] == "0"
+    table = path.with_suffix(".md").read_text()
+    assert "Diffusers decoded in tiles" in table and "`WAN_OPT_HOPPER_PINGPONG=0 python -m wan_opt.bench" in table
 
 
 @pytest.mark.parametrize("argv, says", [

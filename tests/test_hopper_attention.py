@@ -5,6 +5,8 @@ Gluon has no CPU interpreter: here the kernel is compiled for sm_90 (its layouts
 registers), its operands' layout is checked, and its processor and config are tested with SDPA standing in for
 it; tests/test_gpu.py runs it against exact attention on a Hopper GPU.
 """
+import os
+
 import pytest
 import torch
 from diffusers import WanTransformer3DModel
@@ -21,13 +23,36 @@ def sdpa(q, k, v):
     return torch.nn.functional.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v))).transpose(1, 2)
 
 
+@pytest.mark.parametrize("pingpong", [True, False], ids=["turns", "plain"])
 @pytest.mark.parametrize("triton_path", [None, *OTHER_TRITONS], ids=["installed", *OTHER_TRITONS])
-def test_the_exact_kernel_compiles_for_hopper_without_a_gpu(triton_path):
+def test_the_exact_kernel_compiles_for_hopper_without_a_gpu(triton_path, pingpong):
     """Both MMAs on bf16 operands (P from the S accumulator's registers as they are: assert_trivial), within
-    Hopper's shared memory (three stages of bf16 K and V beside Q), without register spills."""
-    report = compile_gluon_attention("bf16", triton_path)
+    Hopper's shared memory (three stages of bf16 K and V beside Q, and the turns' two barriers), without register
+    spills, with the consumers' MMAs in turns (the default) and without."""
+    report = compile_gluon_attention("bf16", triton_path, pingpong)
     assert report["wgmma"] == ["m64n128k16.f32.bf16.bf16"], report
     assert report["shared"] <= SHARED_MEMORY and report["spills"] == 0, report
+
+
+@pytest.mark.parametrize("env, expected", [
+    (None, {"bf16": True, "int8": False}),  # turns where they measured faster: the exact kernel only
+    ("0", {"bf16": False, "int8": False}),
+    ("1", {"bf16": True, "int8": True}),
+    ("yes", {"bf16": True, "int8": False}),  # not a switch's value: the defaults
+])
+def test_turns_follow_p_v_type_unless_the_environment_sets_both(env, expected):
+    import json
+    import subprocess
+    import sys
+
+    environ = {k: v for k, v in os.environ.items() if k != "WAN_OPT_HOPPER_PINGPONG"}
+    if env is not None:
+        environ["WAN_OPT_HOPPER_PINGPONG"] = env
+    pytest.importorskip("triton.experimental.gluon.language.nvidia.hopper", reason="needs a Triton with Gluon")
+    done = subprocess.run([sys.executable, "-c", "import json; from wan_opt.kernels import attention_hopper as h; "
+                           "print(json.dumps(h.PINGPONG))"], env=environ, capture_output=True, text=True,
+                          check=True)
+    assert json.loads(done.stdout) == expected
 
 
 def test_the_kernel_reads_q_k_and_v_where_diffusers_leaves_them():

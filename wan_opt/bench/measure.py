@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import copy
 import json
+import os
 import sys
 import tempfile
 import time
@@ -379,7 +380,9 @@ def main(argv: list[str] | None = None) -> int:
             failed[name] = f"{type(error).__name__}: {error}"
             torch.cuda.empty_cache() if device.type == "cuda" else None
     report = summarize(rows, configs, args, step_flops, device)
-    report.update(model=args.model, reference=type(pipe).__name__, baseline_vae_tiling=args.baseline_vae_tiling)
+    report.update(model=args.model, reference=type(pipe).__name__, baseline_vae_tiling=args.baseline_vae_tiling,
+                  # the process-wide kernel switches (WAN_OPT_HOPPER_KERNEL, WAN_OPT_HOPPER_PINGPONG) it ran under
+                  environment={k: v for k, v in sorted(os.environ.items()) if k.startswith("WAN_OPT_")})
     report["failed"] = failed
     write(report, args)
     return 1 if failed else 0

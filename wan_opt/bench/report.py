@@ -158,7 +158,8 @@ def markdown(report: dict) -> str:
         if "frames_rel_l2_null" in report else []
     if report.get("baseline_vae_tiling"):
         note += ["Diffusers decoded in tiles (`--baseline-vae-tiling`); the profiles as their plans say.", ""]
-    return "\n".join([*lines, "", *note, f"`{report['command']}`", ""])
+    command = " ".join([*(f"{k}={v}" for k, v in report.get("environment", {}).items()), report["command"]])
+    return "\n".join([*lines, "", *note, f"`{command}`", ""])
 
 
 STAGES = (("text_encoding", "text encoding"), ("vae_encode", "VAE encode"), ("denoise", "denoising"),

@@ -21,6 +21,8 @@ The design, what the instruction stream needed and the variants measured and not
 Gluon as Triton 3.6 has it (PyTorch 2.11's), and compiled for sm_90 there and on 3.8 by the tests' script;
 wan_opt.optim.attention.HOPPER_KERNEL takes it out of use.
 """
+import os
+
 import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
@@ -40,6 +42,11 @@ ROWS = gl.constexpr(64)  # query rows per consumer warpgroup: one wgmma's M
 BLOCK_N = 128  # keys per block: two blocks of scores (the one in use, the next in flight) fill the registers
 STAGES = 3  # K/V blocks in flight; 2 starved the fp8 kernel's consumers
 CONSUMER_REGS = 240  # two consumers at 240 and the loader's warpgroup at 24 fill the register file
+# The consumers' MMAs in turns (_block), by P V's type: 3.4% faster for the exact kernel at 75,600 tokens on an H100,
+# 1.5% slower for int8 P V (docs/kernels.md, "Turns at the tensor cores"). WAN_OPT_HOPPER_PINGPONG=0 or 1 sets both
+# for one process, to measure one against the other.
+_TURNS_FROM_ENV = {"0": False, "1": True}.get(os.environ.get("WAN_OPT_HOPPER_PINGPONG", ""))
+PINGPONG = {"bf16": True, "int8": False} if _TURNS_FROM_ENV is None else dict.fromkeys(("bf16", "int8"), _TURNS_FROM_ENV)
 
 
 @gluon.jit
@@ -106,10 +113,16 @@ def _fold(x, MAX: gl.constexpr):
 
 
 @gluon.jit
-def _block(q, k_next, v, ready_next, ready_phase, s, acc, m_i, l_i, limit, pv_layout: gl.constexpr,
-           QK_SCALE: gl.constexpr, HAS_NEXT: gl.constexpr, MASKED: gl.constexpr):
-    """One block of keys whose scores s are in registers: the row max, the next block's scores issued, P while
-    the tensor cores compute them, then P V, in V's type, into the accumulator. Returns the next block's scores."""
+def _block(q, k_next, v, ready_next, ready_phase, s, acc, m_i, l_i, limit, turn_mine, turn_other, turn_phase,
+           pv_layout: gl.constexpr, QK_SCALE: gl.constexpr, HAS_NEXT: gl.constexpr, MASKED: gl.constexpr,
+           PINGPONG: gl.constexpr):
+    """One block of keys whose scores s are in registers: the row max, P, then P V, in V's type, into the
+    accumulator, and the next block's scores. Returns them.
+
+    Without PINGPONG the next block's Q K^T is issued before P is computed, so that this warpgroup's own tensor
+    core work runs beside its exponentials. With PINGPONG the softmax comes first and both MMAs are issued
+    together, in turns with the other consumer (turn_mine, turn_other): one warpgroup's exponentials run while
+    the other's MMAs do, FlashAttention-3's ping-pong."""
     INT8_PV: gl.constexpr = v.dtype == gl.int8
     if MASKED:
         cols = gl.arange(0, s.shape[1], gl.SliceLayout(0, s.type.layout))
@@ -119,17 +132,21 @@ def _block(q, k_next, v, ready_next, ready_phase, s, acc, m_i, l_i, limit, pv_la
     alpha = gl.exp2(m_i - m_new)
     if INT8_PV:
         beta = gl.exp2(block_max - m_new)  # this block's P, against its own max, to the running max
-    s_next = s
-    if HAS_NEXT:
-        mbarrier.wait(ready_next, ready_phase)
-        s_next = warpgroup_mma(q, k_next.permute((1, 0)), gl.zeros_like(s), use_acc=False, is_async=True)
+    if PINGPONG:
+        s_next = s  # issued with P V, in this warpgroup's turn
+    else:
+        s_next = _next_scores(q, k_next, ready_next, ready_phase, s, HAS_NEXT)
     l_alpha = gl.convert_layout(alpha, gl.SliceLayout(1, l_i.type.layout))[:, None]
     acc_alpha = gl.convert_layout(alpha, gl.SliceLayout(1, acc.type.layout))[:, None]
     if INT8_PV:
         p = gl.exp2(s * QK_SCALE - (block_max - LOG2_P_TOP)[:, None])
         l_i = l_i * l_alpha + _fold(p, False) * gl.convert_layout(beta, gl.SliceLayout(1, l_i.type.layout))[:, None]
-        pv = warpgroup_mma(_as_mma_operand(p, pv_layout), v.permute((1, 0)),
-                           gl.zeros_like(acc, dtype=gl.int32), use_acc=False, is_async=True)
+        p8 = _as_mma_operand(p, pv_layout)
+        if PINGPONG:
+            s_next = _turn(q, k_next, ready_next, ready_phase, s, turn_mine, turn_phase, HAS_NEXT)
+        pv = warpgroup_mma(p8, v.permute((1, 0)), gl.zeros_like(acc, dtype=gl.int32), use_acc=False, is_async=True)
+        if PINGPONG:
+            mbarrier.arrive(turn_other, count=1)
         beta = gl.convert_layout(beta, gl.SliceLayout(1, acc.type.layout))
         acc = acc * acc_alpha - (beta * MAGIC)[:, None]
         pv, s_next = warpgroup_mma_wait(0, deps=[pv, s_next])
@@ -143,15 +160,40 @@ def _block(q, k_next, v, ready_next, ready_phase, s, acc, m_i, l_i, limit, pv_la
         # registers are already P's A-operand layout.
         p = gl.exp2(s * QK_SCALE - m_new[:, None])
         l_i = l_i * l_alpha + _fold(p, False)
-        acc = warpgroup_mma(gl.convert_layout(p.to(gl.bfloat16), pv_layout, assert_trivial=True), v,
-                            acc * acc_alpha, use_acc=True, is_async=True)
+        p16 = gl.convert_layout(p.to(gl.bfloat16), pv_layout, assert_trivial=True)
+        acc = acc * acc_alpha
+        if PINGPONG:
+            s_next = _turn(q, k_next, ready_next, ready_phase, s, turn_mine, turn_phase, HAS_NEXT)
+        acc = warpgroup_mma(p16, v, acc, use_acc=True, is_async=True)
+        if PINGPONG:
+            mbarrier.arrive(turn_other, count=1)
         acc, s_next = warpgroup_mma_wait(0, deps=[acc, s_next])
     return s_next, acc, m_new, l_i
 
 
 @gluon.jit
-def _consumer(q_smem, k_bufs, v_bufs, ready, empty, q_bar, V_SCALE, V_MEAN, OUT, index, m0, bh, n_ctx, n_heads,
-              n_blocks, stride_ob, stride_on, stride_oh, QK_SCALE: gl.constexpr):
+def _turn(q, k_next, ready_next, ready_phase, s, turn_mine, turn_phase, HAS_NEXT: gl.constexpr):
+    """PINGPONG: wait for the next block's keys, then for this warpgroup's turn at the tensor cores, and issue the
+    next block's Q K^T (P V follows it). Returns the next block's scores in flight (s where there is none)."""
+    if HAS_NEXT:
+        mbarrier.wait(ready_next, ready_phase)
+    mbarrier.wait(turn_mine, turn_phase)
+    return _next_scores(q, k_next, ready_next, ready_phase, s, HAS_NEXT)
+
+
+@gluon.jit
+def _next_scores(q, k_next, ready_next, ready_phase, s, HAS_NEXT: gl.constexpr):
+    """The next block's S = Q K^T issued once its keys are in (in flight: waited for with P V), or s if none."""
+    s_next = s
+    if HAS_NEXT:
+        mbarrier.wait(ready_next, ready_phase)
+        s_next = warpgroup_mma(q, k_next.permute((1, 0)), gl.zeros_like(s), use_acc=False, is_async=True)
+    return s_next
+
+
+@gluon.jit
+def _consumer(q_smem, k_bufs, v_bufs, ready, empty, q_bar, turn, V_SCALE, V_MEAN, OUT, index, m0, bh, n_ctx, n_heads,
+              n_blocks, stride_ob, stride_on, stride_oh, QK_SCALE: gl.constexpr, PINGPONG: gl.constexpr):
     INT8_PV: gl.constexpr = v_bufs.dtype == gl.int8
     stages: gl.constexpr = k_bufs.type.shape[0]
     block_n: gl.constexpr = k_bufs.type.shape[1]
@@ -174,16 +216,22 @@ def _consumer(q_smem, k_bufs, v_bufs, ready, empty, q_bar, V_SCALE, V_MEAN, OUT,
     mbarrier.wait(ready.index(0), 0)
     s = warpgroup_mma(q, k_bufs.index(0).permute((1, 0)), s, use_acc=False, is_async=True)
     s = warpgroup_mma_wait(0, deps=[s])
+    # PINGPONG's turns: consumer 0 goes first (a new barrier reads as its previous phase done), then each waits
+    # for the other's arrival after its MMAs are issued.
+    turn_mine = turn.index(index)
+    turn_other = turn.index(1 - index)
     for j in range(n_blocks - 1):
         stage = j % stages
         nxt = (j + 1) % stages
         s, acc, m_i, l_i = _block(q, k_bufs.index(nxt), v_bufs.index(stage), ready.index(nxt),
-                                  ((j + 1) // stages) & 1, s, acc, m_i, l_i, 0, pv_layout, QK_SCALE, True, False)
+                                  ((j + 1) // stages) & 1, s, acc, m_i, l_i, 0, turn_mine, turn_other,
+                                  (j + 1 + index) & 1, pv_layout, QK_SCALE, True, False, PINGPONG)
         mbarrier.arrive(empty.index(stage), count=1)
     last = n_blocks - 1  # partly padding (or the next batch's tokens): masked
     stage = last % stages
     s, acc, m_i, l_i = _block(q, k_bufs.index(stage), v_bufs.index(stage), ready.index(stage), 0, s, acc, m_i,
-                              l_i, n_ctx - last * block_n, pv_layout, QK_SCALE, False, True)
+                              l_i, n_ctx - last * block_n, turn_mine, turn_other, (last + 1 + index) & 1,
+                              pv_layout, QK_SCALE, False, True, PINGPONG)
     mbarrier.arrive(empty.index(stage), count=1)
 
     offs_m = row0 + gl.arange(0, ROWS, gl.SliceLayout(1, o_layout))
@@ -199,25 +247,41 @@ def _consumer(q_smem, k_bufs, v_bufs, ready, empty, q_bar, V_SCALE, V_MEAN, OUT,
     gl.store(pointers, out.to(OUT.dtype.element_ty), mask=(offs_m < n_ctx)[:, None])
 
 
-# A partition is a function; the two consumers differ only in which 64 rows they take.
+# A partition is a function; the two consumers differ only in which 64 rows they take. PINGPONG is bound here, as
+# a literal: warp_specialize hands a partition its arguments as values, constexprs among them.
 @gluon.jit
-def _consumer_0(q_smem, k_bufs, v_bufs, ready, empty, q_bar, V_SCALE, V_MEAN, OUT, m0, bh, n_ctx, n_heads, n_blocks,
-                stride_ob, stride_on, stride_oh, QK_SCALE: gl.constexpr):
-    _consumer(q_smem, k_bufs, v_bufs, ready, empty, q_bar, V_SCALE, V_MEAN, OUT, 0, m0, bh, n_ctx, n_heads, n_blocks,
-              stride_ob, stride_on, stride_oh, QK_SCALE)
+def _consumer_0(q_smem, k_bufs, v_bufs, ready, empty, q_bar, turn, V_SCALE, V_MEAN, OUT, m0, bh, n_ctx, n_heads,
+                n_blocks, stride_ob, stride_on, stride_oh, QK_SCALE):
+    _consumer(q_smem, k_bufs, v_bufs, ready, empty, q_bar, turn, V_SCALE, V_MEAN, OUT, 0, m0, bh, n_ctx, n_heads,
+              n_blocks, stride_ob, stride_on, stride_oh, QK_SCALE, False)
 
 
 @gluon.jit
-def _consumer_1(q_smem, k_bufs, v_bufs, ready, empty, q_bar, V_SCALE, V_MEAN, OUT, m0, bh, n_ctx, n_heads, n_blocks,
-                stride_ob, stride_on, stride_oh, QK_SCALE: gl.constexpr):
-    _consumer(q_smem, k_bufs, v_bufs, ready, empty, q_bar, V_SCALE, V_MEAN, OUT, 1, m0, bh, n_ctx, n_heads, n_blocks,
-              stride_ob, stride_on, stride_oh, QK_SCALE)
+def _consumer_1(q_smem, k_bufs, v_bufs, ready, empty, q_bar, turn, V_SCALE, V_MEAN, OUT, m0, bh, n_ctx, n_heads,
+                n_blocks, stride_ob, stride_on, stride_oh, QK_SCALE):
+    _consumer(q_smem, k_bufs, v_bufs, ready, empty, q_bar, turn, V_SCALE, V_MEAN, OUT, 1, m0, bh, n_ctx, n_heads,
+              n_blocks, stride_ob, stride_on, stride_oh, QK_SCALE, False)
+
+
+@gluon.jit
+def _pingpong_consumer_0(q_smem, k_bufs, v_bufs, ready, empty, q_bar, turn, V_SCALE, V_MEAN, OUT, m0, bh, n_ctx,
+                         n_heads, n_blocks, stride_ob, stride_on, stride_oh, QK_SCALE):
+    _consumer(q_smem, k_bufs, v_bufs, ready, empty, q_bar, turn, V_SCALE, V_MEAN, OUT, 0, m0, bh, n_ctx, n_heads,
+              n_blocks, stride_ob, stride_on, stride_oh, QK_SCALE, True)
+
+
+@gluon.jit
+def _pingpong_consumer_1(q_smem, k_bufs, v_bufs, ready, empty, q_bar, turn, V_SCALE, V_MEAN, OUT, m0, bh, n_ctx,
+                         n_heads, n_blocks, stride_ob, stride_on, stride_oh, QK_SCALE):
+    _consumer(q_smem, k_bufs, v_bufs, ready, empty, q_bar, turn, V_SCALE, V_MEAN, OUT, 1, m0, bh, n_ctx, n_heads,
+              n_blocks, stride_ob, stride_on, stride_oh, QK_SCALE, True)
 
 
 @gluon.jit
 def attention_hopper_kernel(q_desc, k_desc, v_desc, V_SCALE, V_MEAN, OUT, n_ctx, n_heads, n_pad, stride_ob,
                             stride_on, stride_oh, HEAD_DIM: gl.constexpr, QK_SCALE: gl.constexpr,
-                            BLOCK_N: gl.constexpr, STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr):
+                            BLOCK_N: gl.constexpr, STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr,
+                            PINGPONG: gl.constexpr):
     """One program: 128 queries of one (batch, head) against every key.
 
     INT8_PV: Q and K are (B*H*n_pad, D) matrices, V^T a (B*H*D, n_pad) one, with V's scales and means. Otherwise
@@ -243,26 +307,36 @@ def attention_hopper_kernel(q_desc, k_desc, v_desc, V_SCALE, V_MEAN, OUT, n_ctx,
     ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
     for i in gl.static_range(STAGES):
         mbarrier.init(ready.index(i), count=1)
         mbarrier.init(empty.index(i), count=2)  # both consumers release a stage
     mbarrier.init(q_bar, count=1)
-    consumer_args = (q_smem, k_bufs, v_bufs, ready, empty, q_bar, V_SCALE, V_MEAN, OUT, m0, bh, n_ctx, n_heads,
+    for i in gl.static_range(2):
+        mbarrier.init(turn.index(i), count=1)
+    consumer_args = (q_smem, k_bufs, v_bufs, ready, empty, q_bar, turn, V_SCALE, V_MEAN, OUT, m0, bh, n_ctx, n_heads,
                      n_blocks, stride_ob, stride_on, stride_oh, QK_SCALE)
     loader_args = (q_desc, k_desc, v_desc, q_smem, k_bufs, v_bufs, ready, empty, q_bar, k_row + m0, k_row, col,
                    bh * HEAD_DIM, n_blocks)
-    gl.warp_specialize([(_consumer_0, consumer_args), (_consumer_1, consumer_args), (_loader, loader_args)],
-                       [4, 1], [CONSUMER_REGS, 24])
+    if PINGPONG:
+        gl.warp_specialize([(_pingpong_consumer_0, consumer_args), (_pingpong_consumer_1, consumer_args),
+                            (_loader, loader_args)], [4, 1], [CONSUMER_REGS, 24])
+    else:
+        gl.warp_specialize([(_consumer_0, consumer_args), (_consumer_1, consumer_args), (_loader, loader_args)],
+                           [4, 1], [CONSUMER_REGS, 24])
 
 
-def _launch(descriptors, v_scale, v_mean, out, n_ctx: int, n_heads: int, n_pad: int, batch: int):
+def _launch(descriptors, v_scale, v_mean, out, n_ctx: int, n_heads: int, n_pad: int, batch: int,
+            pingpong: bool | None = None):
     d = out.shape[-1]
+    int8_pv = v_scale is not None
     grid = (triton.cdiv(n_ctx, 2 * ROWS.value), batch * n_heads)
     # 12 warps (two consumer warpgroups, the loader's) at launch: at most 168 registers a thread; then the
     # consumers take CONSUMER_REGS and the loader 24.
     attention_hopper_kernel[grid](*descriptors, v_scale, v_mean, out, n_ctx, n_heads, n_pad, out.stride(0),
                                   out.stride(1), out.stride(2), HEAD_DIM=d, QK_SCALE=e4m3.qk_scale(d),
                                   BLOCK_N=BLOCK_N, STAGES=STAGES, CONSUMER_REGS=CONSUMER_REGS,
+                                  PINGPONG=PINGPONG["int8" if int8_pv else "bf16"] if pingpong is None else pingpong,
                                   num_warps=4, maxnreg=168)
     return out
 
@@ -279,10 +353,11 @@ def fp8_descriptors(q, k, vt8):
             TensorDescriptor.from_tensor(vt8.view(-1, n_pad), [d, BLOCK_N], _layout([d, BLOCK_N], gl.int8)))
 
 
-def fp8_attention_hopper(q, k, vt8, v_scale, v_mean, out, n_ctx: int):
-    """Run on quantize_qkv(..., hopper=True)'s operands into out, (B, N, H, D) contiguous; returns out."""
+def fp8_attention_hopper(q, k, vt8, v_scale, v_mean, out, n_ctx: int, pingpong: bool | None = None):
+    """Run on quantize_qkv(..., hopper=True)'s operands into out, (B, N, H, D) contiguous; returns out.
+    pingpong: the consumers' MMAs in turns (default: PINGPONG's)."""
     b, h, n_pad, _ = q.shape
-    return _launch(fp8_descriptors(q, k, vt8), v_scale, v_mean, out, n_ctx, h, n_pad, b)
+    return _launch(fp8_descriptors(q, k, vt8), v_scale, v_mean, out, n_ctx, h, n_pad, b, pingpong)
 
 
 def as_rows(x):
@@ -304,8 +379,8 @@ def rows_descriptors(query, key, value):
             *(TensorDescriptor.from_tensor(as_rows(t), kv_block, _layout(kv_block, gl.bfloat16)) for t in (key, value)))
 
 
-def exact_attention_hopper(query, key, value, out):
+def exact_attention_hopper(query, key, value, out, pingpong: bool | None = None):
     """Softmax attention of (B, N, H, D) bf16 tensors, head dimension 128, in bf16 into out, (B, N, H, D)
-    contiguous; returns out."""
+    contiguous; returns out. pingpong: the consumers' MMAs in turns (default: PINGPONG's)."""
     b, n, h, _ = query.shape
-    return _launch(rows_descriptors(query, key, value), None, None, out, n, h, n, b)
+    return _launch(rows_descriptors(query, key, value), None, None, out, n, h, n, b, pingpong)
