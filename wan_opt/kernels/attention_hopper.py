@@ -135,7 +135,7 @@ def _block(q, k_next, v, ready_next, ready_phase, s, acc, m_i, l_i, limit, turn_
     if PINGPONG:
         s_next = s  # issued with P V, in this warpgroup's turn
     else:
-        s_next = _next_scores(q, k_next, ready_next, ready_phase, s, HAS_NEXT)
+        s_next = _next_scores(q, k_next, ready_next, ready_phase, s, turn_mine, turn_phase, HAS_NEXT, False)
     l_alpha = gl.convert_layout(alpha, gl.SliceLayout(1, l_i.type.layout))[:, None]
     acc_alpha = gl.convert_layout(alpha, gl.SliceLayout(1, acc.type.layout))[:, None]
     if INT8_PV:
@@ -143,7 +143,7 @@ def _block(q, k_next, v, ready_next, ready_phase, s, acc, m_i, l_i, limit, turn_
         l_i = l_i * l_alpha + _fold(p, False) * gl.convert_layout(beta, gl.SliceLayout(1, l_i.type.layout))[:, None]
         p8 = _as_mma_operand(p, pv_layout)
         if PINGPONG:
-            s_next = _turn(q, k_next, ready_next, ready_phase, s, turn_mine, turn_phase, HAS_NEXT)
+            s_next = _next_scores(q, k_next, ready_next, ready_phase, s, turn_mine, turn_phase, HAS_NEXT, True)
         pv = warpgroup_mma(p8, v.permute((1, 0)), gl.zeros_like(acc, dtype=gl.int32), use_acc=False, is_async=True)
         if PINGPONG:
             mbarrier.arrive(turn_other, count=1)
@@ -163,7 +163,7 @@ def _block(q, k_next, v, ready_next, ready_phase, s, acc, m_i, l_i, limit, turn_
         p16 = gl.convert_layout(p.to(gl.bfloat16), pv_layout, assert_trivial=True)
         acc = acc * acc_alpha
         if PINGPONG:
-            s_next = _turn(q, k_next, ready_next, ready_phase, s, turn_mine, turn_phase, HAS_NEXT)
+            s_next = _next_scores(q, k_next, ready_next, ready_phase, s, turn_mine, turn_phase, HAS_NEXT, True)
         acc = warpgroup_mma(p16, v, acc, use_acc=True, is_async=True)
         if PINGPONG:
             mbarrier.arrive(turn_other, count=1)
@@ -172,21 +172,16 @@ def _block(q, k_next, v, ready_next, ready_phase, s, acc, m_i, l_i, limit, turn_
 
 
 @gluon.jit
-def _turn(q, k_next, ready_next, ready_phase, s, turn_mine, turn_phase, HAS_NEXT: gl.constexpr):
-    """PINGPONG: wait for the next block's keys, then for this warpgroup's turn at the tensor cores, and issue the
-    next block's Q K^T (P V follows it). Returns the next block's scores in flight (s where there is none)."""
+def _next_scores(q, k_next, ready_next, ready_phase, s, turn_mine, turn_phase, HAS_NEXT: gl.constexpr,
+                 PINGPONG: gl.constexpr):
+    """The next block's S = Q K^T issued once its keys are in and, with PINGPONG, once it is this warpgroup's turn
+    at the tensor cores (P V follows it there); in flight, waited for with P V. s where there is no next block."""
     if HAS_NEXT:
         mbarrier.wait(ready_next, ready_phase)
-    mbarrier.wait(turn_mine, turn_phase)
-    return _next_scores(q, k_next, ready_next, ready_phase, s, HAS_NEXT)
-
-
-@gluon.jit
-def _next_scores(q, k_next, ready_next, ready_phase, s, HAS_NEXT: gl.constexpr):
-    """The next block's S = Q K^T issued once its keys are in (in flight: waited for with P V), or s if none."""
+    if PINGPONG:
+        mbarrier.wait(turn_mine, turn_phase)
     s_next = s
     if HAS_NEXT:
-        mbarrier.wait(ready_next, ready_phase)
         s_next = warpgroup_mma(q, k_next.permute((1, 0)), gl.zeros_like(s), use_acc=False, is_async=True)
     return s_next
 
