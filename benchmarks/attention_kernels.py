@@ -7,10 +7,11 @@ runs it (on Hopper the warp-specialised kernel) alone and with the quantisation 
 the Triton kernel (the one Ada and other head dimensions get); with --tiles, also each tile shape the Triton
 kernel's autotuner chooses from, timed one by one; with --against COMMIT, also the fp8 attention as it was at
 that commit (its files read from git into a package of their own), for the speed of a change in one process; with
---pingpong, also both Hopper kernels with their two consumers' MMAs taken in turns and without, alternately.
+--schedules, also both Hopper kernels in each order their consumers can issue MMAs in (attention_hopper.SCHEDULES),
+in turn.
 
     python benchmarks/attention_kernels.py --tokens 75600 32760 --tiles
-    python benchmarks/attention_kernels.py --tokens 75600 32760 --pingpong
+    python benchmarks/attention_kernels.py --tokens 75600 32760 --schedules
     python benchmarks/attention_kernels.py --tokens 75600 32760 --against e5e10d2
 """
 from __future__ import annotations
@@ -110,34 +111,36 @@ def milliseconds(fn, repeat: int) -> float:
     return start.elapsed_time(end) / repeat
 
 
-def turns_runs(kernels: dict, reference, flop: float, repeat: int, rounds: int = 3) -> dict:
-    """Each Hopper kernel, named by P V's type, with its consumers' MMAs in turns (attention_hopper.PINGPONG) and
-    without, alternately, `rounds` times (the clock drifts at the power limit): the better time of each, and how far
-    apart the outputs."""
+def schedule_runs(kernels: dict, reference, flop: float, repeat: int, rounds: int = 3) -> dict:
+    """Each Hopper kernel, named by P V's type, in each of its schedules (attention_hopper.SCHEDULES) in turn,
+    `rounds` times (the clock drifts at the power limit): the better time of each, its ratio to "overlap"'s, and how
+    far its output is from "overlap"'s."""
     from wan_opt.kernels import attention_hopper
 
-    default, found = dict(attention_hopper.PINGPONG), {}
+    default, found = dict(attention_hopper.SCHEDULE), {}
     try:
         for (name, pv_type), fn in kernels.items():
-            times = {False: [], True: []}
+            schedules = attention_hopper.SCHEDULES[pv_type]
+            times = {schedule: [] for schedule in schedules}
             for _ in range(rounds):
-                for turns in (False, True):
-                    attention_hopper.PINGPONG[pv_type] = turns
-                    times[turns].append(milliseconds(fn, repeat))
+                for schedule in schedules:
+                    attention_hopper.SCHEDULE[pv_type] = schedule
+                    times[schedule].append(milliseconds(fn, repeat))
             outs = {}
-            for turns in (False, True):
-                attention_hopper.PINGPONG[pv_type] = turns
-                outs[turns] = fn().float()
-            for turns, label in ((False, "no_turns"), (True, "turns")):
-                ms = min(times[turns])
-                found[f"{name}_{label}_ms"] = ms
-                found[f"{name}_{label}_tflops"] = round(flop / ms / 1e9, 1)
-                found[f"{name}_{label}_ms_all"] = [round(t, 3) for t in times[turns]]
-            found[f"{name}_turns_speedup"] = round(min(times[False]) / min(times[True]), 4)
-            found[f"{name}_turns_rel_l2_vs_sdpa"] = float((outs[True] - reference).norm() / reference.norm())
-            found[f"{name}_turns_max_abs_vs_no_turns"] = float((outs[True] - outs[False]).abs().max())
+            for schedule in schedules:
+                attention_hopper.SCHEDULE[pv_type] = schedule
+                outs[schedule] = fn().float()
+            for schedule in schedules:
+                label = f"{name}_{schedule.replace('+', '_')}"
+                ms = min(times[schedule])
+                found[f"{label}_ms"] = ms
+                found[f"{label}_tflops"] = round(flop / ms / 1e9, 1)
+                found[f"{label}_ms_all"] = [round(t, 3) for t in times[schedule]]
+                found[f"{label}_speedup_vs_overlap"] = round(min(times["overlap"]) / ms, 4)
+                found[f"{label}_rel_l2_vs_sdpa"] = float((outs[schedule] - reference).norm() / reference.norm())
+                found[f"{label}_max_abs_vs_overlap"] = float((outs[schedule] - outs["overlap"]).abs().max())
     finally:
-        attention_hopper.PINGPONG.update(default)
+        attention_hopper.SCHEDULE.update(default)
     return found
 
 
@@ -149,8 +152,9 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=10)
     parser.add_argument("--tiles", action="store_true", help="also time each tile shape of the fp8 kernel")
     parser.add_argument("--against", metavar="COMMIT", help="also time the fp8 attention as it was at COMMIT")
-    parser.add_argument("--pingpong", action="store_true",
-                        help="also time the Hopper kernels with their consumers' MMAs in turns, against without")
+    parser.add_argument("--schedules", "--pingpong", action="store_true",
+                        help="also time the Hopper kernels in each of their schedules, in turn (--pingpong: the "
+                             "earlier name)")
     parser.add_argument("--suffix", default="", help="appended to the result file's name")
     parser.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
     args = parser.parse_args()
@@ -214,8 +218,8 @@ def main() -> None:
             names.append("previous_fp8_with_quantisation")
         for name in names:
             run[f"{name}_tflops"] = round(flop / run[f"{name}_ms"] / 1e9, 1)
-        if args.pingpong and hopper:
-            run.update(turns_runs({("hopper_bf16", "bf16"): lambda: exact_attention_hopper(q, k, v),
+        if args.schedules and hopper:
+            run.update(schedule_runs({("hopper_bf16", "bf16"): lambda: exact_attention_hopper(q, k, v),
                                    ("fp8_with_quantisation", "int8"): lambda: fp8_attention(q, k, v, hopper=True)},
                                   reference, flop, args.repeat))
         if args.tiles:

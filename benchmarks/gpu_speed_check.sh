@@ -3,6 +3,8 @@
 # the steps in this order (STEPS selects some of them):
 #   kernels  the exact Hopper kernel (attention=hopper) against cuDNN's bf16 attention, and the fp8 kernels, at
 #            75,600 and 32,760 tokens (benchmarks/attention_kernels.py), after its GPU test;
+#   schedules both Hopper kernels in each of their schedules (attention_hopper.SCHEDULES), timed in turn at the
+#            same sizes (attention_kernels.py --schedules), after the GPU test that they agree to the bit;
 #   lossless the lossless profile's 720p CFG step (auto: the exact Hopper kernel without FlashAttention-4) beside
 #            the same on cuDNN, against diffusers' WanPipeline in the same run (python -m wan_opt.bench, 2 steps,
 #            no decode);
@@ -29,7 +31,7 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/results}
 BUDGET=${BUDGET:-590}
 PROFILE=${PROFILE:-h200}
-STEPS=${STEPS:-kernels lossless pytest frames decode preset h100 ti2v}
+STEPS=${STEPS:-kernels schedules lossless pytest frames decode preset h100 ti2v}
 mkdir -p "$OUT"
 export OUT PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 PY=${PYTHON:-python}
@@ -44,6 +46,10 @@ PRESET=$PROFILE,model=wan22_t2v_a14b_lightning
 wanted kernels && step kernels 150 bash -c "$PY -m pytest -q -m gpu tests/test_gpu.py -k exact_hopper \
     -o cache_dir=/tmp/wan_opt_pytest_cache --junitxml=$OUT/pytest_exact.xml; \
     $PY benchmarks/attention_kernels.py --tokens 75600 32760 --heads 40 --repeat 5 --suffix _exact --out $OUT"
+wanted schedules && step schedules 240 bash -c "$PY -m pytest -q -m gpu tests/test_gpu.py -k schedule \
+    -o cache_dir=/tmp/wan_opt_pytest_cache --junitxml=$OUT/pytest_schedules.xml; \
+    $PY benchmarks/attention_kernels.py --tokens 75600 32760 --heads 40 --repeat 5 --schedules \
+    --suffix _schedules --out $OUT"
 wanted lossless && step lossless 400 $PY -m wan_opt.bench --profiles "$PROFILE" "$PROFILE,hardware.speed.attention=cudnn" \
     --size 1280*720 --frames 81 --steps 2 --no-decode --out "$OUT"
 wanted pytest && step pytest 150 $PY -m pytest -q -m gpu tests/test_vae.py tests/test_pipeline.py \

@@ -9,11 +9,12 @@ from pathlib import Path
 
 import pytest
 
-# Compiles attention_hopper_kernel for one V (int8 V^T: mode=fast's; bf16 V: the exact kernel's), its consumers'
-# MMAs in turns or not, and prints its wgmma instructions, its shared memory and ptxas' register and spill report,
+# Compiles attention_hopper_kernel for one V (int8 V^T: mode=fast's; bf16 V: the exact kernel's) in one schedule
+# (attention_hopper.SCHEDULES), and prints its wgmma instructions, its shared memory, ptxas' spill report and, from
+# the machine code, the most exponentials found between a wait for all but the last MMA group and the next wait,
 # one JSON line.
 GLUON_ATTENTION = """
-import json, re, subprocess, sys, tempfile
+import json, os, re, subprocess, sys, tempfile
 import torch, triton
 from triton.backends.compiler import GPUTarget
 from triton.backends.nvidia.compiler import get_ptxas
@@ -22,7 +23,7 @@ from triton.runtime.jit import mangle_type
 from wan_opt.kernels import attention_hopper as hopper
 
 int8_pv = sys.argv[1] == "int8"
-pingpong = sys.argv[2:] == ["pingpong"]
+schedule = sys.argv[2]
 if int8_pv:
     q, vt = torch.empty(1, 2, 256, 128, dtype=torch.bfloat16), torch.empty(1, 2, 128, 256, dtype=torch.int8)
     descriptors = hopper.fp8_descriptors(q, q, vt)
@@ -34,20 +35,31 @@ else:
 types = dict(zip(["q_desc", "k_desc", "v_desc"], map(mangle_type, descriptors)))
 types.update(scales[0], OUT="*bf16", n_ctx="i32", n_heads="i32", n_pad="i32", stride_ob="i32", stride_on="i32",
              stride_oh="i32", HEAD_DIM="constexpr", QK_SCALE="constexpr", BLOCK_N="constexpr", STAGES="constexpr",
-             CONSUMER_REGS="constexpr", PINGPONG="constexpr")
+             CONSUMER_REGS="constexpr", SCHEDULE="constexpr")
 constants = dict(HEAD_DIM=128, QK_SCALE=0.1275, BLOCK_N=hopper.BLOCK_N, STAGES=hopper.STAGES,
-                 CONSUMER_REGS=hopper.CONSUMER_REGS, PINGPONG=pingpong, **scales[1])
+                 CONSUMER_REGS=hopper.CONSUMER_REGS, SCHEDULE=schedule, **scales[1])
 kernel = triton.compile(GluonASTSource(hopper.attention_hopper_kernel, types, constants),
                         target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, maxnreg=168))
 ptx = kernel.asm["ptx"]
-with tempfile.NamedTemporaryFile("w", suffix=".ptx") as source:
-    source.write(ptx)
-    source.flush()
-    ptxas = subprocess.run([get_ptxas(90).path, "-v", "--gpu-name=sm_90a", source.name, "-o", "/dev/null"],
+with tempfile.TemporaryDirectory() as folder:
+    source, cubin = os.path.join(folder, "kernel.ptx"), os.path.join(folder, "kernel.cubin")
+    with open(source, "w") as file:
+        file.write(ptx)
+    ptxas = subprocess.run([get_ptxas(90).path, "-v", "--gpu-name=sm_90a", source, "-o", cubin],
                            capture_output=True, text=True, check=True).stderr
+    nvdisasm = os.path.join(os.path.dirname(get_ptxas(90).path), "nvdisasm")
+    sass = subprocess.run([nvdisasm, "-c", cubin], capture_output=True, text=True, check=True).stdout
 spills = [int(n) for n in re.findall(r"(\\d+) bytes spill (?:stores|loads)", ptxas)]
+between, counting = 0, None  # exponentials after a WARPGROUP.DEPBAR.LE gsb0, 0x1, before the next DEPBAR
+for line in sass.splitlines():
+    if "WARPGROUP.DEPBAR" in line:
+        counting = 0 if "0x1" in line.split("gsb0")[-1] else None
+    elif counting is not None and "MUFU.EX2" in line:
+        counting += 1
+        between = max(between, counting)
 print(json.dumps(dict(wgmma=sorted(set(re.findall(r"wgmma\\.mma_async\\.sync\\.aligned\\.(\\S+?);?\\s", ptx))),
-                      int_to_float="cvt.rn.f32.s32" in ptx, shared=kernel.metadata.shared, spills=sum(spills))))
+                      int_to_float="cvt.rn.f32.s32" in ptx, shared=kernel.metadata.shared, spills=sum(spills),
+                      exponentials_between_waits=between)))
 """
 
 SHARED_MEMORY = 227 * 1024  # what one block may take on Hopper
@@ -69,13 +81,13 @@ def compile_for_hopper(script: str, triton_path: str | None = None, args: tuple[
     return done.stdout
 
 
-def compile_gluon_attention(v: str, triton_path: str | None = None, pingpong: bool = False) -> dict:
-    """attention_hopper_kernel compiled for sm_90 with V in int8 ("int8") or bf16 ("bf16"), its consumers' MMAs in
-    turns (pingpong) or not: what GLUON_ATTENTION reports."""
+def compile_gluon_attention(v: str, triton_path: str | None = None, schedule: str = "overlap") -> dict:
+    """attention_hopper_kernel compiled for sm_90 with V in int8 ("int8") or bf16 ("bf16"), in one of its
+    schedules: what GLUON_ATTENTION reports."""
     import json
 
     pytest.importorskip("triton.experimental.gluon.language.nvidia.hopper", reason="needs a Triton with Gluon")
-    return json.loads(compile_for_hopper(GLUON_ATTENTION, triton_path, (v, "pingpong" if pingpong else "plain")).strip().splitlines()[-1])
+    return json.loads(compile_for_hopper(GLUON_ATTENTION, triton_path, (v, schedule)).strip().splitlines()[-1])
 
 
 OTHER_TRITONS = [p for p in os.environ.get("WAN_OPT_OTHER_TRITONS", "").split(os.pathsep) if p]

@@ -187,14 +187,16 @@ def test_baseline_vae_tiling_tiles_diffusers_decode_alone(tmp_path, monkeypatch)
 
     monkeypatch.setattr(measure, "baseline", spy("diffusers", measure.baseline))
     monkeypatch.setattr(measure, "profile_run", spy("cpu", measure.profile_run))
-    monkeypatch.setenv("WAN_OPT_HOPPER_PINGPONG", "0")  # a process-wide kernel switch: recorded with the command
+    for name in [k for k in os.environ if k.startswith("WAN_OPT_")]:  # the test's own switch alone
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("WAN_OPT_HOPPER_SCHEDULE", "overlap")  # a process-wide kernel switch: recorded with the command
     assert main(["--tiny", "--profiles", "cpu", "--steps", "2", "--baseline-vae-tiling", "--out", str(tmp_path)]) == 0
     assert tiled == {"diffusers": True, "cpu": False}
     [path] = tmp_path.glob("bench_tiny-cpu_*.json")
     report = json.loads(path.read_text())
-    assert report["baseline_vae_tiling"] is True and report["environment"]["WAN_OPT_HOPPER_PINGPONG"] == "0"
+    assert report["baseline_vae_tiling"] is True and report["environment"]["WAN_OPT_HOPPER_SCHEDULE"] == "overlap"
     table = path.with_suffix(".md").read_text()
-    assert "Diffusers decoded in tiles" in table and "`WAN_OPT_HOPPER_PINGPONG=0 python -m wan_opt.bench" in table
+    assert "Diffusers decoded in tiles" in table and "`WAN_OPT_HOPPER_SCHEDULE=overlap python -m wan_opt.bench" in table
 
 
 @pytest.mark.parametrize("argv, says", [
@@ -212,6 +214,18 @@ def test_bad_steps_and_detached_requests_fail_in_the_foreground(argv, says, tmp_
     err = capsys.readouterr().err
     assert err.startswith("error: ") and says in err and len(err.splitlines()) == 1
     assert not any(tmp_path.iterdir())
+
+
+def test_a_kernel_schedule_that_does_not_exist_is_refused_before_anything_is_built(tmp_path, capsys, monkeypatch):
+    pytest.importorskip("triton.experimental.gluon.language.nvidia.hopper", reason="needs a Triton with Gluon")
+    import wan_opt.bench.measure as bench
+
+    monkeypatch.setattr(bench, "build", lambda *a: pytest.fail("built before the schedule was checked"))
+    monkeypatch.setenv("WAN_OPT_HOPPER_SCHEDULE", "pingpong")
+    assert main(["--tiny", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err == ("error: WAN_OPT_HOPPER_SCHEDULE=pingpong is not a schedule: use one of overlap, turns, "
+                   "turns+overlap.\n")
 
 
 def test_detach_returns_at_once_and_collect_reports_the_run_then_its_result(tmp_path, capsys, monkeypatch):

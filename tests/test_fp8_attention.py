@@ -192,16 +192,16 @@ triton.compile(ASTSource(qk_norm_rope_kernel, types, dict(HEADS=40, HEAD_DIM=128
 """
 
 
-@pytest.mark.parametrize("pingpong", [False, True], ids=["plain", "turns"])
+@pytest.mark.parametrize("schedule", ["overlap", "turns"])
 @pytest.mark.parametrize("triton_path", [None, *OTHER_TRITONS], ids=["installed", *OTHER_TRITONS])
-def test_the_hopper_kernel_compiles_without_a_gpu(triton_path, pingpong):
+def test_the_hopper_kernel_compiles_without_a_gpu(triton_path, schedule):
     """Gluon has no CPU interpreter: compiling for sm_90 checks its layouts, among them that P's relabelling
     moves no data (assert_trivial), before a GPU run: bf16 Q K^T and int8 P V on wgmma, the integer P V made a
     float by its bits, within Hopper's shared memory and without register spills. Gluon's API moves between
     releases: WAN_OPT_OTHER_TRITONS names folders that `pip install --no-deps --target` filled with other
-    Tritons (e.g. 3.6, PyTorch 2.11's), each compiled on as well. Both ways of issuing the MMAs: the consumers in
-    turns or each on its own (attention_hopper.PINGPONG)."""
-    report = compile_gluon_attention("int8", triton_path, pingpong)
+    Tritons (e.g. 3.6, PyTorch 2.11's), each compiled on as well. In each of int8 P V's schedules
+    (attention_hopper.SCHEDULES)."""
+    report = compile_gluon_attention("int8", triton_path, schedule)
     assert report["wgmma"] == ["m64n128k16.f32.bf16.bf16", "m64n128k32.s32.s8.s8"], report
     assert not report["int_to_float"], "an integer converted on the conversion unit"
     assert report["shared"] <= SHARED_MEMORY and report["spills"] == 0, report

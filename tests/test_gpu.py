@@ -174,24 +174,29 @@ def test_the_exact_hopper_kernel_is_exact_attention():
                   sdpa(q, k, v).float().cpu().numpy()) < 0.01
 
 
-@pytest.mark.parametrize("pv_type", ["bf16", "int8"])
-def test_turns_at_the_tensor_cores_change_no_result(pv_type, monkeypatch):
-    """The Hopper kernel with its consumers' MMAs in turns and without: the same arithmetic in another order of
-    issue, so the same output to the bit, at a length that ends inside a block of keys (the turns' last block)."""
+@pytest.mark.parametrize("pv_type, schedule", [("bf16", "turns"), ("bf16", "turns+overlap"), ("int8", "turns")])
+def test_every_schedule_gives_the_same_result_to_the_bit(pv_type, schedule, monkeypatch):
+    """The Hopper kernel in a schedule and in "overlap": the same arithmetic in another order of issue, so the
+    same output to the bit, at lengths that end inside a block of keys (the schedules' last block, masked): many
+    blocks, two (no turn before the masked one) and one alone."""
     from wan_opt.kernels import attention_hopper
     from wan_opt.optim.attention import exact_attention_hopper, hopper_kernel_missing
     from wan_opt.optim.fp8_attention import fp8_attention
 
     if hopper_kernel_missing():
         pytest.skip(f"the Hopper kernel does not run here: {hopper_kernel_missing()}")
-    gen = torch.Generator(device="cuda").manual_seed(3)
-    q, k, v = (torch.randn(2, 5000, 4, 128, device="cuda", dtype=torch.bfloat16, generator=gen) for _ in range(3))
     run = exact_attention_hopper if pv_type == "bf16" else (lambda *a: fp8_attention(*a, hopper=True))
-    outputs = {}
-    for turns in (False, True):
-        monkeypatch.setitem(attention_hopper.PINGPONG, pv_type, turns)
-        outputs[turns] = run(q, k, v)
-    assert torch.equal(outputs[True], outputs[False])
+    gen = torch.Generator(device="cuda").manual_seed(3)
+    for tokens in (5000, 200, 100):
+        q, k, v = (torch.randn(2, tokens, 4, 128, device="cuda", dtype=torch.bfloat16, generator=gen)
+                   for _ in range(3))
+        outputs = []
+        for name in ("overlap", schedule):
+            monkeypatch.setitem(attention_hopper.SCHEDULE, pv_type, name)
+            outputs.append(run(q, k, v))
+        assert torch.equal(*outputs), tokens
+        reference = torch.nn.functional.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v)))
+        assert rel_l2(outputs[1].float().cpu().numpy(), reference.transpose(1, 2).float().cpu().numpy()) < 0.03
 
 
 def test_flashattention4_matches_sdpa_eager_and_compiled():

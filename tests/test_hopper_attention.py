@@ -23,36 +23,48 @@ def sdpa(q, k, v):
     return torch.nn.functional.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v))).transpose(1, 2)
 
 
-@pytest.mark.parametrize("pingpong", [True, False], ids=["turns", "plain"])
+@pytest.mark.parametrize("schedule", ["turns", "overlap", "turns+overlap"])
 @pytest.mark.parametrize("triton_path", [None, *OTHER_TRITONS], ids=["installed", *OTHER_TRITONS])
-def test_the_exact_kernel_compiles_for_hopper_without_a_gpu(triton_path, pingpong):
+def test_the_exact_kernel_compiles_for_hopper_without_a_gpu(triton_path, schedule):
     """Both MMAs on bf16 operands (P from the S accumulator's registers as they are: assert_trivial), within
     Hopper's shared memory (three stages of bf16 K and V beside Q, and the turns' two barriers), without register
-    spills, with the consumers' MMAs in turns (the default) and without."""
-    report = compile_gluon_attention("bf16", triton_path, pingpong)
+    spills, in every schedule; in "turns+overlap" a block's exponentials (128 a thread: 64 a row) run after the
+    wait for the scores and before the wait for the previous block's P V, which ptxas would otherwise hoist."""
+    report = compile_gluon_attention("bf16", triton_path, schedule)
     assert report["wgmma"] == ["m64n128k16.f32.bf16.bf16"], report
     assert report["shared"] <= SHARED_MEMORY and report["spills"] == 0, report
+    if schedule == "turns+overlap":
+        assert report["exponentials_between_waits"] >= 64, report
 
 
 @pytest.mark.parametrize("env, expected", [
-    (None, {"bf16": True, "int8": False}),  # turns where they measured faster: the exact kernel only
-    ("0", {"bf16": False, "int8": False}),
-    ("1", {"bf16": True, "int8": True}),
-    ("yes", {"bf16": True, "int8": False}),  # not a switch's value: the defaults
+    ({}, {"bf16": "turns", "int8": "overlap"}),  # turns where they measured faster: the exact kernel only
+    ({"WAN_OPT_HOPPER_SCHEDULE": "overlap"}, {"bf16": "overlap", "int8": "overlap"}),
+    ({"WAN_OPT_HOPPER_SCHEDULE": "turns+overlap"}, {"bf16": "turns+overlap", "int8": "overlap"}),  # bf16's alone
+    ({"WAN_OPT_HOPPER_PINGPONG": "0"}, {"bf16": "overlap", "int8": "overlap"}),  # earlier result files' spelling
+    ({"WAN_OPT_HOPPER_PINGPONG": "1"}, {"bf16": "turns", "int8": "turns"}),
+    ({"WAN_OPT_HOPPER_PINGPONG": "yes"}, {"bf16": "turns", "int8": "overlap"}),  # not a switch's value: defaults
 ])
-def test_turns_follow_p_v_type_unless_the_environment_sets_both(env, expected):
+def test_schedules_follow_p_v_type_unless_the_environment_names_one(env, expected):
     import json
     import subprocess
     import sys
 
-    environ = {k: v for k, v in os.environ.items() if k != "WAN_OPT_HOPPER_PINGPONG"}
-    if env is not None:
-        environ["WAN_OPT_HOPPER_PINGPONG"] = env
     pytest.importorskip("triton.experimental.gluon.language.nvidia.hopper", reason="needs a Triton with Gluon")
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("WAN_OPT_HOPPER_")} | env
     done = subprocess.run([sys.executable, "-c", "import json; from wan_opt.kernels import attention_hopper as h; "
-                           "print(json.dumps(h.PINGPONG))"], env=environ, capture_output=True, text=True,
+                           "print(json.dumps(h.SCHEDULE))"], env=environ, capture_output=True, text=True,
                           check=True)
     assert json.loads(done.stdout) == expected
+
+
+def test_a_schedule_that_does_not_exist_is_refused_by_name():
+    pytest.importorskip("triton.experimental.gluon.language.nvidia.hopper", reason="needs a Triton with Gluon")
+    from wan_opt.kernels.attention_hopper import schedule_from_env
+
+    with pytest.raises(WanOptError, match="WAN_OPT_HOPPER_SCHEDULE=pingpong is not a schedule: use one of overlap"):
+        schedule_from_env({"WAN_OPT_HOPPER_SCHEDULE": "pingpong"})
+    assert schedule_from_env({}) is None
 
 
 def test_the_kernel_reads_q_k_and_v_where_diffusers_leaves_them():

@@ -312,6 +312,10 @@ def main(argv: list[str] | None = None) -> int:
             flag, n = ("--steps", args.steps) if args.steps < 1 else ("--baseline-steps", args.baseline_steps)
             raise WanOptError(f"{flag} {n}: a run needs at least one step.")
         args.baseline_steps = args.baseline_steps or args.steps
+        if os.environ.get("WAN_OPT_HOPPER_SCHEDULE"):  # read when the Hopper kernels load: refuse a wrong name now
+            with contextlib.suppress(ImportError):  # no Gluon here: no Hopper kernel to schedule
+                from wan_opt.kernels.attention_hopper import schedule_from_env
+                schedule_from_env()
         args.picture, args.picture_path = None, None
         configs = {"diffusers": run_config(args, [], baseline=True)}
         family = configs["diffusers"].model.family
@@ -381,7 +385,7 @@ def main(argv: list[str] | None = None) -> int:
             torch.cuda.empty_cache() if device.type == "cuda" else None
     report = summarize(rows, configs, args, step_flops, device)
     report.update(model=args.model, reference=type(pipe).__name__, baseline_vae_tiling=args.baseline_vae_tiling,
-                  # the process-wide kernel switches (WAN_OPT_HOPPER_KERNEL, WAN_OPT_HOPPER_PINGPONG) it ran under
+                  # the process-wide kernel switches (WAN_OPT_HOPPER_KERNEL, WAN_OPT_HOPPER_SCHEDULE) it ran under
                   environment={k: v for k, v in sorted(os.environ.items()) if k.startswith("WAN_OPT_")})
     report["failed"] = failed
     write(report, args)
