@@ -216,18 +216,6 @@ def test_bad_steps_and_detached_requests_fail_in_the_foreground(argv, says, tmp_
     assert not any(tmp_path.iterdir())
 
 
-def test_a_kernel_schedule_that_does_not_exist_is_refused_before_anything_is_built(tmp_path, capsys, monkeypatch):
-    pytest.importorskip("triton.experimental.gluon.language.nvidia.hopper", reason="needs a Triton with Gluon")
-    import wan_opt.bench.measure as bench
-
-    monkeypatch.setattr(bench, "build", lambda *a: pytest.fail("built before the schedule was checked"))
-    monkeypatch.setenv("WAN_OPT_HOPPER_SCHEDULE", "pingpong")
-    assert main(["--tiny", "--out", str(tmp_path)]) == 2
-    err = capsys.readouterr().err
-    assert err == ("error: WAN_OPT_HOPPER_SCHEDULE=pingpong is not a schedule: use one of overlap, turns, "
-                   "turns+overlap.\n")
-
-
 def test_detach_returns_at_once_and_collect_reports_the_run_then_its_result(tmp_path, capsys, monkeypatch):
     import wan_opt
     import wan_opt.bench.detached as bench

@@ -412,3 +412,14 @@ def test_a_lora_that_cannot_fit_is_named_before_loading(loras, file, sentence):
     with pytest.raises(WanOptError) as refused:
         prepare(cfg)
     assert sentence in str(refused.value) and str(loras / file) in str(refused.value)
+
+
+def test_a_kernel_schedule_that_does_not_exist_is_refused_before_anything_is_built(tmp_path, monkeypatch):
+    """WAN_OPT_HOPPER_SCHEDULE is read when the Hopper kernels load, mid-run; the checks every entry point runs
+    (the command line, the Python API, the benchmark's profiles) refuse a wrong name first."""
+    pytest.importorskip("triton.experimental.gluon.language.nvidia.hopper", reason="needs a Triton with Gluon")
+    monkeypatch.setenv("WAN_OPT_HOPPER_SCHEDULE", "pingpong")
+    result = wan_opt(*FAST, "prompt=a fox", f"hydra.run.dir={tmp_path}")
+    assert_refused(result, "WAN_OPT_HOPPER_SCHEDULE=pingpong is not a schedule: use one of overlap, turns, "
+                           "turns+overlap.")
+    assert not list(tmp_path.rglob("*.mp4"))

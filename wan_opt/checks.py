@@ -7,8 +7,10 @@ wan_opt.prepare runs these after it and before anything slow starts. What the co
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
+import os
 import typing
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -270,6 +272,11 @@ def check_magcache(cfg: DictConfig) -> None:
 
 
 def check_device(cfg: DictConfig) -> None:
+    if os.environ.get("WAN_OPT_HOPPER_SCHEDULE"):  # read when the Hopper kernels load: refuse a wrong name now
+        with contextlib.suppress(ImportError):  # no Gluon here: no Hopper kernel to schedule
+            from wan_opt.kernels.attention_hopper import schedule_from_env
+
+            schedule_from_env()
     if cfg.hardware.device == "cuda" and hardware.device_capability() is None:
         raise WanOptError(f"Profile {cfg.hardware.name} needs a CUDA GPU and none is visible: "
                           f"pass hardware=cpu, or run on a machine with a GPU.")

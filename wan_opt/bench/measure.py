@@ -312,10 +312,6 @@ def main(argv: list[str] | None = None) -> int:
             flag, n = ("--steps", args.steps) if args.steps < 1 else ("--baseline-steps", args.baseline_steps)
             raise WanOptError(f"{flag} {n}: a run needs at least one step.")
         args.baseline_steps = args.baseline_steps or args.steps
-        if os.environ.get("WAN_OPT_HOPPER_SCHEDULE"):  # read when the Hopper kernels load: refuse a wrong name now
-            with contextlib.suppress(ImportError):  # no Gluon here: no Hopper kernel to schedule
-                from wan_opt.kernels.attention_hopper import schedule_from_env
-                schedule_from_env()
         args.picture, args.picture_path = None, None
         configs = {"diffusers": run_config(args, [], baseline=True)}
         family = configs["diffusers"].model.family
