@@ -5,6 +5,8 @@
 #            75,600 and 32,760 tokens (benchmarks/attention_kernels.py), after its GPU test;
 #   schedules both Hopper kernels in each of their schedules (attention_hopper.SCHEDULES), timed in turn at the
 #            same sizes (attention_kernels.py --schedules), after the GPU test that they agree to the bit;
+#   schedule_step  the exact kernel's schedules `turns` and `turns+overlap` inside the lossless profile's 720p CFG
+#            step, in turn in one process on the same modules (benchmarks/schedule_step.py);
 #   lossless the lossless profile's 720p CFG step (auto: the exact Hopper kernel without FlashAttention-4) beside
 #            the same on cuDNN, against diffusers' WanPipeline in the same run (python -m wan_opt.bench, 2 steps,
 #            no decode);
@@ -31,7 +33,7 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/results}
 BUDGET=${BUDGET:-590}
 PROFILE=${PROFILE:-h200}
-STEPS=${STEPS:-kernels schedules lossless pytest frames decode preset h100 ti2v}
+STEPS=${STEPS:-kernels schedules schedule_step lossless pytest frames decode preset h100 ti2v}
 mkdir -p "$OUT"
 export OUT PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 PY=${PYTHON:-python}
@@ -50,6 +52,8 @@ wanted schedules && step schedules 240 bash -c "$PY -m pytest -q -m gpu tests/te
     -o cache_dir=/tmp/wan_opt_pytest_cache --junitxml=$OUT/pytest_schedules.xml; \
     $PY benchmarks/attention_kernels.py --tokens 75600 32760 --heads 40 --repeat 5 --schedules \
     --suffix _schedules --out $OUT"
+wanted schedule_step && step schedule_step 300 $PY benchmarks/schedule_step.py --profile "$PROFILE" \
+    --schedules turns turns+overlap --rounds 2 --out "$OUT"
 wanted lossless && step lossless 400 $PY -m wan_opt.bench --profiles "$PROFILE" "$PROFILE,hardware.speed.attention=cudnn" \
     --size 1280*720 --frames 81 --steps 2 --no-decode --out "$OUT"
 wanted pytest && step pytest 150 $PY -m pytest -q -m gpu tests/test_vae.py tests/test_pipeline.py \

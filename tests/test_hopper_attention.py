@@ -37,13 +37,31 @@ def test_the_exact_kernel_compiles_for_hopper_without_a_gpu(triton_path, schedul
         assert report["exponentials_between_waits"] >= 64, report
 
 
+@pytest.mark.parametrize("overrides, expected", [([], "bf16"), (["mode=fast"], "int8"),
+                                                  (["hardware.speed.attention=hopper"], "bf16")])
+def test_the_schedule_benchmark_switches_the_kernel_its_profile_runs(overrides, expected, monkeypatch):
+    """benchmarks/schedule_step.py sets attention_hopper.SCHEDULE for the P V type its profile's attention runs:
+    the exact kernel's in the lossless profiles, the int8 P V kernel's in mode=fast."""
+    import sys
+
+    from wan_opt.prepare import compose_config
+
+    pytest.importorskip("triton.experimental.gluon.language.nvidia.hopper", reason="needs a Triton with Gluon")
+    monkeypatch.syspath_prepend(os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+    sys.modules.pop("schedule_step", None)
+    import schedule_step
+
+    cfg = compose_config(["model=wan22_t2v_a14b", *overrides], hardware="h100")
+    assert schedule_step.pv_type(cfg) == expected
+
+
 @pytest.mark.parametrize("env, expected", [
-    ({}, {"bf16": "turns", "int8": "overlap"}),  # turns where they measured faster: the exact kernel only
+    ({}, {"bf16": "turns", "int8": "turns"}),
     ({"WAN_OPT_HOPPER_SCHEDULE": "overlap"}, {"bf16": "overlap", "int8": "overlap"}),
-    ({"WAN_OPT_HOPPER_SCHEDULE": "turns+overlap"}, {"bf16": "turns+overlap", "int8": "overlap"}),  # bf16's alone
+    ({"WAN_OPT_HOPPER_SCHEDULE": "turns+overlap"}, {"bf16": "turns+overlap", "int8": "turns"}),  # bf16's alone
     ({"WAN_OPT_HOPPER_PINGPONG": "0"}, {"bf16": "overlap", "int8": "overlap"}),  # earlier result files' spelling
     ({"WAN_OPT_HOPPER_PINGPONG": "1"}, {"bf16": "turns", "int8": "turns"}),
-    ({"WAN_OPT_HOPPER_PINGPONG": "yes"}, {"bf16": "turns", "int8": "overlap"}),  # not a switch's value: defaults
+    ({"WAN_OPT_HOPPER_PINGPONG": "yes"}, {"bf16": "turns", "int8": "turns"}),  # not a switch's value: defaults
 ])
 def test_schedules_follow_p_v_type_unless_the_environment_names_one(env, expected):
     import json

@@ -46,14 +46,15 @@ CONSUMER_REGS = 240  # two consumers at 240 and the loader's warpgroup at 24 fil
 # How the two consumers order their MMAs and softmaxes (docs/kernels.md, "Schedules"), by P V's type:
 # - "overlap": each issues the next block's Q K^T before this block's softmax, beside its own exponentials;
 # - "turns": each computes its softmax, then issues the next Q K^T and this P V in its turn at the tensor cores,
-#   the other's exponentials running meanwhile (FlashAttention-3's ping-pong): 3.4% faster for the exact kernel at
-#   75,600 tokens on an H100, 1.5% slower for int8 P V;
+#   the other's exponentials running meanwhile (FlashAttention-3's ping-pong): the default for both, the faster
+#   in the whole model (docs/measured.md, "Schedules");
 # - "turns+overlap", bf16 P V only: in its turn each issues the next Q K^T and this P V, then computes the next
-#   block's softmax while its own P V runs (FlashAttention-3's whole schedule).
+#   block's softmax while its own P V runs (FlashAttention-3's whole schedule): faster as a kernel alone, not
+#   in the model's CFG step.
 # WAN_OPT_HOPPER_SCHEDULE sets every kernel that has the schedule named, for one process, to measure one against
 # another (WAN_OPT_HOPPER_PINGPONG=0 or 1, "overlap" or "turns" for both, is how earlier result files spell it).
 SCHEDULES = {"bf16": ("overlap", "turns", "turns+overlap"), "int8": ("overlap", "turns")}
-SCHEDULE = {"bf16": "turns", "int8": "overlap"}
+SCHEDULE = {"bf16": "turns", "int8": "turns"}
 
 
 def schedule_from_env(environ=os.environ) -> str | None:
