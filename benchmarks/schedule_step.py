@@ -17,7 +17,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from gpu_report import gpu_file_name, gpu_report, write_report  # noqa: E402  (this folder)
 from wan_opt.errors import WanOptError  # noqa: E402
-from wan_opt.bench.measure import build, guidance_of, run_config, run_request  # noqa: E402
+from wan_opt.bench.measure import benched_policies, build, guidance_of, run_config, run_request  # noqa: E402
 from wan_opt.kernels import attention_hopper  # noqa: E402
 
 
@@ -39,27 +39,21 @@ def main() -> int:
     profile, *own = args.profile.split(",")
     bench = argparse.Namespace(model="wan22_t2v_a14b", tiny=False, size=args.size, frames=args.frames, steps=1,
                                decode=False, picture=None, picture_path=None, two_experts=True, override=[])
-    try:  # the checks a run makes before loading: one sentence, no traceback
+    try:  # the checks a run makes before loading, and the schedules': one sentence, no traceback
         cfg = run_config(bench, own, profile)
+        kind = pv_type(cfg)
+        for schedule in args.schedules:
+            attention_hopper.check_schedule(kind, schedule)
     except WanOptError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    kind = pv_type(cfg)
-    unknown = [s for s in args.schedules if s not in attention_hopper.SCHEDULES[kind]]
-    if unknown:
-        print(f"error: --schedules {' '.join(unknown)}: the {kind} P V kernel has "
-              f"{', '.join(attention_hopper.SCHEDULES[kind])}.", file=sys.stderr)
-        return 2
-
-    from hydra.utils import instantiate
 
     from wan_opt.pipeline import WanOptPipeline
 
     device = torch.device("cuda")
     torch.manual_seed(0)
     pipe, _ = build(bench, device, run_config(bench, [], baseline=True).model)
-    memory, speed = instantiate(cfg.hardware.memory), instantiate(cfg.hardware.speed)
-    memory.experts, memory.text_encoder, memory.vae_release = "resident", "gpu", False
+    memory, speed = benched_policies(cfg)
     ours = WanOptPipeline.from_diffusers(pipe, memory=memory, speed=speed)
     guidance = guidance_of(cfg)
     attention_hopper.SCHEDULE[kind] = args.schedules[0]

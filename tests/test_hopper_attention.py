@@ -85,6 +85,18 @@ def test_a_schedule_that_does_not_exist_is_refused_by_name():
     assert schedule_from_env({}) is None
 
 
+def test_a_schedule_the_kernel_does_not_have_is_refused_by_name():
+    """turns+overlap is the exact kernel's alone: the int8 P V kernel (mode=fast) refuses it with a sentence, as a
+    launch and benchmarks/schedule_step.py ask it to."""
+    pytest.importorskip("triton.experimental.gluon.language.nvidia.hopper", reason="needs a Triton with Gluon")
+    from wan_opt.kernels.attention_hopper import check_schedule
+
+    with pytest.raises(WanOptError, match="the int8 P V kernel has no schedule turns\\+overlap: use one of overlap, "
+                                          "turns."):
+        check_schedule("int8", "turns+overlap")
+    check_schedule("bf16", "turns+overlap")
+
+
 def test_the_kernel_reads_q_k_and_v_where_diffusers_leaves_them():
     """(B, N, H, D) rows as one (B*N, H*D) matrix: a view of a contiguous tensor or of a fused QKV projection's
     output, a copy only where TMA cannot read the layout."""

@@ -215,18 +215,24 @@ def guidance_of(cfg) -> tuple[float, float]:
     return float(g), float(g if g2 is None else g2)
 
 
-def profile_run(pipe, cfg, args, device: torch.device, one_forward) -> dict:
-    """(b): WanOptPipeline on the same modules under a profile's speed and memory knobs."""
+def benched_policies(cfg):
+    """A profile's memory and speed policies as the benchmark runs them: the plan's knobs from cfg (tiling as a
+    run of this request would have it), the placement diffusers' pipeline has, so that the kernels are what
+    differ."""
     from hydra.utils import instantiate
 
+    memory, speed = instantiate(cfg.hardware.memory), instantiate(cfg.hardware.speed)
+    memory.experts, memory.text_encoder, memory.vae_release = "resident", "gpu", False
+    return memory, speed
+
+
+def profile_run(pipe, cfg, args, device: torch.device, one_forward) -> dict:
+    """(b): WanOptPipeline on the same modules under a profile's speed and memory knobs."""
     from wan_opt.loading.modules import cast_module
     from wan_opt.memory.policy import torch_dtype
     from wan_opt.pipeline import WanOptPipeline
 
-    # The plan's knobs are in cfg (tiling as a run of this request would have it); placement is (a)'s, so
-    # that the kernels are what differ.
-    memory, speed = instantiate(cfg.hardware.memory), instantiate(cfg.hardware.speed)
-    memory.experts, memory.text_encoder, memory.vae_release = "resident", "gpu", False
+    memory, speed = benched_policies(cfg)
     experts = [e for e in (pipe.transformer, pipe.transformer_2) if e is not None]
     # The VAE in the profile's dtype and layout, as a load would give it: a copy, so that (a)'s stays float32.
     shared_vae, pipe.vae = pipe.vae, cast_module(copy.deepcopy(pipe.vae), torch_dtype(memory.vae_dtype))

@@ -47,10 +47,10 @@ CONSUMER_REGS = 240  # two consumers at 240 and the loader's warpgroup at 24 fil
 # - "overlap": each issues the next block's Q K^T before this block's softmax, beside its own exponentials;
 # - "turns": each computes its softmax, then issues the next Q K^T and this P V in its turn at the tensor cores,
 #   the other's exponentials running meanwhile (FlashAttention-3's ping-pong): the default for both, the faster
-#   in the whole model (docs/measured.md, "Schedules");
+#   of the two kernels alone (docs/measured.md, "Schedules");
 # - "turns+overlap", bf16 P V only: in its turn each issues the next Q K^T and this P V, then computes the next
-#   block's softmax while its own P V runs (FlashAttention-3's whole schedule): faster as a kernel alone, not
-#   in the model's CFG step.
+#   block's softmax while its own P V runs (FlashAttention-3's whole schedule): faster than "turns" as a kernel
+#   alone, slower in a 720p CFG step measured in another process; not the default until one process compares them.
 # WAN_OPT_HOPPER_SCHEDULE sets every kernel that has the schedule named, for one process, to measure one against
 # another (WAN_OPT_HOPPER_PINGPONG=0 or 1, "overlap" or "turns" for both, is how earlier result files spell it).
 SCHEDULES = {"bf16": ("overlap", "turns", "turns+overlap"), "int8": ("overlap", "turns")}
@@ -65,6 +65,13 @@ def schedule_from_env(environ=os.environ) -> str | None:
         raise WanOptError(f"WAN_OPT_HOPPER_SCHEDULE={name} is not a schedule: use one of "
                           f"{', '.join(SCHEDULES['bf16'])}.")
     return name
+
+
+def check_schedule(pv_type: str, schedule: str) -> None:
+    """Refuse a schedule the kernel with P V of `pv_type` does not have."""
+    if schedule not in SCHEDULES[pv_type]:
+        raise WanOptError(f"the {pv_type} P V kernel has no schedule {schedule}: use one of "
+                          f"{', '.join(SCHEDULES[pv_type])}.")
 
 
 _FROM_ENV = schedule_from_env()
@@ -459,9 +466,7 @@ def _launch(descriptors, v_scale, v_mean, out, n_ctx: int, n_heads: int, n_pad: 
     d = out.shape[-1]
     pv_type = "int8" if v_scale is not None else "bf16"
     schedule = schedule or SCHEDULE[pv_type]
-    if schedule not in SCHEDULES[pv_type]:
-        raise ValueError(f"the {pv_type} P V kernel has no schedule {schedule}: use one of "
-                         f"{', '.join(SCHEDULES[pv_type])}.")
+    check_schedule(pv_type, schedule)
     grid = (triton.cdiv(n_ctx, 2 * ROWS.value), batch * n_heads)
     # 12 warps (two consumer warpgroups, the loader's) at launch: at most 168 registers a thread; then the
     # consumers take CONSUMER_REGS and the loader 24.
