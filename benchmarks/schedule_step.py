@@ -17,13 +17,23 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from gpu_report import gpu_file_name, gpu_report, write_report  # noqa: E402  (this folder)
 from wan_opt.errors import WanOptError  # noqa: E402
+from wan_opt.hardware import device_capability  # noqa: E402
 from wan_opt.bench.measure import benched_policies, build, guidance_of, run_config, run_request  # noqa: E402
 from wan_opt.kernels import attention_hopper  # noqa: E402
+from wan_opt.optim.speed import attention_backend, installed_attention  # noqa: E402
 
 
-def pv_type(cfg) -> str:
-    """The P V type the profile's self-attention runs: int8 in fp8 attention (mode=fast), else bf16."""
-    return "int8" if str(cfg.hardware.speed.attention).startswith("fp8") else "bf16"
+def pv_type(cfg, capability: tuple[int, int], installed: set[str]) -> str:
+    """The P V type of the Hopper kernel the profile's self-attention runs on this GPU, resolved as a run resolves
+    it: int8 in fp8 attention (mode=fast), bf16 in the exact kernel. Refused where the run would not reach the
+    Hopper kernel (auto picking FlashAttention-4, a named kernel, no Gluon): its schedules would change nothing."""
+    choice = cfg.hardware.speed.attention
+    backend = attention_backend(choice, capability, installed)
+    if backend not in ("fp8", "hopper") or "hopper" not in installed:
+        raise WanOptError(f"attention={choice} runs {backend or 'PyTorch SDPA'} here, not wan-opt's Hopper kernel, "
+                          "so its schedules change nothing: use hardware.speed.attention=hopper or mode=fast on a "
+                          "Hopper GPU.")
+    return "int8" if backend == "fp8" else "bf16"
 
 
 def main() -> int:
@@ -41,7 +51,8 @@ def main() -> int:
                                decode=False, picture=None, picture_path=None, two_experts=True, override=[])
     try:  # the checks a run makes before loading, and the schedules': one sentence, no traceback
         cfg = run_config(bench, own, profile)
-        kind = pv_type(cfg)
+        device = torch.device("cuda")
+        kind = pv_type(cfg, device_capability(device), installed_attention(device))
         for schedule in args.schedules:
             attention_hopper.check_schedule(kind, schedule)
     except WanOptError as error:
@@ -50,7 +61,6 @@ def main() -> int:
 
     from wan_opt.pipeline import WanOptPipeline
 
-    device = torch.device("cuda")
     torch.manual_seed(0)
     pipe, _ = build(bench, device, run_config(bench, [], baseline=True).model)
     memory, speed = benched_policies(cfg)

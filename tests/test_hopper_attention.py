@@ -37,22 +37,41 @@ def test_the_exact_kernel_compiles_for_hopper_without_a_gpu(triton_path, schedul
         assert report["exponentials_between_waits"] >= 64, report
 
 
-@pytest.mark.parametrize("overrides, expected", [([], "bf16"), (["mode=fast"], "int8"),
-                                                  (["hardware.speed.attention=hopper"], "bf16")])
-def test_the_schedule_benchmark_switches_the_kernel_its_profile_runs(overrides, expected, monkeypatch):
-    """benchmarks/schedule_step.py sets attention_hopper.SCHEDULE for the P V type its profile's attention runs:
-    the exact kernel's in the lossless profiles, the int8 P V kernel's in mode=fast."""
+@pytest.fixture
+def schedule_step(monkeypatch):
+    """benchmarks/schedule_step.py as a module, imported afresh."""
     import sys
-
-    from wan_opt.prepare import compose_config
 
     pytest.importorskip("triton.experimental.gluon.language.nvidia.hopper", reason="needs a Triton with Gluon")
     monkeypatch.syspath_prepend(os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
     sys.modules.pop("schedule_step", None)
     import schedule_step
 
+    return schedule_step
+
+
+@pytest.mark.parametrize("overrides, expected", [([], "bf16"), (["mode=fast"], "int8"),
+                                                  (["hardware.speed.attention=hopper"], "bf16")])
+def test_the_schedule_benchmark_switches_the_kernel_its_profile_runs(overrides, expected, schedule_step):
+    """benchmarks/schedule_step.py sets attention_hopper.SCHEDULE for the P V type its profile's attention runs:
+    the exact kernel's in the lossless profiles, the int8 P V kernel's in mode=fast."""
+    from wan_opt.prepare import compose_config
+
     cfg = compose_config(["model=wan22_t2v_a14b", *overrides], hardware="h100")
-    assert schedule_step.pv_type(cfg) == expected
+    assert schedule_step.pv_type(cfg, (9, 0), {"hopper"}) == expected
+
+
+@pytest.mark.parametrize("overrides, installed", [([], {"flash4", "hopper"}), (["mode=fast"], set()),
+                                                  (["hardware.speed.attention=cudnn"], {"hopper"})])
+def test_the_schedule_benchmark_refuses_a_profile_that_does_not_run_the_hopper_kernel(overrides, installed,
+                                                                                      schedule_step):
+    """auto on FlashAttention-4, a kernel named, or no Gluon kernel to run: the schedules would change nothing, so
+    the benchmark says so instead of timing the same kernel under different names."""
+    from wan_opt.prepare import compose_config
+
+    cfg = compose_config(["model=wan22_t2v_a14b", *overrides], hardware="h100")
+    with pytest.raises(WanOptError, match="not wan-opt's Hopper kernel, so its schedules change nothing"):
+        schedule_step.pv_type(cfg, (9, 0), installed)
 
 
 @pytest.mark.parametrize("env, expected", [
